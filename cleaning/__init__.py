@@ -1,0 +1,1 @@
+"""Audio signal work: decode, measure, mel features, embedders (imports only ``provenance``)."""

@@ -1,0 +1,75 @@
+"""Audio I/O and resampling. Audio arrays are float32 ``(channels, samples)`` in [-1, 1] full scale."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+
+class AudioDecodeError(ValueError):
+    """The file exists but could not be decoded as audio (corrupt, truncated, or not audio at all)."""
+
+
+def read_audio(path: str | os.PathLike[str] | io.BytesIO) -> tuple[np.ndarray, int]:
+    """Decode a WAV, FLAC, Ogg Vorbis/Opus or MP3 file with libsndfile (soundfile).
+
+    Returns:
+        (audio, sample_rate_hz): audio is float32 ``(channels, samples)``.
+
+    Raises:
+        FileNotFoundError: the path does not exist.
+        AudioDecodeError: libsndfile cannot decode it.
+    """
+    if not isinstance(path, io.BytesIO) and not Path(path).exists():
+        raise FileNotFoundError(str(path))
+    try:
+        data, sample_rate_hz = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise AudioDecodeError(f"cannot decode {path}: {err}") from err
+    return np.ascontiguousarray(data.T), int(sample_rate_hz)
+
+
+def write_audio(path: str | os.PathLike[str], audio: np.ndarray, sample_rate_hz: int,
+                subtype: str | None = None) -> Path:
+    """Write ``audio`` (float32 ``(channels, samples)``) atomically. Format from the suffix (.wav, .flac).
+
+    ``subtype`` defaults to ``FLOAT`` for WAV (lossless, no clipping) and ``PCM_24`` for FLAC.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {"wav": "WAV", "flac": "FLAC"}[path.suffix.lower().lstrip(".")]
+    subtype = subtype or ("FLOAT" if fmt == "WAV" else "PCM_24")
+    tmp = path.with_name(f".{path.name}.tmp")
+    sf.write(tmp, np.asarray(audio, dtype=np.float32).T, sample_rate_hz, format=fmt, subtype=subtype)
+    os.replace(tmp, path)
+    return path
+
+
+def encode_flac(audio: np.ndarray, sample_rate_hz: int, subtype: str = "PCM_16") -> bytes:
+    """FLAC bytes of ``audio`` (float32 ``(channels, samples)``, clipped to [-1, 1]). Deterministic."""
+    buffer = io.BytesIO()
+    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    sf.write(buffer, clipped.T, sample_rate_hz, format="FLAC", subtype=subtype)
+    return buffer.getvalue()
+
+
+def to_mono(audio: np.ndarray) -> np.ndarray:
+    """Average channels: ``(channels, samples)`` → ``(1, samples)`` float32."""
+    return np.asarray(audio, dtype=np.float32).mean(axis=0, keepdims=True)
+
+
+def resample(audio: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
+    """Band-limited sinc resampling (torchaudio.functional.resample, Kaiser window). Shape-preserving
+    on the channel axis; float32 ``(channels, samples)`` in and out."""
+    if from_hz == to_hz:
+        return np.asarray(audio, dtype=np.float32)
+    tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
+    out = AF.resample(tensor, orig_freq=from_hz, new_freq=to_hz, lowpass_filter_width=16,
+                      rolloff=0.945, resampling_method="sinc_interp_kaiser", beta=14.769656459379492)
+    return out.numpy().astype(np.float32, copy=False)

@@ -1,0 +1,1 @@
+"""Top floor: jobs, engine adapters (Beam, Ray), the CLI."""

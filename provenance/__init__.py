@@ -1,0 +1,1 @@
+"""Ground floor: the records (the contract between stages), rights policy, lineage store, attribution."""

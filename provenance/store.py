@@ -1,0 +1,248 @@
+"""The lineage store: runs, datasets, checkpoints, generations and attributions, linked by id.
+
+SQLite by default (a file in the workspace), any SQLAlchemy URL otherwise (PostgreSQL). Bulk tables stay
+in Parquet; the store holds the records that link them and the paths of the Parquet files each run wrote.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import sqlalchemy as sa
+
+from provenance.records import canonical_json
+
+CODE_VERSION = "0.1.0"
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("run_id", sa.String(64), primary_key=True),
+    sa.Column("kind", sa.String(32), nullable=False),
+    sa.Column("spec_sha256", sa.String(64), nullable=False),
+    sa.Column("config", sa.Text, nullable=False),
+    sa.Column("code_version", sa.String(32), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),  # running | succeeded | failed
+    sa.Column("started_at", sa.String(32), nullable=False),
+    sa.Column("finished_at", sa.String(32)),
+    sa.Column("counts", sa.Text),  # JSON
+    sa.Column("outputs", sa.Text),  # JSON: {name: path}
+    sa.Column("error", sa.Text),
+)
+
+datasets = sa.Table(
+    "datasets", metadata,
+    sa.Column("dataset_id", sa.String(64), primary_key=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("config_sha256", sa.String(64), nullable=False),
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Column("num_tracks", sa.Integer, nullable=False),
+    sa.Column("num_segments", sa.Integer, nullable=False),
+    sa.Column("num_train_segments", sa.Integer, nullable=False),
+    sa.Column("num_validation_segments", sa.Integer, nullable=False),
+    sa.Column("num_shards", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+dataset_tracks = sa.Table(
+    "dataset_tracks", metadata,
+    sa.Column("dataset_id", sa.String(64), sa.ForeignKey("datasets.dataset_id"), primary_key=True),
+    sa.Column("track_id", sa.String(256), primary_key=True),
+    sa.Column("num_segments", sa.Integer, nullable=False),
+)
+
+checkpoints = sa.Table(
+    "checkpoints", metadata,
+    sa.Column("checkpoint_id", sa.String(64), primary_key=True),
+    sa.Column("dataset_id", sa.String(64), sa.ForeignKey("datasets.dataset_id"), nullable=False),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("step", sa.Integer, nullable=False),
+    sa.Column("config_sha256", sa.String(64), nullable=False),
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+generations = sa.Table(
+    "generations", metadata,
+    sa.Column("generation_id", sa.String(64), primary_key=True),
+    sa.Column("checkpoint_id", sa.String(64), sa.ForeignKey("checkpoints.checkpoint_id"), nullable=False),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("prompt", sa.Text, nullable=False),
+    sa.Column("conditioning", sa.Text, nullable=False),
+    sa.Column("seed", sa.Integer, nullable=False),
+    sa.Column("sampler", sa.String(64), nullable=False),
+    sa.Column("duration_s", sa.Float, nullable=False),
+    sa.Column("uri", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
+
+attributions = sa.Table(
+    "attributions", metadata,
+    sa.Column("query_id", sa.String(64), primary_key=True),  # generation_id, or sha256 of a query file
+    sa.Column("method", sa.String(32), primary_key=True),
+    sa.Column("segment_id", sa.String(300), primary_key=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("dataset_id", sa.String(64), nullable=False),
+    sa.Column("rank", sa.Integer, nullable=False),
+    sa.Column("score", sa.Float, nullable=False),
+    sa.Column("track_id", sa.String(256), nullable=False),
+    sa.Column("rights_holder", sa.Text, nullable=False),
+    sa.Column("share", sa.Float, nullable=False),
+)
+
+
+def utc_now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def new_run_id(kind: str) -> str:
+    """``{kind}-{UTC timestamp}-{6 random hex}``: sortable by start time, unique across machines."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{kind}-{stamp}-{secrets.token_hex(3)}"
+
+
+class LineageStore:
+    """Lineage records in a SQL database (SQLAlchemy Core).
+
+    Args:
+        url: SQLAlchemy URL, e.g. ``sqlite:////abs/path/lineage.sqlite`` or ``postgresql+psycopg://...``.
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = sa.create_engine(url, future=True)
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def _begin(self) -> Iterator[sa.Connection]:
+        with self.engine.begin() as connection:
+            yield connection
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # runs -------------------------------------------------------------------------------------------
+    def start_run(self, kind: str, config: Mapping[str, Any], run_id: str | None = None) -> str:
+        """Register a run as ``running``; returns its id. ``config`` is the resolved stage config."""
+        from provenance.records import sha256_hex
+
+        run_id = run_id or new_run_id(kind)
+        config_json = canonical_json(config)
+        with self._begin() as c:
+            c.execute(runs.insert().values(
+                run_id=run_id, kind=kind, spec_sha256=sha256_hex(config_json), config=config_json,
+                code_version=CODE_VERSION, status="running", started_at=utc_now(),
+            ))
+        return run_id
+
+    def finish_run(self, run_id: str, counts: Mapping[str, Any], outputs: Mapping[str, Any] | None = None,
+                   status: str = "succeeded", error: str | None = None) -> None:
+        with self._begin() as c:
+            c.execute(runs.update().where(runs.c.run_id == run_id).values(
+                status=status, finished_at=utc_now(), counts=canonical_json(counts),
+                outputs=canonical_json(outputs or {}), error=error,
+            ))
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        return self._one(runs, runs.c.run_id == run_id, json_fields=("counts", "outputs", "config"))
+
+    def list_runs(self, kind: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(runs).order_by(runs.c.started_at)
+        if kind:
+            query = query.where(runs.c.kind == kind)
+        with self.engine.connect() as c:
+            return [self._decode(dict(r._mapping), ("counts", "outputs", "config")) for r in c.execute(query)]
+
+    # datasets ---------------------------------------------------------------------------------------
+    def add_dataset(self, record: Mapping[str, Any], track_segments: Mapping[str, int]) -> None:
+        """Register a Dataset (idempotent: re-registering the same id keeps the first record)."""
+        with self._begin() as c:
+            exists = c.execute(sa.select(datasets.c.dataset_id).where(
+                datasets.c.dataset_id == record["dataset_id"])).first()
+            if exists:
+                return
+            c.execute(datasets.insert().values(**_pick(datasets, record), created_at=utc_now()))
+            if track_segments:
+                c.execute(dataset_tracks.insert(), [
+                    {"dataset_id": record["dataset_id"], "track_id": t, "num_segments": int(n)}
+                    for t, n in sorted(track_segments.items())
+                ])
+
+    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        return self._one(datasets, datasets.c.dataset_id == dataset_id)
+
+    def latest_dataset(self) -> dict[str, Any] | None:
+        return self._latest(datasets)
+
+    def datasets_with_track(self, track_id: str) -> list[str]:
+        with self.engine.connect() as c:
+            return [r[0] for r in c.execute(sa.select(dataset_tracks.c.dataset_id)
+                                            .where(dataset_tracks.c.track_id == track_id))]
+
+    # checkpoints ------------------------------------------------------------------------------------
+    def add_checkpoint(self, record: Mapping[str, Any]) -> None:
+        with self._begin() as c:
+            c.execute(checkpoints.insert().values(**_pick(checkpoints, record), created_at=utc_now()))
+
+    def get_checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
+        return self._one(checkpoints, checkpoints.c.checkpoint_id == checkpoint_id)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        return self._latest(checkpoints)
+
+    # generations ------------------------------------------------------------------------------------
+    def add_generation(self, record: Mapping[str, Any]) -> None:
+        with self._begin() as c:
+            c.execute(generations.insert().values(**_pick(generations, record), created_at=utc_now()))
+
+    def get_generation(self, generation_id: str) -> dict[str, Any] | None:
+        return self._one(generations, generations.c.generation_id == generation_id)
+
+    # attributions -----------------------------------------------------------------------------------
+    def add_attributions(self, query_id: str, method: str, run_id: str, dataset_id: str,
+                         rows: list[Mapping[str, Any]]) -> None:
+        """Store one query's ranked segments, replacing an earlier result for the same query and method."""
+        with self._begin() as c:
+            c.execute(attributions.delete().where(
+                (attributions.c.query_id == query_id) & (attributions.c.method == method)))
+            if rows:
+                c.execute(attributions.insert(), [
+                    {"query_id": query_id, "method": method, "run_id": run_id, "dataset_id": dataset_id,
+                     **{k: row[k] for k in ("segment_id", "rank", "score", "track_id", "rights_holder", "share")}}
+                    for row in rows
+                ])
+
+    def get_attributions(self, query_id: str, method: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(attributions).where(attributions.c.query_id == query_id)
+        if method:
+            query = query.where(attributions.c.method == method)
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(query.order_by(attributions.c.method, attributions.c.rank))]
+
+    # helpers ----------------------------------------------------------------------------------------
+    def _one(self, table: sa.Table, where: Any, json_fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(table).where(where)).first()
+        return None if row is None else self._decode(dict(row._mapping), json_fields)
+
+    def _latest(self, table: sa.Table) -> dict[str, Any] | None:
+        with self.engine.connect() as c:
+            row = c.execute(sa.select(table).order_by(table.c.created_at.desc()).limit(1)).first()
+        return None if row is None else dict(row._mapping)
+
+    @staticmethod
+    def _decode(row: dict[str, Any], json_fields: tuple[str, ...]) -> dict[str, Any]:
+        for name in json_fields:
+            if row.get(name):
+                row[name] = json.loads(row[name])
+        return row
+
+
+def _pick(table: sa.Table, record: Mapping[str, Any]) -> dict[str, Any]:
+    return {c.name: record[c.name] for c in table.columns if c.name in record and c.name != "created_at"}

@@ -1,0 +1,87 @@
+"""The workspace folder: where a linernotes installation keeps its lineage store and outputs.
+
+Layout (all under ``root``)::
+
+    lineage.sqlite                 SQLite lineage store (runs, datasets, checkpoints, generations, attributions)
+    catalog/                       the curated catalog of the latest ingest (Parquet)
+        licenses.parquet tracks.parquet audio_files.parquet rejections.parquet
+    audio/mixtures/                mixtures built by summing stems (float32 WAV)
+    runs/<run_id>/                 per-run outputs: resolved config, summary.json, rejections
+    datasets/<dataset_id>/         WebDataset tars, index.parquet, dataset.json
+    checkpoints/<checkpoint_id>/   checkpoint.pt, config.json
+    generations/<generation_id>/   generated WAV, generation.json
+    indexes/<dataset_id>/          attribution indexes (embedding vectors, FAISS)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_WORKDIR = "./linernotes-work"
+
+
+@dataclass(frozen=True)
+class Workspace:
+    """Paths inside a workspace folder. Creating the object touches nothing; ``ensure()`` makes folders."""
+
+    root: Path
+
+    @classmethod
+    def at(cls, root: str | os.PathLike[str]) -> "Workspace":
+        return cls(Path(root).expanduser().resolve())
+
+    def ensure(self) -> "Workspace":
+        for path in (self.catalog_dir, self.mixtures_dir, self.runs_dir, self.datasets_dir,
+                     self.checkpoints_dir, self.generations_dir, self.indexes_dir):
+            path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    @property
+    def store_url(self) -> str:
+        return f"sqlite:///{self.root / 'lineage.sqlite'}"
+
+    @property
+    def catalog_dir(self) -> Path:
+        return self.root / "catalog"
+
+    @property
+    def mixtures_dir(self) -> Path:
+        return self.root / "audio" / "mixtures"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / "datasets"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def generations_dir(self) -> Path:
+        return self.root / "generations"
+
+    @property
+    def indexes_dir(self) -> Path:
+        return self.root / "indexes"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs_dir / run_id
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.datasets_dir / dataset_id
+
+    def checkpoint_dir(self, checkpoint_id: str) -> Path:
+        return self.checkpoints_dir / checkpoint_id
+
+    def generation_dir(self, generation_id: str) -> Path:
+        return self.generations_dir / generation_id
+
+    def catalog_table(self, name: str) -> Path:
+        """``name`` is one of ``licenses``, ``tracks``, ``audio_files``, ``rejections``."""
+        return self.catalog_dir / f"{name}.parquet"

@@ -1,0 +1,1 @@
+"""Diffusion model, conditioning, WebDataset loader, Ray Train loop, samplers, vocoder, generation."""
