@@ -1,0 +1,341 @@
+"""The ``linernotes`` command line: one command per stage, each taking ``--workdir`` and ``--json``.
+
+With ``--json`` a command prints exactly one JSON object on stdout (what it did: counts, ids, paths) and
+sends progress to stderr. On bad arguments or missing inputs it exits non-zero with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from provenance.workspace import DEFAULT_WORKDIR, Workspace
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+app = typer.Typer(name="linernotes", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Curate licensed music catalogs, train diffusion models on them, attribute what they generate.")
+err_console = Console(stderr=True)
+out_console = Console()
+
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder (lineage store, tables, "
+                                          "datasets, checkpoints, generations).", envvar="LINERNOTES_WORKDIR")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")]
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn the errors a user can act on into a one-line message and a non-zero exit."""
+    from cleaning.audio import AudioDecodeError
+    from pipelines.config import ConfigError
+    from pipelines.delivery import DeliveryError
+
+    try:
+        yield
+    except (CliError, ConfigError, DeliveryError, FileNotFoundError, AudioDecodeError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from err
+    except KeyboardInterrupt as err:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from err
+
+
+def _status(json_mode: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        err_console.print(f"[dim]›[/] {message}", highlight=False)
+    return say
+
+
+def _emit(payload: dict[str, Any], json_mode: bool, render: Callable[[dict[str, Any]], None]) -> None:
+    if json_mode:
+        sys.stdout.write(json.dumps(payload, default=str, allow_nan=False if False else True) + "\n")
+    else:
+        render(payload)
+
+
+def _workspace(workdir: Path) -> Workspace:
+    return Workspace.at(workdir).ensure()
+
+
+# ingest -----------------------------------------------------------------------------------------------
+
+@app.command()
+def ingest(
+    delivery: Annotated[Path, typer.Argument(help="Delivery folder with tracks.csv, files.csv, licenses.csv.")],
+    purpose: Annotated[str, typer.Option(help="commercial | non-commercial")] = "commercial",
+    territory: Annotated[str, typer.Option(help="ISO 3166-1 alpha-2 code, or Worldwide.")] = "Worldwide",
+    as_of: Annotated[Optional[str], typer.Option("--as-of", help="Judge rights at this date (YYYY-MM-DD); "
+                                                 "default today.")] = None,
+    opt_out: Annotated[Optional[Path], typer.Option(help="Opt-out CSV (kind,value).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Admit a delivery's recordings under the rights policy; decode and measure every file (Apache Beam)."""
+    with _errors():
+        from pipelines.config import load_config, parse_overrides
+        from pipelines.ingest import IngestConfig, run_ingest
+
+        if as_of is not None:
+            try:
+                dt.date.fromisoformat(as_of)
+            except ValueError as err:
+                raise CliError(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)") from err
+        if opt_out is not None and not opt_out.is_file():
+            raise CliError(f"--opt-out {opt_out} does not exist")
+        cfg = load_config(IngestConfig, config, parse_overrides(overrides or []), purpose=purpose,
+                          territory=territory, as_of=as_of, opt_out_csv=str(opt_out) if opt_out else None)
+        result = run_ingest(delivery, _workspace(workdir), cfg, status=_status(json_mode))
+        _emit(result.to_json(), json_mode, _render_ingest)
+
+
+def _render_ingest(payload: dict[str, Any]) -> None:
+    table = Table(title=f"ingest {payload['run_id']}", title_justify="left")
+    for column in ("table", "input", "accepted", "rejected", "rejected by reason"):
+        table.add_column(column, justify="right" if column in {"input", "accepted", "rejected"} else "left")
+    for name in ("tracks", "files", "licenses"):
+        c = payload["counts"][name]
+        reasons = ", ".join(f"{r}: {n}" for r, n in c["rejected_by_reason"].items()) or "—"
+        table.add_row(name, str(c["input"]), str(c["accepted"]), str(c["rejected"]), reasons)
+    out_console.print(table)
+    out_console.print(f"mixtures built from stems: {payload['counts']['mixtures_built']}")
+    out_console.print(f"catalog: {Path(payload['outputs']['tracks']).parent}")
+
+
+# shard ------------------------------------------------------------------------------------------------
+
+@app.command()
+def shard(
+    segment_s: Annotated[Optional[float], typer.Option("--segment-s", help="Segment length in seconds [10].")] = None,
+    sample_rate_hz: Annotated[Optional[int], typer.Option("--sample-rate-hz", help="Dataset sample rate [32000].")] = None,
+    validation_fraction: Annotated[Optional[float], typer.Option(help="Fraction of tracks held out [0.1].")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Cut the curated catalog into segments and write deterministic WebDataset shards (Ray Data)."""
+    with _errors():
+        from pipelines.config import load_config, parse_overrides
+        from pipelines.shard import ShardConfig, run_shard
+
+        cfg = load_config(ShardConfig, config, parse_overrides(overrides or []), segment_s=segment_s,
+                          sample_rate_hz=sample_rate_hz, validation_fraction=validation_fraction)
+        with _progress(json_mode) as progress:
+            result = run_shard(_workspace(workdir), cfg, progress=progress)
+        _emit(result.to_json(), json_mode, _render_generic("shard"))
+
+
+# train ------------------------------------------------------------------------------------------------
+
+@app.command()
+def train(
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Segments per step (per worker).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Ray Train workers [1].")] = None,
+    use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu", help="Train on GPUs.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset id; default the newest.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Train the mel-spectrogram diffusion model on a dataset's train shards (Ray Train, TorchTrainer)."""
+    with _errors():
+        from pipelines.config import load_config, parse_overrides
+        from pipelines.jobs import run_train
+        from training.config import TrainConfig
+
+        cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,
+                          batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
+        result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_status(json_mode))
+        _emit(result.to_json(), json_mode, _render_generic("train"))
+
+
+# generate ---------------------------------------------------------------------------------------------
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option(help="Text the model is conditioned on.")],
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    duration_s: Annotated[float, typer.Option("--duration-s", help="Length of the generated track in seconds.")] = 5.0,
+    out: Annotated[Optional[Path], typer.Option(help="Also write the WAV here.")] = None,
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id; default the newest.")] = None,
+    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+    top_k: Annotated[int, typer.Option(help="Training segments to attribute.")] = 10,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Generate a track (DDIM + Griffin-Lim), register it, and attribute it to training recordings."""
+    with _errors():
+        from pipelines.jobs import run_generate
+
+        if duration_s <= 0 or duration_s > 600:
+            raise CliError(f"--duration-s must be in (0, 600] seconds, got {duration_s}")
+        if steps < 1:
+            raise CliError(f"--steps must be ≥ 1, got {steps}")
+        result = run_generate(_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
+                              num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
+                              status=_status(json_mode))
+        payload = result.to_json()
+        _emit(payload, json_mode, _render_generation)
+
+
+def _render_generation(payload: dict[str, Any]) -> None:
+    out_console.print(f"generation {payload['generation_id']} ({payload['sampler']}, {payload['duration_s']:g} s) "
+                      f"→ {payload['outputs']['wav']}")
+    if payload.get("attribution"):
+        _render_attribution(payload["attribution"])
+
+
+# attribute --------------------------------------------------------------------------------------------
+
+@app.command()
+def attribute(
+    file: Annotated[Path, typer.Argument(help="Any audio file (WAV, FLAC, Ogg, MP3).")],
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset id; default the newest.")] = None,
+    top_k: Annotated[int, typer.Option(help="Training segments to return.")] = 10,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Which training recordings does this audio draw on, and who holds their rights? (embedding method)"""
+    with _errors():
+        from pipelines.jobs import run_attribute_file
+
+        if not file.is_file():
+            raise CliError(f"no audio file at {file}")
+        if top_k < 1:
+            raise CliError(f"--top-k must be ≥ 1, got {top_k}")
+        result = run_attribute_file(_workspace(workdir), file, dataset_id=dataset, top_k=top_k)
+        _emit(result.to_json(), json_mode, _render_attribution)
+
+
+def _render_attribution(payload: dict[str, Any]) -> None:
+    segments = Table(title=f"training segments ({payload['method']})", title_justify="left")
+    for column in ("rank", "segment", "score", "share"):
+        segments.add_column(column, justify="right" if column != "segment" else "left")
+    for seg in payload["segments"]:
+        segments.add_row(str(seg["rank"]), seg["segment_id"], f"{seg['score']:.4f}", f"{seg['share']:.1%}")
+    tracks = Table(title="tracks", title_justify="left")
+    for column in ("share", "track", "rights holder", "licence", "attribution"):
+        tracks.add_column(column, justify="right" if column == "share" else "left", overflow="fold")
+    for track in payload["tracks"]:
+        tracks.add_row(f"{track['share']:.1%}", f"{track['title']} ({track['track_id']})", track["rights_holder"],
+                       track.get("license_name") or track["license_id"], track.get("attribution") or "")
+    holders = Table(title="rights holders", title_justify="left")
+    holders.add_column("share", justify="right")
+    holders.add_column("rights holder")
+    for holder in payload["rights_holders"]:
+        holders.add_row(f"{holder['share']:.1%}", holder["rights_holder"])
+    out_console.print(segments, tracks, holders)
+
+
+# demo -------------------------------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    num_tracks: Annotated[int, typer.Option(help="Scores to render into the demo delivery.")] = 6,
+    track_duration_s: Annotated[float, typer.Option("--track-duration-s", help="Length of each rendered track.")] = 30.0,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Render a public-domain demo delivery, then run ingest → shard → train → generate → attribute."""
+    with _errors():
+        from pipelines.demo import run_demo
+
+        result = run_demo(_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
+                          steps=steps, status=_status(json_mode))
+        _emit(result, json_mode, _render_demo)
+
+
+def _render_demo(payload: dict[str, Any]) -> None:
+    _render_ingest(payload["ingest"])
+    _render_generic("shard")(payload["shard"])
+    _render_generic("train")(payload["train"])
+    _render_generation(payload["generate"])
+    out_console.print(f"\n[bold]done in {payload['elapsed_s']:.0f} s.[/] outputs under {payload['workdir']}:")
+    for name, path in payload["outputs"].items():
+        out_console.print(f"  {name:<12} {path}")
+
+
+# runs -------------------------------------------------------------------------------------------------
+
+@app.command()
+def runs(workdir: WorkdirOpt = Path(DEFAULT_WORKDIR), json_mode: JsonOpt = False) -> None:
+    """List the runs registered in the lineage store."""
+    with _errors():
+        from provenance.store import LineageStore
+
+        store = LineageStore(_workspace(workdir).store_url)
+        rows = store.list_runs()
+        store.close()
+        if json_mode:
+            _emit({"runs": rows}, True, lambda p: None)
+            return
+        table = Table(title="runs", title_justify="left")
+        for column in ("run", "kind", "status", "started", "counts"):
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            table.add_row(row["run_id"], row["kind"], row["status"], row["started_at"],
+                          json.dumps(row.get("counts") or {})[:120])
+        out_console.print(table)
+
+
+# helpers ----------------------------------------------------------------------------------------------
+
+def _render_generic(stage: str) -> Callable[[dict[str, Any]], None]:
+    def render(payload: dict[str, Any]) -> None:
+        table = Table(title=f"{stage} {payload.get('run_id', '')}", title_justify="left", show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in payload.items():
+            if key in {"stage", "run_id"}:
+                continue
+            table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+        out_console.print(table)
+    return render
+
+
+@contextmanager
+def _progress(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr, driven by ``(message, done, total)`` callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(message: str, done: int, total: int) -> None:
+            if message not in tasks:
+                tasks[message] = progress.add_task(message, total=total)
+            progress.update(tasks[message], completed=done, total=total)
+
+        yield update
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,432 @@
+"""The ``ingest`` stage on Apache Beam: a delivery in, a curated catalog and its rejections out.
+
+Pipeline (DirectRunner by default; any Beam runner through ``beam_options``)::
+
+    tracks.csv ─▶ group by track_id ─▶ decide (dedupe, fields, rights policy) ─┐
+    files.csv ──▶ key by track_id ───────────────────────────────────────────────┴▶ co-group ─▶ route files
+        ─▶ reshuffle ─▶ decode + measure each file ─▶ co-group with decisions ─▶ finalize track
+           (build the mixture from the stems when none was delivered; a track without usable audio is rejected)
+
+Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` ends in exactly one of: accepted, or a
+Rejection with its reason. The driver reads the three tables, fails before any audio is read on a
+table-level problem, and writes the catalog Parquet tables atomically when the pipeline is done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import quiet_beam_import_warnings
+
+quiet_beam_import_warnings()
+
+import apache_beam as beam  # noqa: E402
+import numpy as np
+from apache_beam.options.pipeline_options import PipelineOptions
+from pydantic import BaseModel, ConfigDict, Field
+
+from cleaning.audio import AudioDecodeError, read_audio, write_audio
+from cleaning.measure import measure_audio
+from pipelines.delivery import Delivery, check_file_row, file_record_id, parse_license, parse_track, read_delivery
+from provenance.policy import OptOutRegistry, RunPurpose, decide
+from provenance.records import (AUDIO_FILE, LICENSE, REJECTION, TRACK, Purpose, RejectionReason, Role,
+                                canonical_json, rejection, sha256_hex, to_table, write_table)
+from provenance.store import LineageStore
+from provenance.workspace import Workspace
+
+STAGE = "ingest"
+
+
+class IngestConfig(BaseModel):
+    """Configuration of one ingest run.
+
+    Attributes:
+        purpose: what the run trains for; a commercial run admits only licences that allow commercial use.
+        territory: ISO 3166-1 alpha-2 code or ``Worldwide``.
+        as_of: the date rights are judged at (ISO date); today when not given.
+        opt_out_csv: optional CSV (``kind,value`` with kind ``rights_holder|track_id|isrc``); opt-outs always win.
+        beam_options: extra Beam pipeline options, e.g. ``["--direct_num_workers=2",
+            "--direct_running_mode=multi_processing"]`` or a Flink/Spark/Dataflow runner's options.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    purpose: Purpose = Purpose.COMMERCIAL
+    territory: str = Field(default="Worldwide", min_length=2)
+    as_of: dt.date = Field(default_factory=dt.date.today)
+    opt_out_csv: str | None = None
+    beam_options: tuple[str, ...] = ()
+
+    def run_purpose(self) -> RunPurpose:
+        return RunPurpose(purpose=self.purpose, territory=self.territory, as_of=self.as_of)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(self.model_dump_json())
+
+
+@dataclass
+class IngestResult:
+    """What an ingest run did. ``counts`` reconcile: for each table, accepted + rejected = input rows."""
+
+    run_id: str
+    delivery_id: str
+    counts: dict[str, Any]
+    outputs: dict[str, str]
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": STAGE, "run_id": self.run_id, "delivery_id": self.delivery_id,
+                "counts": self.counts, "outputs": self.outputs}
+
+
+# pure per-record steps --------------------------------------------------------------------------------
+
+def decide_tracks(track_id: str, rows: Iterable[Mapping[str, Any]], licenses: Mapping[str, Mapping[str, Any]],
+                  run: RunPurpose, opt_outs: OptOutRegistry, delivery_id: str, run_id: str
+                  ) -> Iterable[tuple[str, Any]]:
+    """All tracks.csv rows sharing one ``track_id`` → tagged outputs.
+
+    Yields ``("decision", (track_id, {"status": "accepted", "record": TRACK row}))``, or
+    ``("decision", (track_id, {"status": "rejected", "reason": ..}))`` plus ``("rejection", Rejection)``.
+    The first row (by row number) of a duplicated id is judged; later ones are ``duplicate_id``.
+    """
+    ordered = sorted(rows, key=lambda r: r["_row"])
+    if not track_id:
+        for row in ordered:
+            _, rej = parse_track(row, delivery_id, STAGE, run_id)
+            yield "rejection", rej
+        return
+    first, duplicates = ordered[0], ordered[1:]
+    for row in duplicates:
+        yield "rejection", rejection("track", track_id, STAGE, RejectionReason.DUPLICATE_ID,
+                                     f"tracks.csv row {row['_row']} repeats the id of row {first['_row']}", run_id)
+    record, rej = parse_track(first, delivery_id, STAGE, run_id)
+    if rej is None:
+        decision = decide(record, licenses, run, opt_outs)
+        if not decision.admitted:
+            rej = rejection("track", track_id, STAGE, decision.reason, decision.detail, run_id)
+    if rej is not None:
+        yield "rejection", rej
+        yield "decision", (track_id, {"status": "rejected", "reason": rej["reason"]})
+    else:
+        yield "decision", (track_id, {"status": "accepted", "record": record})
+
+
+def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Mapping[str, Any]], root: Path,
+                run_id: str) -> Iterable[tuple[str, Any]]:
+    """files.csv rows of one track → ``("measure", (track_id, task))`` or ``("rejection", Rejection)``.
+
+    Rows of unknown or rejected tracks, bad roles, unsafe or missing paths are rejected here, before any
+    decoding. Two stems with the same role and instrument but different paths keep both, the later one's
+    instrument suffixed `` #2``; the same path twice, or a second mixture, is ``duplicate_file``.
+    """
+    decision = decisions[0] if decisions else None
+    seen_paths: set[str] = set()
+    seen_keys: Counter[tuple[str, str]] = Counter()
+    for row in sorted(rows, key=lambda r: r["_row"]):
+        record_id = file_record_id(row)
+        if decision is None:
+            yield "rejection", rejection("audio_file", record_id, STAGE, RejectionReason.UNKNOWN_TRACK,
+                                         f"files.csv row {row['_row']}: no track {track_id!r} in tracks.csv", run_id)
+            continue
+        if decision["status"] != "accepted":
+            yield "rejection", rejection("audio_file", record_id, STAGE, RejectionReason.TRACK_REJECTED,
+                                         f"its track was rejected: {decision['reason']}", run_id)
+            continue
+        path, rej = check_file_row(row, root, STAGE, run_id)
+        if rej is not None:
+            yield "rejection", rej
+            continue
+        key = (row["role"], row.get("instrument", ""))
+        if str(path) in seen_paths or (row["role"] == Role.MIXTURE and seen_keys[key]):
+            yield "rejection", rejection("audio_file", record_id, STAGE, RejectionReason.DUPLICATE_FILE,
+                                         f"files.csv row {row['_row']} repeats a {row['role']} of this track", run_id)
+            continue
+        seen_paths.add(str(path))
+        seen_keys[key] += 1
+        instrument = key[1] if seen_keys[key] == 1 else f"{key[1]} #{seen_keys[key]}"
+        yield "measure", (track_id, {"record_id": record_id, "role": row["role"], "instrument": instrument,
+                                     "path": str(path)})
+
+
+def measure_file(track_id: str, task: Mapping[str, Any], run_id: str) -> tuple[str, dict[str, Any]]:
+    """Decode and measure one file → ``("accepted", AUDIO_FILE row)`` or ``("rejected", Rejection)``."""
+    try:
+        audio, sample_rate_hz = read_audio(task["path"])
+    except FileNotFoundError:
+        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.MISSING_FILE,
+                                     f"{task['path']} vanished before decoding", run_id)
+    except AudioDecodeError as err:
+        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.DECODE_ERROR,
+                                     str(err), run_id)
+    if audio.shape[-1] == 0:
+        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.EMPTY_AUDIO,
+                                     "decoded to 0 samples", run_id)
+    if not np.all(np.isfinite(audio)):
+        bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
+        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.NON_FINITE_SAMPLES,
+                                     f"{bad} NaN or infinite samples", run_id)
+    return "accepted", {"track_id": track_id, "role": task["role"], "instrument": task["instrument"],
+                        "uri": task["path"], "derived_from": "", "run_id": run_id,
+                        "_record_id": task["record_id"], **measure_audio(audio, sample_rate_hz)}
+
+
+def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: list[tuple[str, dict[str, Any]]],
+                   mixtures_dir: Path, run_id: str) -> Iterable[tuple[str, dict[str, Any]]]:
+    """One accepted track and its measured files → ``("track"|"audio_file"|"rejection", row)``.
+
+    Builds the mixture as the sample-wise sum of the stems when no mixture file was delivered (stems
+    zero-padded to the longest; a float32 WAV, so a sum above full scale is kept, not clipped). Stems at
+    different sample rates cannot be summed: the track is rejected ``stem_mismatch``. A track left with no
+    usable audio is rejected ``no_audio``; its delivered files that did decode are then ``track_rejected``.
+    """
+    if decision is None or decision["status"] != "accepted":
+        return
+    files = [row for status, row in measured if status == "accepted"]
+    rejected_files = [row for status, row in measured if status == "rejected"]
+    for rej in rejected_files:
+        yield "rejection", rej
+    track = decision["record"]
+
+    def reject_track(reason: RejectionReason, detail: str) -> Iterable[tuple[str, dict[str, Any]]]:
+        yield "rejection", rejection("track", track_id, STAGE, reason, detail, run_id)
+        for row in files:
+            yield "rejection", rejection("audio_file", row["_record_id"], STAGE, RejectionReason.TRACK_REJECTED,
+                                         f"its track was rejected: {reason.value}", run_id)
+
+    if not files:
+        reasons = Counter(r["reason"] for r in rejected_files)
+        detail = ("no files in files.csv" if not measured else
+                  "no usable audio: " + ", ".join(f"{n}× {r}" for r, n in sorted(reasons.items())))
+        yield from reject_track(RejectionReason.NO_AUDIO, detail)
+        return
+    outputs = [dict(row) for row in files]
+    if not any(row["role"] == Role.MIXTURE for row in files):
+        rates = sorted({row["sample_rate_hz"] for row in files})
+        if len(rates) > 1:
+            yield from reject_track(RejectionReason.STEM_MISMATCH,
+                                    f"stems at different sample rates {rates} Hz cannot be summed to a mixture")
+            return
+        mixture_row = build_mixture(track_id, files, mixtures_dir, run_id)
+        outputs.append(mixture_row)
+    yield "track", track
+    for row in outputs:
+        row.pop("_record_id", None)
+        yield "audio_file", row
+
+
+def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str) -> dict[str, Any]:
+    """Sum the stems (float32 ``(channels, samples)``; mono stems broadcast to the widest channel count) into
+    a float32 WAV under ``mixtures_dir`` and return its measured AUDIO_FILE row."""
+    decoded = [read_audio(row["uri"]) for row in sorted(stems, key=lambda r: r["uri"])]
+    sample_rate_hz = decoded[0][1]
+    num_channels = max(a.shape[0] for a, _ in decoded)
+    num_samples = max(a.shape[1] for a, _ in decoded)
+    mixture = np.zeros((num_channels, num_samples), dtype=np.float64)
+    for audio, _ in decoded:
+        mixture[:, : audio.shape[1]] += audio  # (1, n) broadcasts over channels
+    mixture32 = mixture.astype(np.float32)
+    safe = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "-_")) else "_" for ch in track_id)[:80]
+    path = mixtures_dir / f"{safe}-{sha256_hex(track_id)[:8]}.wav"
+    write_audio(path, mixture32, sample_rate_hz)
+    return {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
+            "derived_from": "sum_of_stems", "run_id": run_id, **measure_audio(mixture32, sample_rate_hz)}
+
+
+# Beam adapters ----------------------------------------------------------------------------------------
+
+class _Tagged(beam.DoFn):
+    """Runs a pure generator of ``(tag, value)`` and routes values to tagged outputs."""
+
+    def __init__(self, fn: Callable[..., Iterable[tuple[str, Any]]], main_tag: str, **kwargs: Any) -> None:
+        self.fn, self.main_tag, self.kwargs = fn, main_tag, kwargs
+
+    def process(self, element: Any):  # noqa: ANN201 (Beam signature)
+        for tag, value in self.fn(element, **self.kwargs):
+            yield value if tag == self.main_tag else beam.pvalue.TaggedOutput(tag, value)
+
+
+def _decide(element, **kw):
+    track_id, rows = element
+    yield from decide_tracks(track_id, list(rows), **kw)
+
+
+def _route(element, **kw):
+    track_id, grouped = element
+    yield from route_files(track_id, list(grouped["decision"]), list(grouped["rows"]), **kw)
+
+
+def _finalize(element, **kw):
+    track_id, grouped = element
+    decisions = list(grouped["decision"])
+    yield from finalize_track(track_id, decisions[0] if decisions else None, list(grouped["measured"]), **kw)
+
+
+def _to_json_line(row: Mapping[str, Any]) -> str:
+    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
+
+
+def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mapping[str, Mapping[str, Any]],
+                   config: IngestConfig, opt_outs: OptOutRegistry, mixtures_dir: Path, staging: Path,
+                   run_id: str) -> None:
+    """Wire the ingest graph into ``pipeline``; outputs go to JSON-lines files under ``staging``."""
+    run = config.run_purpose()
+    decided = (
+        pipeline
+        | "Tracks" >> beam.Create(delivery.tracks)
+        | "KeyTracks" >> beam.Map(lambda r: (r.get("track_id", ""), r))
+        | "GroupTracks" >> beam.GroupByKey()
+        | "Decide" >> beam.ParDo(_Tagged(_decide, "decision", licenses=licenses, run=run, opt_outs=opt_outs,
+                                         delivery_id=delivery.delivery_id, run_id=run_id))
+        .with_outputs("rejection", main="decision")
+    )
+    files = (
+        pipeline
+        | "Files" >> beam.Create(delivery.files)
+        | "KeyFiles" >> beam.Map(lambda r: (r.get("track_id", ""), r))
+    )
+    routed = (
+        {"decision": decided.decision, "rows": files}
+        | "JoinFiles" >> beam.CoGroupByKey()
+        | "Route" >> beam.ParDo(_Tagged(_route, "measure", root=delivery.root, run_id=run_id))
+        .with_outputs("rejection", main="measure")
+    )
+    measured = (
+        routed.measure
+        | "Spread" >> beam.Reshuffle()
+        | "Measure" >> beam.MapTuple(lambda track_id, task: (track_id, measure_file(track_id, task, run_id)))
+    )
+    final = (
+        {"decision": decided.decision, "measured": measured}
+        | "JoinMeasured" >> beam.CoGroupByKey()
+        | "Finalize" >> beam.ParDo(_Tagged(_finalize, "track", mixtures_dir=mixtures_dir, run_id=run_id))
+        .with_outputs("audio_file", "rejection", main="track")
+    )
+    rejections = (decided.rejection, routed.rejection, final.rejection) | "AllRejections" >> beam.Flatten()
+    for name, pcoll in (("tracks", final.track), ("audio_files", final.audio_file), ("rejections", rejections)):
+        (pcoll
+         | f"Json{name}" >> beam.Map(_to_json_line)
+         | f"Write{name}" >> beam.io.WriteToText(str(staging / name), file_name_suffix=".jsonl"))
+
+
+def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestConfig,
+               status: Callable[[str], None] | None = None) -> IngestResult:
+    """Run ingest end to end: read the delivery, run the Beam pipeline, write the catalog, register the run.
+
+    Raises:
+        pipelines.delivery.DeliveryError: a table-level problem (before any audio is read).
+        FileNotFoundError: the opt-out CSV does not exist.
+    """
+    say = status or (lambda message: None)
+    delivery = read_delivery(delivery_root)
+    opt_outs = _read_opt_outs(config.opt_out_csv)
+    workspace.ensure()
+    store = LineageStore(workspace.store_url)
+    run_id = store.start_run(STAGE, {**config.to_dict(), "delivery": str(delivery.root),
+                                     "delivery_id": delivery.delivery_id})
+    run_dir = workspace.run_dir(run_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        licenses, license_rejections = _read_licenses(delivery, run_id)
+        say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
+        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".beam-") as staging_name:
+            staging = Path(staging_name)
+            options = PipelineOptions(["--runner=DirectRunner", *config.beam_options])
+            with beam.Pipeline(options=options) as pipeline:
+                build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
+                               staging, run_id)
+            tracks = _read_jsonl(staging, "tracks")
+            audio_files = _read_jsonl(staging, "audio_files")
+            rejections = license_rejections + _read_jsonl(staging, "rejections")
+        say("writing the curated catalog")
+        tracks.sort(key=lambda r: r["track_id"])
+        audio_files.sort(key=lambda r: (r["track_id"], r["role"], r["instrument"]))
+        rejections.sort(key=lambda r: (r["record_kind"], r["record_id"], r["reason"]))
+        license_rows = sorted(licenses.values(), key=lambda r: r["license_id"])
+        tables = {
+            "licenses": to_table(license_rows, LICENSE),
+            "tracks": to_table(tracks, TRACK),
+            "audio_files": to_table(audio_files, AUDIO_FILE),
+            "rejections": to_table(rejections, REJECTION),
+        }
+        outputs = {}
+        for name, table in tables.items():
+            write_table(table, run_dir / f"{name}.parquet")
+            outputs[name] = str(write_table(table, workspace.catalog_table(name)))
+        counts = reconcile(delivery, tracks, audio_files, rejections, len(license_rows))
+        (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
+                                                             "config_sha256": sha256_hex(canonical_json(config.to_dict()))}))
+        (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id, "counts": counts, "outputs": outputs},
+                                                         indent=2, default=str))
+        store.finish_run(run_id, counts, outputs)
+    except BaseException as err:
+        store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        store.close()
+    return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
+
+
+def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], rejections: list[dict],
+              num_licenses: int) -> dict[str, Any]:
+    """Counts per input table: ``input = accepted + rejected`` must hold for each (raises AssertionError
+    otherwise: that would be a bug in ingest, never a property of the input)."""
+    by_kind: dict[str, Counter[str]] = {"track": Counter(), "audio_file": Counter(), "license": Counter()}
+    for rej in rejections:
+        by_kind[rej["record_kind"]][rej["reason"]] += 1
+    delivered = [f for f in audio_files if not f["derived_from"]]
+    counts = {
+        "tracks": {"input": len(delivery.tracks), "accepted": len(tracks),
+                   "rejected": sum(by_kind["track"].values()), "rejected_by_reason": dict(sorted(by_kind["track"].items()))},
+        "files": {"input": len(delivery.files), "accepted": len(delivered),
+                  "rejected": sum(by_kind["audio_file"].values()),
+                  "rejected_by_reason": dict(sorted(by_kind["audio_file"].items()))},
+        "licenses": {"input": len(delivery.licenses), "accepted": num_licenses,
+                     "rejected": sum(by_kind["license"].values()),
+                     "rejected_by_reason": dict(sorted(by_kind["license"].items()))},
+        "mixtures_built": len(audio_files) - len(delivered),
+    }
+    for table in ("tracks", "files", "licenses"):
+        c = counts[table]
+        if c["accepted"] + c["rejected"] != c["input"]:
+            raise AssertionError(f"ingest lost records in {table}: {c}")
+    return counts
+
+
+def _read_licenses(delivery: Delivery, run_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    licenses: dict[str, dict[str, Any]] = {}
+    rejections: list[dict[str, Any]] = []
+    for row in delivery.licenses:
+        record, rej = parse_license(row, delivery.delivery_id, STAGE, run_id)
+        if rej is not None:
+            rejections.append(rej)
+        elif record["license_id"] in licenses:
+            rejections.append(rejection("license", record["license_id"], STAGE, RejectionReason.DUPLICATE_ID,
+                                        f"licenses.csv row {row['_row']} repeats a licence id", run_id))
+        else:
+            licenses[record["license_id"]] = record
+    return licenses, rejections
+
+
+def _read_opt_outs(path: str | None) -> OptOutRegistry:
+    if not path:
+        return OptOutRegistry()
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        return OptOutRegistry.from_rows(csv.DictReader(handle))
+
+
+def _read_jsonl(staging: Path, name: str) -> list[dict[str, Any]]:
+    rows = []
+    for path in sorted(staging.glob(f"{name}*.jsonl")):
+        with open(path, encoding="utf-8") as handle:
+            rows.extend(json.loads(line) for line in handle if line.strip())
+    return rows

@@ -1,0 +1,233 @@
+"""Jobs that wrap the ``train``, ``generate`` and ``attribute`` cores with lineage: resolve inputs from the
+store, register a Run with its counts, keep outputs in the workspace."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cleaning.audio import read_audio, write_audio
+from cleaning.measure import measure_pcm_sha256
+from cleaning.mel import MelConfig
+from pipelines.config import config_dict, config_sha256
+from provenance.records import canonical_json, sha256_hex
+from provenance.store import LineageStore
+from provenance.workspace import Workspace
+
+
+class MissingInputError(FileNotFoundError):
+    """A stage's input is not in the workspace yet; the message says which command makes it."""
+
+
+@dataclass
+class TrainJobResult:
+    run_id: str
+    checkpoint_id: str
+    dataset_id: str
+    step: int
+    checkpoint_path: Path
+    losses: list[float] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        first = float(np.mean(self.losses[: max(1, len(self.losses) // 10)])) if self.losses else None
+        last = float(np.mean(self.losses[-max(1, len(self.losses) // 10):])) if self.losses else None
+        return {"stage": "train", "run_id": self.run_id, "checkpoint_id": self.checkpoint_id,
+                "dataset_id": self.dataset_id, "counts": {"steps": self.step},
+                "loss": {"first": first, "last": last}, "outputs": {"checkpoint": str(self.checkpoint_path)}}
+
+
+@dataclass
+class AttributeJobResult:
+    run_id: str
+    query_id: str
+    dataset_id: str
+    result: Any  # provenance.attribution.AttributionResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "attribute", "run_id": self.run_id, "query_id": self.query_id,
+                "dataset_id": self.dataset_id, **self.result.to_json()}
+
+
+@dataclass
+class GenerateJobResult:
+    run_id: str
+    generation_id: str
+    checkpoint_id: str
+    path: Path
+    duration_s: float
+    sampler: str
+    attribution: AttributeJobResult | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": "generate", "run_id": self.run_id, "generation_id": self.generation_id,
+                "checkpoint_id": self.checkpoint_id, "sampler": self.sampler, "duration_s": self.duration_s,
+                "outputs": {"wav": str(self.path)},
+                "attribution": self.attribution.to_json() if self.attribution else None}
+
+
+def resolve_dataset(store: LineageStore, workspace: Workspace, dataset_id: str | None) -> dict[str, Any]:
+    """The named dataset, or the newest one. Raises MissingInputError saying to run ``shard``."""
+    record = store.get_dataset(dataset_id) if dataset_id else store.latest_dataset()
+    if record is None:
+        what = f"dataset {dataset_id}" if dataset_id else "a dataset"
+        raise MissingInputError(f"no {what} in {workspace.root}: run `linernotes shard` first")
+    return record
+
+
+def resolve_checkpoint(store: LineageStore, workspace: Workspace, checkpoint_id: str | None) -> dict[str, Any]:
+    record = store.get_checkpoint(checkpoint_id) if checkpoint_id else store.latest_checkpoint()
+    if record is None:
+        what = f"checkpoint {checkpoint_id}" if checkpoint_id else "a checkpoint"
+        raise MissingInputError(f"no {what} in {workspace.root}: run `linernotes train` first")
+    return record
+
+
+def read_dataset_manifest(workspace: Workspace, dataset_id: str) -> dict[str, Any]:
+    path = workspace.dataset_dir(dataset_id) / "dataset.json"
+    if not path.is_file():
+        raise MissingInputError(f"dataset {dataset_id} has no manifest at {path}: re-run `linernotes shard`")
+    return json.loads(path.read_text())
+
+
+def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
+              status: Callable[[str], None] | None = None) -> TrainJobResult:
+    """Train on a dataset's train shards with Ray Train; register the Run and the Checkpoint.
+
+    ``config`` is a ``training.config.TrainConfig``. The checkpoint id is ``ckpt-`` + 16 hex of the sha256 of
+    the checkpoint file.
+    """
+    from pipelines.ray_runtime import ensure_ray
+    from training.train import train
+
+    say = status or (lambda message: None)
+    store = LineageStore(workspace.store_url)
+    try:
+        dataset = resolve_dataset(store, workspace, dataset_id)
+        manifest = read_dataset_manifest(workspace, dataset["dataset_id"])
+        dataset_dir = workspace.dataset_dir(dataset["dataset_id"])
+        shard_paths = [str(dataset_dir / name) for name in manifest["shards"]["train"]]
+        if not shard_paths:
+            raise MissingInputError(f"dataset {dataset['dataset_id']} has no train shards")
+        mel_config = MelConfig(**manifest["config"]["mel"])
+        run_id = store.start_run("train", {**config_dict(config), "dataset_id": dataset["dataset_id"]})
+        try:
+            ensure_ray()
+            say(f"training {config.steps} steps on {len(shard_paths)} shard(s) of {dataset['dataset_id']}")
+            result = train(shard_paths, dataset["dataset_id"], mel_config, config,
+                           storage_path=str(workspace.root / "ray_results"), run_name=run_id)
+            checkpoint_id = "ckpt-" + sha256_hex(Path(result.checkpoint_path).read_bytes())[:16]
+            target_dir = workspace.checkpoint_dir(checkpoint_id)
+            target_dir.mkdir(parents=True, exist_ok=True)
+            target = target_dir / "checkpoint.pt"
+            tmp = target_dir / ".checkpoint.pt.tmp"
+            shutil.copyfile(result.checkpoint_path, tmp)
+            tmp.replace(target)
+            (target_dir / "config.json").write_text(json.dumps(
+                {"train": config_dict(config), "config_sha256": config_sha256(config),
+                 "dataset_id": dataset["dataset_id"], "step": result.step, "run_id": run_id}, indent=2))
+            store.add_checkpoint({"checkpoint_id": checkpoint_id, "dataset_id": dataset["dataset_id"],
+                                  "run_id": run_id, "step": result.step, "config_sha256": config_sha256(config),
+                                  "uri": str(target)})
+            job = TrainJobResult(run_id, checkpoint_id, dataset["dataset_id"], result.step, target,
+                                 [float(x) for x in result.losses])
+            store.finish_run(run_id, {"steps": result.step, **{f"loss_{k}": v for k, v in job.to_json()["loss"].items()}},
+                             {"checkpoint": str(target), "checkpoint_id": checkpoint_id})
+            return job
+        except BaseException as err:
+            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
+            raise
+    finally:
+        store.close()
+
+
+def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, query_id: str,
+                  dataset_id: str | None = None, top_k: int = 10, store: LineageStore | None = None,
+                  kind: str = "attribute") -> AttributeJobResult:
+    """Attribute audio (float32 ``(channels, samples)``) with the ``embedding`` method; store the result."""
+    from pipelines.attribution_index import attribute_audio
+
+    own_store = store is None
+    store = store or LineageStore(workspace.store_url)
+    try:
+        dataset = resolve_dataset(store, workspace, dataset_id)
+        run_id = store.start_run(kind, {"method": "embedding", "query_id": query_id,
+                                        "dataset_id": dataset["dataset_id"], "top_k": top_k})
+        try:
+            result = attribute_audio(workspace, audio, sample_rate_hz, dataset["dataset_id"], query_id, top_k=top_k)
+            store.add_attributions(query_id, "embedding", run_id, dataset["dataset_id"], result.rows())
+            store.finish_run(run_id, {"segments": len(result.segments), "tracks": len(result.tracks),
+                                      "rights_holders": len(result.rights_holders)})
+        except BaseException as err:
+            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        return AttributeJobResult(run_id, query_id, dataset["dataset_id"], result)
+    finally:
+        if own_store:
+            store.close()
+
+
+def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str | None = None,
+                       top_k: int = 10) -> AttributeJobResult:
+    """Attribute any audio file; its query id is the sha256 of its decoded PCM.
+
+    Raises:
+        FileNotFoundError: no such file. cleaning.audio.AudioDecodeError: not decodable audio.
+    """
+    audio, sample_rate_hz = read_audio(path)
+    return run_attribute(workspace, audio, sample_rate_hz, "pcm-" + measure_pcm_sha256(audio)[:16],
+                         dataset_id=dataset_id, top_k=top_k)
+
+
+def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float, out: str | Path | None = None,
+                 checkpoint_id: str | None = None, num_steps: int = 50, guidance_scale: float = 3.0,
+                 top_k: int = 10, status: Callable[[str], None] | None = None) -> GenerateJobResult:
+    """DDIM-sample a mel, vocode it with Griffin-Lim, write the WAV, register the Generation and attribute it.
+
+    The generation id is ``gen-`` + 16 hex of the sha256 of (checkpoint, prompt, seed, duration, sampler):
+    the same request gives the same id and the same audio.
+    """
+    from training.generate import generate
+
+    say = status or (lambda message: None)
+    store = LineageStore(workspace.store_url)
+    try:
+        checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
+        request = {"checkpoint_id": checkpoint["checkpoint_id"], "prompt": prompt, "seed": seed,
+                   "duration_s": duration_s, "num_steps": num_steps, "guidance_scale": guidance_scale}
+        run_id = store.start_run("generate", request)
+        try:
+            say(f"sampling {duration_s:g} s from {checkpoint['checkpoint_id']} ({num_steps} DDIM steps)")
+            result = generate(checkpoint["uri"], prompt=prompt, seed=seed, duration_s=duration_s,
+                              num_steps=num_steps, guidance_scale=guidance_scale)
+            generation_id = "gen-" + sha256_hex(canonical_json({**request, "sampler": result.sampler}))[:16]
+            gen_dir = workspace.generation_dir(generation_id)
+            wav = write_audio(gen_dir / "generation.wav", result.audio, result.sample_rate_hz, subtype="PCM_16")
+            path = wav
+            if out is not None:
+                path = Path(out).expanduser().resolve()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(wav, path)
+            record = {"generation_id": generation_id, "checkpoint_id": checkpoint["checkpoint_id"], "run_id": run_id,
+                      "prompt": prompt, "conditioning": canonical_json({"text": prompt, "guidance_scale": guidance_scale}),
+                      "seed": seed, "sampler": result.sampler, "duration_s": duration_s, "uri": str(wav)}
+            (gen_dir / "generation.json").write_text(json.dumps(record, indent=2))
+            if store.get_generation(generation_id) is None:
+                store.add_generation(record)
+            store.finish_run(run_id, {"generations": 1}, {"wav": str(path), "generation_id": generation_id})
+        except BaseException as err:
+            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        say("attributing the generation")
+        written, sample_rate_hz = read_audio(wav)
+        attribution = run_attribute(workspace, written, sample_rate_hz, generation_id,
+                                    dataset_id=checkpoint["dataset_id"], top_k=top_k, store=store)
+        return GenerateJobResult(run_id, generation_id, checkpoint["checkpoint_id"], path, duration_s,
+                                 result.sampler, attribution)
+    finally:
+        store.close()

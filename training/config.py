@@ -1,0 +1,121 @@
+"""The training stage's config: one frozen, typed object, saved inside every checkpoint.
+
+Defaults are a CPU demo (200 steps of batch 8 over 128-frame crops, a ~0.4 M-parameter U-Net) that
+trains in well under three minutes on two cores; a GPU run raises ``steps``, ``batch_size``,
+``base_channels`` and ``num_workers``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from provenance.records import canonical_json, sha256_hex
+
+
+class TrainConfig(BaseModel):
+    """Hyper-parameters of one diffusion training run.
+
+    Unknown keys and mutation raise (``extra="forbid"``, ``frozen=True``); every check names the key
+    and the fix. ``sha256()`` identifies the config in the Checkpoint record.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # optimisation
+    steps: int = Field(200, description="optimizer steps (the loop counts steps, not epochs)")
+    batch_size: int = Field(8, description="segments per step per worker")
+    learning_rate: float = Field(2e-4, description="peak AdamW learning rate")
+    min_learning_rate: float = Field(2e-5, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(20, description="linear warm-up steps from 0 to learning_rate")
+    weight_decay: float = Field(0.0, description="AdamW decoupled weight decay")
+    grad_clip: float = Field(1.0, description="max global gradient L2 norm; 0 disables clipping")
+    ema_decay: float = Field(0.999, description="EMA decay ceiling (the decay warms up, see train.py)")
+    seed: int = Field(0, description="seeds model init, data order, crops, noise and timesteps")
+    # data
+    crop_frames: int = Field(128, description="mel frames per training example (random crop / pad)")
+    shuffle_buffer: int = Field(256, description="samples held by the streaming shuffle buffer")
+    # model
+    base_channels: int = Field(32, description="channels of the U-Net's first level")
+    channel_mults: tuple[int, ...] = Field((1, 2, 2), description="channel multiplier per U-Net level")
+    text_dim: int = Field(64, description="width of the text embedding")
+    text_buckets: int = Field(2048, description="hash buckets of the text encoder's vocabulary")
+    # diffusion
+    diffusion_steps: int = Field(1000, description="DDPM timesteps T")
+    beta_schedule: Literal["linear", "cosine"] = Field("cosine", description="noise schedule")
+    beta_start: float = Field(1e-4, description="first beta of the linear schedule")
+    beta_end: float = Field(0.02, description="last beta of the linear schedule")
+    cond_dropout: float = Field(0.1, description="probability of training on the null (empty) text")
+    # resources and logging
+    num_workers: int = Field(1, description="Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = Field(False, description="one GPU per Ray Train worker")
+    num_loader_workers: int = Field(0, description="torch DataLoader worker processes per rank")
+    log_every: int = Field(20, description="report the mean loss every this many steps")
+    checkpoint_every: int = Field(0, description="also checkpoint every this many steps; 0: only at the end")
+
+    @field_validator("steps", "batch_size", "crop_frames", "base_channels", "text_dim", "text_buckets",
+                     "diffusion_steps", "num_workers", "log_every", "shuffle_buffer")
+    @classmethod
+    def _positive_int(cls, value: int, info: Any) -> int:
+        if value < 1:
+            raise ValueError(f"{info.field_name} must be >= 1, got {value}")
+        return value
+
+    @field_validator("warmup_steps", "num_loader_workers", "seed", "checkpoint_every")
+    @classmethod
+    def _non_negative_int(cls, value: int, info: Any) -> int:
+        if value < 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
+        return value
+
+    @field_validator("learning_rate", "beta_start", "beta_end")
+    @classmethod
+    def _positive_float(cls, value: float, info: Any) -> float:
+        if not value > 0:
+            raise ValueError(f"{info.field_name} must be > 0, got {value}")
+        return value
+
+    @field_validator("min_learning_rate", "weight_decay", "grad_clip")
+    @classmethod
+    def _non_negative_float(cls, value: float, info: Any) -> float:
+        if not value >= 0:
+            raise ValueError(f"{info.field_name} must be >= 0, got {value}")
+        return value
+
+    @field_validator("cond_dropout", "ema_decay")
+    @classmethod
+    def _unit_interval(cls, value: float, info: Any) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"{info.field_name} must be in [0, 1), got {value}")
+        return value
+
+    @field_validator("channel_mults")
+    @classmethod
+    def _channel_mults(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if not value or any(m < 1 for m in value):
+            raise ValueError(f"channel_mults must be a non-empty list of integers >= 1, got {list(value)}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.warmup_steps > self.steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be <= learning_rate "
+                             f"({self.learning_rate})")
+        if self.beta_schedule == "linear" and not self.beta_start < self.beta_end < 1.0:
+            raise ValueError(f"linear schedule needs beta_start < beta_end < 1, got beta_start="
+                             f"{self.beta_start}, beta_end={self.beta_end}")
+        if self.base_channels % 8:
+            raise ValueError(f"base_channels must be a multiple of 8 (GroupNorm with 8 groups), "
+                             f"got {self.base_channels}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (tuples become lists); ``TrainConfig(**d)`` restores it."""
+        return self.model_dump(mode="json")
+
+    def sha256(self) -> str:
+        """Hex sha256 of the canonical JSON (sorted keys, no whitespace) of every field."""
+        return sha256_hex(canonical_json(self.to_dict()))

@@ -1,0 +1,209 @@
+"""The training input: a seeded, endless WebDataset stream of (normalised log-mel crop, text) pairs.
+
+A dataset folder (written by the shard stage) holds ``dataset.json``, ``index.parquet`` and WebDataset
+tars whose samples have members ``KEY.flac``, ``KEY.mel.npy`` (float16 ``(n_mels, frames)`` natural-log
+magnitude mel, ``cleaning.mel.log_mel``) and ``KEY.json`` (segment_id, track_id, text, tags, ...).
+Training reads only ``mel.npy`` and ``json``: the audio is never decoded (the tar stream skips it).
+
+Order is a pure function of ``(seed, rank, loader worker, epoch)``: shards are shuffled per epoch, split
+between ranks and DataLoader workers, samples pass a seeded shuffle buffer and are cropped at seeded
+offsets. With fewer shards than readers, every reader reads every shard and keeps every n-th sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from cleaning.mel import MelConfig
+
+_MEMBERS = ("mel.npy", "json")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What ``dataset.json`` says about a dataset folder.
+
+    Attributes:
+        dataset_id: the Dataset record's key.
+        mel_config: the log-mel parameters of every ``mel.npy``.
+        segment_s: segment duration in seconds.
+        shards: split name → absolute shard paths, in the manifest's order.
+        manifest: the whole parsed ``dataset.json``.
+    """
+
+    dataset_id: str
+    mel_config: MelConfig
+    segment_s: float
+    shards: dict[str, list[str]]
+    manifest: dict[str, Any]
+
+
+def read_dataset_info(dataset_dir: str | os.PathLike[str]) -> DatasetInfo:
+    """Read ``dataset_dir/dataset.json``.
+
+    Raises:
+        FileNotFoundError: no ``dataset.json``, or a listed shard is missing.
+        ValueError: a required key (dataset_id, config.mel, shards) is missing.
+    """
+    dataset_dir = Path(dataset_dir)
+    manifest = json.loads((dataset_dir / "dataset.json").read_text(encoding="utf-8"))
+    try:
+        config = manifest["config"]
+        mel_config = MelConfig(**config["mel"])
+        shards = {split: [str((dataset_dir / name).resolve()) for name in names]
+                  for split, names in manifest["shards"].items()}
+        info = DatasetInfo(manifest["dataset_id"], mel_config, float(config.get("segment_s", 0.0)), shards, manifest)
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{dataset_dir / 'dataset.json'}: missing or malformed key {err}") from err
+    for paths in shards.values():
+        for path in paths:
+            if not Path(path).exists():
+                raise FileNotFoundError(f"shard {path} listed in {dataset_dir / 'dataset.json'} does not exist")
+    return info
+
+
+def iter_mel_samples(shard_paths: Sequence[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:
+    """Samples of the shards, in tar order, without decoding audio.
+
+    Yields:
+        dicts with ``key`` (str), ``mel`` (float32 ``(n_mels, frames)`` log-mel) and ``meta`` (the json).
+
+    Raises:
+        ValueError: a sample lacks ``mel.npy`` or ``json``.
+    """
+    sources = ({"url": str(path)} for path in shard_paths)
+    for sample in wds.tarfile_samples(sources, select_files=_is_training_member):
+        missing = [member for member in _MEMBERS if member not in sample]
+        if missing:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks {missing}")
+        mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False).astype(np.float32)
+        yield {"key": sample["__key__"], "mel": mel, "meta": json.loads(sample["json"].decode("utf-8"))}
+
+
+def measure_mel_stats(shard_paths: Sequence[str | os.PathLike[str]]) -> tuple[float, float]:
+    """Mean and standard deviation of every log-mel value (all bins, frames, samples) in the shards.
+
+    Accumulated in float64 over one pass. These normalise the model's input and are stored in its
+    checkpoint so that generation can undo them.
+
+    Returns:
+        ``(mean, std)`` in natural-log magnitude units; ``std > 0``.
+
+    Raises:
+        ValueError: no samples, or the values are constant or not finite.
+    """
+    total, total_sq, num_values = 0.0, 0.0, 0
+    for sample in iter_mel_samples(shard_paths):
+        mel = sample["mel"].astype(np.float64)
+        total += float(mel.sum())
+        total_sq += float((mel * mel).sum())
+        num_values += mel.size
+    if num_values == 0:
+        raise ValueError(f"no samples in {len(shard_paths)} shard(s): {list(map(str, shard_paths))[:3]}")
+    mean = total / num_values
+    std = float(np.sqrt(max(total_sq / num_values - mean * mean, 0.0)))
+    if not (np.isfinite(mean) and np.isfinite(std) and std > 0):
+        raise ValueError(f"log-mel statistics are degenerate: mean={mean}, std={std}")
+    return mean, std
+
+
+def crop_or_pad(mel: np.ndarray, crop_frames: int, rng: np.random.Generator, pad_value: float) -> np.ndarray:
+    """A ``crop_frames`` window of ``mel`` (float32 ``(n_mels, frames)``) at a uniform random offset;
+    shorter inputs are right-padded with ``pad_value``. Returns float32 ``(n_mels, crop_frames)``."""
+    frames = mel.shape[-1]
+    if frames >= crop_frames:
+        start = int(rng.integers(0, frames - crop_frames + 1))
+        return np.ascontiguousarray(mel[:, start:start + crop_frames], dtype=np.float32)
+    out = np.full((mel.shape[0], crop_frames), pad_value, dtype=np.float32)
+    out[:, :frames] = mel
+    return out
+
+
+class MelTextStream(torch.utils.data.IterableDataset):
+    """Endless stream of ``(mel float32 (n_mels, crop_frames), text str)`` for one rank.
+
+    ``mel`` is ``(log_mel - mel_mean) / mel_std``; crops shorter than ``crop_frames`` are padded with the
+    normalised log floor (silence). Batch it with ``torch.utils.data.DataLoader(stream, batch_size)``.
+
+    Args:
+        shard_paths: the train shards (paths or URLs webdataset opens).
+        mel_mean, mel_std: from ``measure_mel_stats`` over the train shards.
+        crop_frames: frames per example.
+        log_floor: ``MelConfig.log_floor``; padding is ``(log(log_floor) - mel_mean) / mel_std``.
+        seed: the run's seed.
+        rank, world_size: this reader's data-parallel rank and the number of ranks.
+        shuffle_buffer: samples held by the shuffle buffer (1 disables shuffling within shards).
+
+    Raises:
+        ValueError: no shards, ``mel_std <= 0``, or a bad rank (at construction); a reader that finds no
+            samples in a whole epoch (when iterated), rather than spinning forever.
+    """
+
+    def __init__(self, shard_paths: Sequence[str | os.PathLike[str]], mel_mean: float, mel_std: float,
+                 crop_frames: int, log_floor: float, seed: int, rank: int = 0, world_size: int = 1,
+                 shuffle_buffer: int = 256) -> None:
+        super().__init__()
+        if not shard_paths:
+            raise ValueError("shard_paths is empty: pass the dataset's train shards")
+        if not mel_std > 0:
+            raise ValueError(f"mel_std must be > 0, got {mel_std}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside [0, {world_size})")
+        self.shard_paths = [str(path) for path in shard_paths]
+        self.mel_mean, self.mel_std = float(mel_mean), float(mel_std)
+        self.crop_frames = crop_frames
+        self.pad_value = (float(np.log(log_floor)) - self.mel_mean) / self.mel_std
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle_buffer = max(1, shuffle_buffer)
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, str]]:
+        worker = torch.utils.data.get_worker_info()
+        worker_id, num_loader_workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        reader, num_readers = self.rank * num_loader_workers + worker_id, self.world_size * num_loader_workers
+        for epoch in count():
+            rng = np.random.default_rng([self.seed, reader, epoch])
+            shards = [self.shard_paths[i] for i in np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.shard_paths))]
+            if len(shards) >= num_readers:  # split by shard
+                samples = iter_mel_samples(shards[reader::num_readers])
+            else:  # too few shards: everyone reads everything, keeps every n-th sample
+                samples = (s for i, s in enumerate(iter_mel_samples(shards)) if i % num_readers == reader)
+            num_yielded = 0
+            for sample in _shuffled(samples, self.shuffle_buffer, rng):
+                mel = (sample["mel"] - self.mel_mean) / self.mel_std
+                yield crop_or_pad(mel, self.crop_frames, rng, self.pad_value), str(sample["meta"].get("text", ""))
+                num_yielded += 1
+            if num_yielded == 0:
+                raise ValueError(f"reader {reader} of {num_readers} got no samples from {len(shards)} shard(s): "
+                                 "use fewer workers or more data")
+
+
+def _shuffled(items: Iterator[Any], buffer_size: int, rng: np.random.Generator) -> Iterator[Any]:
+    """Reservoir-style streaming shuffle: fill a buffer, emit a uniformly chosen element, refill."""
+    buffer: list[Any] = []
+    for item in items:
+        buffer.append(item)
+        if len(buffer) >= buffer_size:
+            index = int(rng.integers(len(buffer)))
+            buffer[index], buffer[-1] = buffer[-1], buffer[index]
+            yield buffer.pop()
+    while buffer:
+        index = int(rng.integers(len(buffer)))
+        buffer[index], buffer[-1] = buffer[-1], buffer[index]
+        yield buffer.pop()
+
+
+def _is_training_member(name: str) -> bool:
+    """Keep ``KEY.mel.npy`` and ``KEY.json``; skip the audio and anything else."""
+    return name.endswith(".mel.npy") or name.endswith(".json")

@@ -1,0 +1,193 @@
+"""Gaussian diffusion over normalised log-mels: DDPM training loss and the DDIM sampler with guidance.
+
+- Forward process and ε-prediction loss: Ho et al. 2020, "Denoising Diffusion Probabilistic Models"
+  (linear betas) with the cosine schedule of Nichol & Dhariwal 2021.
+- Sampler: Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM; ``eta = 0`` is deterministic).
+- Guidance: Ho & Salimans 2022, "Classifier-Free Diffusion Guidance": the model is trained with the text
+  dropped to the null condition with probability ``cond_dropout`` and sampled with
+  ``ε = ε(x, ∅) + s · (ε(x, c) − ε(x, ∅))``.
+
+The model is any callable ``model(x_t, timesteps, texts) -> ε`` (``training.model.MelUNet``).
+All randomness comes from an explicit ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
+"""``(x_t float32 (batch, n_mels, frames), timesteps int64 (batch,), texts) -> ε, same shape as x_t``."""
+
+
+def make_betas(num_steps: int, schedule: Literal["linear", "cosine"] = "cosine",
+               beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """Noise variances β_1..β_T.
+
+    ``linear``: evenly spaced from ``beta_start`` to ``beta_end`` (Ho et al. 2020; defined for T = 1000,
+    so both ends are scaled by ``1000 / T``). ``cosine``: ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2) with
+    s = 0.008, β clipped to 0.999 (Nichol & Dhariwal 2021).
+
+    Returns:
+        float64 ``(num_steps,)`` in (0, 1).
+
+    Raises:
+        ValueError: unknown schedule or ``num_steps < 1``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    if schedule == "linear":
+        scale = 1000.0 / num_steps
+        return torch.linspace(beta_start * scale, min(beta_end * scale, 0.999), num_steps, dtype=torch.float64)
+    if schedule == "cosine":
+        s = 0.008
+        t = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
+        alpha_bar = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
+        return torch.clamp(1 - alpha_bar[1:] / alpha_bar[:-1], max=0.999)
+    raise ValueError(f"beta schedule must be 'linear' or 'cosine', got {schedule!r}")
+
+
+class GaussianDiffusion:
+    """The DDPM forward process, its ε-prediction loss and a DDIM sampler.
+
+    Args:
+        num_steps: T, the number of diffusion steps; timesteps index ``0 .. T-1``.
+        schedule, beta_start, beta_end: see ``make_betas``.
+
+    Attributes:
+        betas: float64 ``(T,)``.
+        alphas_cumprod: float64 ``(T,)``, ᾱ_t = Π_{s≤t} (1 − β_s), decreasing from ≈1 to ≈0.
+    """
+
+    def __init__(self, num_steps: int = 1000, schedule: Literal["linear", "cosine"] = "cosine",
+                 beta_start: float = 1e-4, beta_end: float = 0.02) -> None:
+        self.num_steps = num_steps
+        self.betas = make_betas(num_steps, schedule, beta_start, beta_end)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+
+    def _alpha_bar(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """ᾱ at ``timesteps``, float32 shaped ``(batch, 1, 1)`` on ``like``'s device."""
+        values = self.alphas_cumprod[timesteps.cpu()].to(device=like.device, dtype=like.dtype)
+        return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def q_sample(self, x0: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t · x_0, (1 − ᾱ_t) · I) (Ho et al. 2020, eq. 4).
+
+        Args:
+            x0: float32 ``(batch, n_mels, frames)`` clean normalised log-mel.
+            timesteps: int64 ``(batch,)`` in ``[0, T)``.
+            noise: ε, same shape as ``x0``.
+
+        Returns:
+            float32 x_t, same shape as ``x0``.
+        """
+        alpha_bar = self._alpha_bar(timesteps, x0)
+        return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+    def per_example_loss(self, model: EpsModel, x0: torch.Tensor, texts: Sequence[str],
+                         generator: torch.Generator | None = None, cond_dropout: float = 0.0,
+                         timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """ε-prediction MSE per example, ``mean ‖ε − ε_θ(x_t, t, c)‖²`` (Ho et al. 2020, eq. 14, "L_simple").
+
+        Args:
+            model: the ε network.
+            x0: float32 ``(batch, n_mels, frames)`` clean normalised log-mel.
+            texts: ``batch`` conditioning texts.
+            generator: source of timesteps, noise and the dropout mask (on ``x0``'s device); None uses
+                the global RNG.
+            cond_dropout: probability of replacing a text by ``""`` (Ho & Salimans 2022).
+            timesteps: int64 ``(batch,)`` to use instead of uniform draws from ``[0, T)``.
+            noise: ε to use instead of a standard-normal draw.
+
+        Returns:
+            float32 ``(batch,)``: the MSE of each example, averaged over mel bins and frames.
+        """
+        batch = x0.shape[0]
+        if timesteps is None:
+            timesteps = torch.randint(0, self.num_steps, (batch,), generator=generator, device=x0.device)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        if cond_dropout > 0:
+            dropped = torch.rand(batch, generator=generator, device=x0.device) < cond_dropout
+            texts = ["" if drop else text for text, drop in zip(texts, dropped.tolist(), strict=True)]
+        predicted = model(self.q_sample(x0, timesteps, noise), timesteps, texts)
+        return ((predicted - noise) ** 2).mean(dim=tuple(range(1, x0.ndim)))
+
+    def loss(self, model: EpsModel, x0: torch.Tensor, texts: Sequence[str],
+             generator: torch.Generator | None = None, cond_dropout: float = 0.0) -> torch.Tensor:
+        """Batch-mean of ``per_example_loss``: a float32 scalar to back-propagate."""
+        return self.per_example_loss(model, x0, texts, generator=generator, cond_dropout=cond_dropout).mean()
+
+    def ddim_timesteps(self, num_steps: int) -> list[int]:
+        """The DDIM sub-sequence τ: ``num_steps`` evenly spaced steps of ``[0, T)``, descending, ending at 0.
+
+        Raises:
+            ValueError: ``num_steps`` outside ``[1, T]``.
+        """
+        if not 1 <= num_steps <= self.num_steps:
+            raise ValueError(f"num_steps must be in [1, {self.num_steps}] (the diffusion steps), got {num_steps}")
+        return sorted({int(t) for t in np.linspace(0, self.num_steps - 1, num_steps).round()}, reverse=True)
+
+    @torch.no_grad()
+    def ddim_sample(self, model: EpsModel, shape: tuple[int, int, int], texts: Sequence[str],
+                    generator: torch.Generator, num_steps: int = 50, guidance_scale: float = 1.0,
+                    eta: float = 0.0, x0_clip: float | None = None,
+                    device: torch.device | str = "cpu") -> torch.Tensor:
+        """Sample clean normalised log-mels with DDIM (Song et al. 2021, eq. 12) and classifier-free guidance.
+
+        Each step predicts ε (guided: ``ε_∅ + s · (ε_c − ε_∅)``, one batched forward pass for both), the
+        clean sample ``x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t`` (optionally clipped to ``±x0_clip``, as Ho et
+        al. 2020 clip to the data range), and steps to
+        ``x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε + σ z`` with
+        ``σ = eta · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)``; ᾱ_prev = 1 after the last step.
+
+        Args:
+            model: the ε network (put it in eval mode first).
+            shape: ``(batch, n_mels, frames)``.
+            texts: ``batch`` prompts; ``""`` samples unconditionally.
+            generator: a CPU ``torch.Generator``; the initial noise and every σ z come from it, so the
+                result is a function of its seed (on a given device and torch build).
+            num_steps: DDIM steps, in ``[1, T]``.
+            guidance_scale: s; 1 is plain conditional sampling, 0 unconditional; must be finite, >= 0.
+            eta: 0 for deterministic DDIM, 1 for DDPM-like ancestral noise.
+            x0_clip: clip x̂_0 to ``[-x0_clip, x0_clip]`` (normalised units); None does not clip.
+            device: where the model runs.
+
+        Returns:
+            float32 ``(batch, n_mels, frames)`` on ``device``.
+
+        Raises:
+            ValueError: bad ``num_steps``, ``guidance_scale``, ``eta``, or ``len(texts) != batch``.
+        """
+        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+            raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {eta}")
+        if len(texts) != shape[0]:
+            raise ValueError(f"{len(texts)} texts for a batch of {shape[0]}")
+        steps = self.ddim_timesteps(num_steps)
+        x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        guided = guidance_scale != 1.0
+        for index, t in enumerate(steps):
+            t_batch = torch.full((shape[0],), t, dtype=torch.int64, device=device)
+            if guided:
+                eps_both = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), [*texts, *([""] * shape[0])])
+                eps_cond, eps_null = eps_both.chunk(2)
+                eps = eps_null + guidance_scale * (eps_cond - eps_null)
+            else:
+                eps = model(x, t_batch, texts)
+            alpha_bar = float(self.alphas_cumprod[t])
+            alpha_bar_prev = float(self.alphas_cumprod[steps[index + 1]]) if index + 1 < len(steps) else 1.0
+            x0 = (x - math.sqrt(1 - alpha_bar) * eps) / math.sqrt(alpha_bar)
+            if x0_clip is not None:
+                x0 = x0.clamp(-x0_clip, x0_clip)
+                eps = (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
+            sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+            x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+        return x

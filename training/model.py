@@ -1,0 +1,167 @@
+"""``MelUNet``: a 1-D U-Net over time that predicts the noise ε in a noisy log-mel spectrogram.
+
+The mel bins are the channels and time is the one spatial axis, so every convolution is temporal
+(``Conv1d``, kernel 3). The layout follows the DDPM U-Net (Ho et al. 2020) in one dimension: residual
+blocks (GroupNorm → SiLU → Conv), a sinusoidal timestep embedding (Vaswani et al. 2017) plus the text
+embedding (``training.text.TextEncoder``) applied in every block as a FiLM scale and shift (Perez et al.
+2018), a halving of the frame rate between levels and skip connections across. The model owns its text
+encoder so that one ``state_dict`` holds everything the sampler needs and DDP sees one module.
+
+Saved models carry their constructor arguments (``model_kwargs``), demucs style:
+``MelUNet(**checkpoint["model_kwargs"])``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.text import TextEncoder
+
+
+class MelUNet(nn.Module):
+    """ε-prediction network over log-mel spectrograms of any frame count.
+
+    Args:
+        n_mels: mel bins of the input (its channels).
+        base_channels: channels of the first level; a multiple of 8 (GroupNorm groups).
+        channel_mults: channel multiplier per level; ``len(channel_mults) - 1`` halvings of the frame
+            rate, so inputs are padded internally to a multiple of ``2 ** (len(channel_mults) - 1)``.
+        text_dim: width of the text embedding.
+        text_buckets: hash buckets of the text encoder.
+    """
+
+    def __init__(self, n_mels: int, base_channels: int = 32, channel_mults: Sequence[int] = (1, 2, 2),
+                 text_dim: int = 64, text_buckets: int = 2048) -> None:
+        super().__init__()
+        self.model_kwargs: dict[str, Any] = {
+            "n_mels": n_mels, "base_channels": base_channels, "channel_mults": list(channel_mults),
+            "text_dim": text_dim, "text_buckets": text_buckets,
+        }
+        cond_dim = 4 * base_channels
+        self.text_encoder = TextEncoder(text_buckets, text_dim)
+        self.time_mlp = nn.Sequential(nn.Linear(base_channels, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.text_proj = nn.Linear(text_dim, cond_dim)
+        self.in_conv = nn.Conv1d(n_mels, base_channels, kernel_size=3, padding=1)
+
+        widths = [base_channels * mult for mult in channel_mults]
+        self.down_blocks, self.downsamples = nn.ModuleList(), nn.ModuleList()
+        channels = base_channels
+        for level, width in enumerate(widths):
+            self.down_blocks.append(ResBlock(channels, width, cond_dim))
+            last = level == len(widths) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv1d(width, width, 3, stride=2, padding=1))
+            channels = width
+        self.mid_blocks = nn.ModuleList([ResBlock(channels, channels, cond_dim), ResBlock(channels, channels, cond_dim)])
+        self.up_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
+        for level in reversed(range(len(widths))):
+            self.up_blocks.append(ResBlock(channels + widths[level], widths[level], cond_dim))
+            self.upsamples.append(Upsample(widths[level]) if level > 0 else nn.Identity())
+            channels = widths[level]
+        self.out_norm = nn.GroupNorm(8, channels)
+        self.out_conv = nn.Conv1d(channels, n_mels, kernel_size=3, padding=1)
+        nn.init.zeros_(self.out_conv.weight)  # start as the ε = 0 predictor: loss 1 at step 0
+        nn.init.zeros_(self.out_conv.bias)
+
+    @property
+    def frame_multiple(self) -> int:
+        """Frame counts are padded internally to a multiple of this: ``2 ** (levels - 1)``."""
+        return 2 ** (len(self.down_blocks) - 1)
+
+    def forward(self, mel: torch.Tensor, timesteps: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+        """Predict the noise in ``mel``.
+
+        Args:
+            mel: float32 ``(batch, n_mels, frames)``, the noisy normalised log-mel ``x_t``; any ``frames``.
+            timesteps: int64 ``(batch,)`` diffusion steps in ``[0, T)`` (floats are accepted too).
+            texts: ``batch`` conditioning texts; ``""`` is the null condition.
+
+        Returns:
+            float32 ``(batch, n_mels, frames)``: predicted ε.
+
+        Raises:
+            ValueError: ``mel`` is not 3-D with ``n_mels`` channels, or the batch sizes disagree.
+        """
+        n_mels = self.model_kwargs["n_mels"]
+        if mel.ndim != 3 or mel.shape[1] != n_mels:
+            raise ValueError(f"mel must be (batch, {n_mels}, frames), got {tuple(mel.shape)}")
+        if timesteps.shape != (mel.shape[0],) or len(texts) != mel.shape[0]:
+            raise ValueError(f"batch sizes disagree: mel {mel.shape[0]}, timesteps {tuple(timesteps.shape)}, "
+                             f"texts {len(texts)}")
+        frames = mel.shape[-1]
+        padded = math.ceil(frames / self.frame_multiple) * self.frame_multiple
+        h = F.pad(mel, (0, padded - frames))
+
+        base_channels = self.model_kwargs["base_channels"]
+        cond = self.time_mlp(timestep_embedding(timesteps, base_channels)) + self.text_proj(self.text_encoder(texts))
+
+        h = self.in_conv(h)
+        skips = []
+        for block, downsample in zip(self.down_blocks, self.downsamples, strict=True):
+            h = block(h, cond)
+            skips.append(h)
+            h = downsample(h)
+        for block in self.mid_blocks:
+            h = block(h, cond)
+        for block, upsample in zip(self.up_blocks, self.upsamples, strict=True):
+            h = block(torch.cat([h, skips.pop()], dim=1), cond)
+            h = upsample(h)
+        h = self.out_conv(F.silu(self.out_norm(h)))
+        return h[..., :frames]
+
+
+class ResBlock(nn.Module):
+    """GroupNorm → SiLU → Conv1d(k=3), FiLM by the condition, GroupNorm → SiLU → Conv1d(k=3), plus skip.
+
+    Shapes: ``(batch, in_channels, frames)`` and cond ``(batch, cond_dim)`` → ``(batch, out_channels, frames)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(8, in_channels)
+        self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.film = nn.Linear(cond_dim, 2 * out_channels)
+        self.norm2 = nn.GroupNorm(8, out_channels)
+        self.conv2 = nn.Conv1d(out_channels, out_channels, kernel_size=3, padding=1)
+        self.skip = nn.Conv1d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+        nn.init.zeros_(self.conv2.weight)  # each block starts as its skip path
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.film(F.silu(cond))[..., None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(F.silu(h))
+        return self.skip(x) + h
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour ×2 in time, then Conv1d(k=3): ``(batch, c, frames)`` → ``(batch, c, 2 * frames)``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of diffusion steps (Vaswani et al. 2017, as used by Ho et al. 2020).
+
+    Args:
+        timesteps: ``(batch,)`` steps (int or float).
+        dim: even embedding width.
+
+    Returns:
+        float32 ``(batch, dim)``: ``[cos(t·f_k), sin(t·f_k)]`` with ``f_k = max_period^(-k / (dim/2))``.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)
+    args = timesteps.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
