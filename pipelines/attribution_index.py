@@ -30,6 +30,7 @@ from cleaning.embed import MEL_STATS, embed_clip, load_embedder
 from cleaning.measure import measure_pcm_sha256
 from provenance import records
 from provenance.attribution import (
+    COSINE_TEMPERATURE,
     TRACK_META_FIELDS,
     AttributionResult,
     Embedder,
@@ -186,13 +187,15 @@ class EmbeddingAttributor:
                    read_catalog_licenses(workspace))
 
     def attribute(self, audio: np.ndarray, sample_rate_hz: int, query_id: str, top_k: int = 10,
-                  temperature: float | None = None) -> AttributionResult:
+                  temperature: float | None = COSINE_TEMPERATURE) -> AttributionResult:
         """Rank training segments by cosine similarity to the query and share credit among the top k.
 
         The query is embedded like the segments were: ``embed_clip``, the mean of its window vectors
         (so a long query is summarised by its average timbre; a per-window max over the index would
         favour brief resemblances and is not done here). Shares follow
-        ``provenance.attribution.share_weights`` (default: proportional to ``max(cosine, 0)``).
+        ``provenance.attribution.share_weights``: by default a softmax of the cosines at
+        ``COSINE_TEMPERATURE`` (0.05), so a near-copy of one segment takes most of the credit; pass
+        ``temperature=None`` for shares proportional to ``max(cosine, 0)``.
 
         Args:
             audio: float32 ``(channels, samples)`` at ``sample_rate_hz``, any length > 0.

@@ -261,6 +261,9 @@ def _build_track(piece: DemoPiece, out_dir: Path, max_duration_s: float, sample_
     if len(score_parts) != len(piece.parts):
         raise ValueError(f"{piece.corpus_path} has {len(score_parts)} parts but DEMO_PIECES names "
                          f"{len(piece.parts)}: fix its parts")
+    instruments = [pretty_midi.program_to_instrument_name(part.program) for part in piece.parts]
+    if len(set(instruments)) != len(instruments):
+        raise ValueError(f"{piece.track_id}: two parts share a GM program; (track, role, instrument) must be unique")
     samples_per_quarter = 60.0 / piece.bpm * sample_rate_hz
     max_samples = int(round(max_duration_s * sample_rate_hz))
     notes = [_part_notes(p, samples_per_quarter, max_samples) for p in score_parts]
@@ -277,9 +280,6 @@ def _build_track(piece: DemoPiece, out_dir: Path, max_duration_s: float, sample_
     quantised = _normalise_to_pcm16(stems, piece)
 
     bass_index = min(range(len(notes)), key=lambda i: (np.mean([key for _, _, key in notes[i]]), -i))
-    instruments = [pretty_midi.program_to_instrument_name(part.program) for part in piece.parts]
-    if len(set(instruments)) != len(instruments):
-        raise ValueError(f"{piece.track_id}: two parts share a GM program; (track, role, instrument) must be unique")
     file_rows = []
     for index, part in enumerate(piece.parts):
         rel_path = f"audio/{piece.track_id}/{part.name}.flac"
@@ -484,13 +484,15 @@ def _readme_text(pieces: Sequence[DemoPiece], max_duration_s: float, sample_rate
     composers = ", ".join(dict.fromkeys(p.composer for p in pieces))
     non_commercial = [p.track_id for p in pieces if p.license_id == NON_COMMERCIAL_LICENSE_ID]
     if non_commercial:
-        policy = (f"- **Rights-policy demo**: the rendering of `{'`, `'.join(non_commercial)}` is licensed under "
-                  f"`{NON_COMMERCIAL_LICENSE_ID}` only\n  (Creative Commons Attribution-NonCommercial 4.0, "
-                  "`commercial_use` false), so a commercial run rejects it and a non-commercial run admits it.\n"
-                  "  This licence is a fiction of the demo, stated in the track's description.\n")
+        policy = ("- **Rights-policy demo**: the rendering of\n"
+                  f"  `{'`, `'.join(non_commercial)}` is licensed under `{NON_COMMERCIAL_LICENSE_ID}` only\n"
+                  "  (Creative Commons Attribution-NonCommercial 4.0, `commercial_use` false), so a commercial run\n"
+                  "  rejects it and a non-commercial run admits it. This licence is a fiction of the demo, stated\n"
+                  "  in the track's description.\n")
     else:
-        policy = (f"- **Rights-policy demo**: `{NON_COMMERCIAL_LICENSE_ID}` (non-commercial) is listed in "
-                  "`licenses.csv`, but no track of this build uses it\n  (build two tracks or more).\n")
+        policy = ("- **Rights-policy demo**: the non-commercial licence\n"
+                  f"  `{NON_COMMERCIAL_LICENSE_ID}` is listed in `licenses.csv`, but no track of this build uses\n"
+                  "  it (build two tracks or more).\n")
     return f"""# linernotes demo delivery
 
 A small catalog delivery rendered offline by `pipelines/demo_delivery.py`, in the form that DESIGN.md
@@ -507,8 +509,9 @@ every stem, at or below -1 dBFS.
 
 ## Sources and licences
 
-- **Compositions**: {composers}; all in the public domain (`{PUBLIC_DOMAIN_LICENSE_ID}`: Public Domain
-  Mark 1.0, AI training and commercial use allowed). The digital scores are the encodings bundled with
+- **Compositions**: {composers}.
+  All in the public domain (`{PUBLIC_DOMAIN_LICENSE_ID}`: Public Domain Mark 1.0, AI training and
+  commercial use allowed). The digital scores are the encodings bundled with
   music21's corpus (music21 is BSD-3-Clause; see the music21 corpus documentation for each encoding's source).
   Titles and composers come from the score metadata where it has them, else from the list in
   `pipelines/demo_delivery.py`; `key` is music21's key analysis; `bpm` is the tempo of the rendering in quarter

@@ -1,6 +1,6 @@
 """The training stage's config: one frozen, typed object, saved inside every checkpoint.
 
-Defaults are a CPU demo (200 steps of batch 8 over 128-frame crops, a ~0.4 M-parameter U-Net) that
+Defaults are a CPU demo (200 steps of batch 8 over 128-frame crops, a ~0.5 M-parameter U-Net) that
 trains in well under three minutes on two cores; a GPU run raises ``steps``, ``batch_size``,
 ``base_channels`` and ``num_workers``.
 """

@@ -1,0 +1,590 @@
+"""The ``shard`` stage: curated catalog → WebDataset tars, a Parquet shard index and ``dataset.json``.
+
+Three parts, in the order they run:
+
+1. **Plan** (pure, on the driver): each track's mixture is cut into whole segments of
+   ``segment_samples = round(segment_s * sample_rate_hz)`` samples at the dataset rate, starting at 0;
+   the track's length at the dataset rate is ``floor(num_samples * sample_rate_hz / source_rate_hz)``
+   (whole samples, integer arithmetic; the resampler returns at least that many). A track goes to
+   ``validation`` or ``train`` by a hash of its id, so no recording straddles splits. Within a split,
+   segments sorted by ``segment_id`` are chunked into ``{split}-{000000}.tar`` shards of
+   ``samples_per_shard``. Tracks that cannot be sharded become Rejections with a reason.
+2. **Encode** (Ray Data, one row per track): decode the mixture, downmix to mono, resample, cut the
+   planned segments and encode each sample's members: ``KEY.flac`` (PCM_16 mono at the dataset rate),
+   ``KEY.mel.npy`` (float16 log-mel ``(n_mels, segment_samples // hop_length + 1)``) and ``KEY.json``.
+3. **Commit** (on the driver): members are collected by shard and each tar is written with members
+   sorted by name and fixed headers (GNU format, ``mtime=0``, uid/gid 0, no owner names, mode 0o444),
+   so the bytes do not depend on Ray's ordering. Everything goes into a temporary folder under
+   ``datasets/``, ``index.parquet`` last, and the folder is renamed to ``datasets/<dataset_id>``.
+
+``dataset_id = "ds-" + sha256(canonical JSON of {"index": index rows, "shard_sha256": {tar: sha256}})[:16]``:
+the index rows pin every segment and its flac bytes, the tar digests pin the mel and json members too
+(a changed rights holder or mel setting must not reuse an older dataset). A re-run whose plan (config,
+track metadata and decoded-PCM sha256 of every mixture) matches a committed dataset does no new work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from cleaning.audio import encode_flac, read_audio, resample, to_mono
+from cleaning.mel import MelConfig, log_mel
+from provenance import records
+from provenance.records import RejectionReason, Split
+from provenance.store import LineageStore
+from provenance.workspace import Workspace
+
+STAGE = "shard"
+SHARD_FORMAT_VERSION = "1"  # bump when member encoding or tar layout changes: it enters the plan hash
+
+Progress = Callable[[str, int, int], None]
+
+
+class ShardConfig(BaseModel):
+    """Config of the shard stage. Frozen; unknown keys are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    segment_s: float = 10.0
+    sample_rate_hz: int = 32000
+    n_mels: int = 64
+    n_fft: int = 1024
+    hop_length: int = 320
+    validation_fraction: float = 0.1
+    samples_per_shard: int = 64
+    max_segments_per_track: int | None = None  # None = every whole segment
+
+    @model_validator(mode="after")
+    def _check(self) -> "ShardConfig":
+        positive = {"segment_s": self.segment_s, "sample_rate_hz": self.sample_rate_hz, "n_mels": self.n_mels,
+                    "n_fft": self.n_fft, "hop_length": self.hop_length, "samples_per_shard": self.samples_per_shard}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"shard.{name} must be > 0, got {value}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise ValueError(f"shard.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.hop_length >= self.n_fft:
+            raise ValueError(f"shard.hop_length ({self.hop_length}) must be < shard.n_fft ({self.n_fft})")
+        if self.max_segments_per_track is not None and self.max_segments_per_track < 1:
+            raise ValueError(f"shard.max_segments_per_track must be ≥ 1 or null, got {self.max_segments_per_track}")
+        if self.segment_samples < self.n_fft:
+            raise ValueError(f"shard.segment_s={self.segment_s} gives {self.segment_samples} samples, fewer than "
+                             f"shard.n_fft={self.n_fft}: raise segment_s")
+        return self
+
+    @property
+    def segment_samples(self) -> int:
+        """Samples per segment at the dataset rate: ``round(segment_s * sample_rate_hz)``."""
+        return round(self.segment_s * self.sample_rate_hz)
+
+    def mel_config(self) -> MelConfig:
+        return MelConfig(sample_rate_hz=self.sample_rate_hz, n_fft=self.n_fft, hop_length=self.hop_length,
+                         n_mels=self.n_mels)
+
+    def resolved(self) -> dict[str, Any]:
+        """The config as written next to outputs: every field plus the full ``mel`` config."""
+        return {**self.model_dump(), "mel": self.mel_config().to_dict()}
+
+    def sha256(self) -> str:
+        return records.sha256_hex(records.canonical_json(self.resolved()))
+
+
+@dataclass
+class ShardResult:
+    """What a shard run produced. ``num_tracks_in == num_tracks + len(rejections)``."""
+
+    run_id: str
+    dataset_id: str
+    dataset_dir: Path
+    num_tracks_in: int
+    num_tracks: int  # tracks with at least one segment in the dataset
+    num_segments: int
+    counts: dict[str, int]  # segments by split
+    num_shards: int
+    rejections: list[dict[str, Any]] = field(default_factory=list)
+    reused: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "dataset_dir": str(self.dataset_dir)}
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """The pure plan: per-track work (JSON-ready dicts), the shard of every segment, and rejections.
+
+    ``work`` items hold ``track_id``, ``uri``, ``source_rate_hz``, ``source_num_samples``, ``num_channels``,
+    ``pcm_sha256``, ``meta`` (the track fields the json member carries) and ``segments`` (dicts with
+    ``segment_id``, ``start_sample``, ``split``, ``shard``, ``key``).
+    """
+
+    work: list[dict[str, Any]]
+    shard_sizes: dict[str, int]  # shard name → planned samples
+    rejections: list[dict[str, Any]]
+    num_tracks_in: int
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------
+def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | None = None) -> ShardResult:
+    """Shard the workspace's curated catalog into a content-addressed WebDataset dataset.
+
+    Args:
+        workspace: reads ``catalog/{tracks,audio_files,licenses}.parquet``; writes ``datasets/<dataset_id>/``
+            and ``runs/<run_id>/``; registers the run and the dataset in the lineage store.
+        config: the stage config.
+        progress: called as ``progress(phase, done, total)`` with phase ``"segments"`` or ``"shards"``.
+
+    Raises:
+        FileNotFoundError: a catalog table is missing (run ``linernotes ingest DELIVERY`` first).
+        ShardInputError (inside Ray's error): a mixture no longer matches its catalog row (decode failure,
+            other length or rate): the catalog is stale, re-run ingest.
+    """
+    tracks, audio_files, license_ids = read_catalog(workspace)
+    workspace.ensure()
+    missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
+    plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris)
+    plan_sha256 = _plan_sha256(plan, config)
+
+    store = LineageStore(workspace.store_url)
+    run_id = store.start_run(STAGE, {**config.resolved(), "config_sha256": config.sha256()})
+    run_dir = workspace.run_dir(run_id)
+    _write_json(run_dir / "config.json", {"stage": STAGE, "config": config.resolved(),
+                                          "config_sha256": config.sha256()})
+    rejections = [{**r, "run_id": run_id} for r in plan.rejections]
+    try:
+        dataset_dir = _find_dataset(workspace, plan_sha256)
+        reused = dataset_dir is not None
+        if dataset_dir is None:
+            dataset_dir, reused = _build_dataset(workspace, plan, plan_sha256, config, run_id, progress)
+        result = _result(run_id, dataset_dir, plan, rejections, reused)
+        manifest = json.loads((dataset_dir / "dataset.json").read_text())
+        store.add_dataset({"dataset_id": result.dataset_id, "run_id": run_id, "config_sha256": config.sha256(),
+                           "uri": str(dataset_dir), "num_tracks": result.num_tracks,
+                           "num_segments": result.num_segments,
+                           "num_train_segments": result.counts.get(Split.TRAIN.value, 0),
+                           "num_validation_segments": result.counts.get(Split.VALIDATION.value, 0),
+                           "num_shards": result.num_shards}, manifest["tracks"])
+        rejections_path = records.write_table(records.to_table(rejections, records.REJECTION),
+                                              run_dir / "rejections.parquet")
+        counts = _run_counts(result)
+        _write_json(run_dir / "summary.json", {**result.to_json(), "run_counts": counts})
+        store.finish_run(run_id, counts, {"dataset": str(dataset_dir), "rejections": str(rejections_path),
+                                          "summary": str(run_dir / "summary.json")})
+        return result
+    except BaseException as err:
+        store.finish_run(run_id, {}, status="failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        store.close()
+
+
+def read_catalog(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
+    """The catalog tables as rows: (tracks, audio files, licence ids).
+
+    Raises:
+        FileNotFoundError: naming each missing table and the command that writes it.
+    """
+    paths = {name: workspace.catalog_table(name) for name in ("tracks", "audio_files", "licenses")}
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise FileNotFoundError(f"the curated catalog is incomplete, missing {', '.join(missing)}: "
+                                f"run `linernotes ingest DELIVERY` first")
+    tracks = records.read_table(paths["tracks"], records.TRACK).to_pylist()
+    audio_files = records.read_table(paths["audio_files"], records.AUDIO_FILE).to_pylist()
+    licenses = records.read_table(paths["licenses"], records.LICENSE)
+    return tracks, audio_files, set(licenses.column("license_id").to_pylist())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan (pure)
+# ---------------------------------------------------------------------------------------------------
+def split_for_track(track_id: str, validation_fraction: float) -> Split:
+    """``validation`` when ``int(sha256("split:" + track_id), 16) / 2**256 < validation_fraction``."""
+    position = int(hashlib.sha256(f"split:{track_id}".encode()).hexdigest(), 16) / 2**256
+    return Split.VALIDATION if position < validation_fraction else Split.TRAIN
+
+
+def num_target_samples(num_source_samples: int, source_rate_hz: int, target_rate_hz: int) -> int:
+    """Whole samples of a ``num_source_samples`` signal at ``target_rate_hz``: ``floor(n * target / source)``."""
+    return int(num_source_samples) * int(target_rate_hz) // int(source_rate_hz)
+
+
+def segment_starts(num_source_samples: int, source_rate_hz: int, config: ShardConfig) -> list[int]:
+    """Start samples (at the dataset rate) of the whole segments of a track: ``0, S, 2S, ...``.
+
+    At most ``config.max_segments_per_track``; empty when the track is shorter than one segment.
+    """
+    length = num_target_samples(num_source_samples, source_rate_hz, config.sample_rate_hz)
+    count = length // config.segment_samples
+    if config.max_segments_per_track is not None:
+        count = min(count, config.max_segments_per_track)
+    return [i * config.segment_samples for i in range(count)]
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def plan_shards(tracks: Sequence[Mapping[str, Any]], audio_files: Sequence[Mapping[str, Any]],
+                license_ids: set[str], config: ShardConfig, missing_uris: set[str] = frozenset()) -> ShardPlan:
+    """Plan segments and shards for every track; each track is planned or rejected, never dropped.
+
+    Args:
+        tracks: Track rows (the stage's input records).
+        audio_files: AudioFile rows; only ``role == "mixture"`` rows are used.
+        license_ids: ids in the licence table; a track whose licence is not there is rejected.
+        config: the stage config.
+        missing_uris: mixture URIs known not to exist (checked by the caller, so this stays pure).
+    """
+    mixtures: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
+    for row in audio_files:
+        if row["role"] == records.Role.MIXTURE.value:
+            mixtures[row["track_id"]].append(row)
+
+    rejections: list[dict[str, Any]] = []
+    work: list[dict[str, Any]] = []
+    segments: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for track in sorted(tracks, key=lambda t: t["track_id"]):
+        track_id = track["track_id"]
+        if track_id in seen:
+            rejections.append(records.rejection("track", track_id, STAGE, RejectionReason.DUPLICATE_ID,
+                                                "track_id appears more than once in tracks.parquet"))
+            continue
+        seen.add(track_id)
+        reason, detail, starts = _check_track(track, mixtures.get(track_id, []), license_ids, config, missing_uris)
+        if reason is not None:
+            rejections.append(records.rejection("track", track_id, STAGE, reason, detail))
+            continue
+        mixture = mixtures[track_id][0]
+        split = split_for_track(track_id, config.validation_fraction).value
+        track_segments = [{"segment_id": records.segment_id(track_id, start), "start_sample": start,
+                           "split": split} for start in starts]
+        segments.extend(track_segments)
+        work.append({
+            "track_id": track_id, "uri": mixture["uri"], "source_rate_hz": int(mixture["sample_rate_hz"]),
+            "source_num_samples": int(mixture["num_samples"]), "num_channels": int(mixture["num_channels"] or 0),
+            "pcm_sha256": mixture.get("sha256") or "", "meta": _track_meta(track), "segments": track_segments,
+        })
+
+    shard_sizes: dict[str, int] = {}
+    for split in (Split.TRAIN.value, Split.VALIDATION.value):
+        in_split = sorted((s for s in segments if s["split"] == split), key=lambda s: s["segment_id"])
+        for position, segment in enumerate(in_split):
+            segment["shard"] = shard_name(split, position // config.samples_per_shard)
+            segment["key"] = records.sample_key(segment["segment_id"])
+            shard_sizes[segment["shard"]] = shard_sizes.get(segment["shard"], 0) + 1
+    # Tracks in the order their first segment is written, so shards complete one after another.
+    work.sort(key=lambda w: min((s["shard"], s["segment_id"]) for s in w["segments"]))
+    return ShardPlan(work=work, shard_sizes=shard_sizes, rejections=rejections, num_tracks_in=len(tracks))
+
+
+def _check_track(track: Mapping[str, Any], mixtures: list[Mapping[str, Any]], license_ids: set[str],
+                 config: ShardConfig, missing_uris: set[str]) -> tuple[RejectionReason | None, str, list[int]]:
+    if track.get("license_id") not in license_ids:
+        return RejectionReason.UNKNOWN_LICENSE, f"license_id {track.get('license_id')!r} is not in the catalog", []
+    if not mixtures:
+        return RejectionReason.NO_AUDIO, "no audio file with role 'mixture'", []
+    if len(mixtures) > 1:
+        return RejectionReason.DUPLICATE_FILE, f"{len(mixtures)} audio files with role 'mixture'", []
+    mixture = mixtures[0]
+    rate, count = mixture.get("sample_rate_hz"), mixture.get("num_samples")
+    if not mixture.get("uri") or not rate or rate <= 0 or count is None or count < 0:
+        return (RejectionReason.INVALID_FIELD,
+                f"mixture row has uri={mixture.get('uri')!r} sample_rate_hz={rate} num_samples={count}", [])
+    if mixture["uri"] in missing_uris:
+        return RejectionReason.MISSING_FILE, f"mixture {mixture['uri']} does not exist", []
+    starts = segment_starts(count, rate, config)
+    if not starts:
+        length = num_target_samples(count, rate, config.sample_rate_hz)
+        return (RejectionReason.SHORTER_THAN_SEGMENT,
+                f"duration {count / rate:.3f} s ({length} samples at {config.sample_rate_hz} Hz) is shorter than "
+                f"one segment of {config.segment_s} s ({config.segment_samples} samples)", [])
+    return None, "", starts
+
+
+def _track_meta(track: Mapping[str, Any]) -> dict[str, Any]:
+    return {"license_id": track.get("license_id"), "rights_holder": track.get("rights_holder"),
+            "title": track.get("title"), "artist": track.get("artist"), "tags": list(track.get("tags") or []),
+            "text": records.conditioning_text(track)}
+
+
+def _plan_sha256(plan: ShardPlan, config: ShardConfig) -> str:
+    """Hash of everything the dataset's bytes depend on; the PCM sha256 stands for the audio (or the
+    file's size and mtime when the catalog has no sha256)."""
+    audio = []
+    for item in plan.work:
+        if item["pcm_sha256"]:
+            audio.append(item["pcm_sha256"])
+        else:
+            stat = os.stat(item["uri"])
+            audio.append(f"{item['uri']}:{stat.st_size}:{stat.st_mtime_ns}")
+    work = [{k: v for k, v in item.items() if k not in ("uri", "pcm_sha256")} for item in plan.work]
+    return records.sha256_hex(records.canonical_json(
+        {"format": SHARD_FORMAT_VERSION, "config": config.resolved(), "work": work, "audio": audio}))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encode (one track → its samples); runs inside Ray workers
+# ---------------------------------------------------------------------------------------------------
+class ShardInputError(RuntimeError):
+    """A mixture does not match its catalog row (decode failure, other rate, length or channel count)."""
+
+
+def encode_track(item: Mapping[str, Any], config: ShardConfig) -> list[dict[str, Any]]:
+    """Decode, downmix, resample and cut one track; encode each planned segment's members.
+
+    Returns:
+        one dict per segment: ``shard``, ``key``, ``segment_id``, ``flac``, ``mel_npy``, ``json`` (bytes).
+
+    Raises:
+        ShardInputError: the file cannot be decoded or no longer matches the catalog.
+    """
+    try:
+        audio, rate = read_audio(item["uri"])
+    except (FileNotFoundError, ValueError) as err:
+        raise ShardInputError(f"track {item['track_id']}: {err}; re-run `linernotes ingest`") from err
+    expected = (item["source_rate_hz"], item["source_num_samples"])
+    if (rate, audio.shape[1]) != expected or (item["num_channels"] and audio.shape[0] != item["num_channels"]):
+        raise ShardInputError(
+            f"track {item['track_id']}: {item['uri']} has {audio.shape[0]} channels, {audio.shape[1]} samples at "
+            f"{rate} Hz, the catalog says {item['num_channels']}, {expected[1]} at {expected[0]} Hz: the catalog "
+            f"is stale, re-run `linernotes ingest`")
+    mono = resample(to_mono(audio), rate, config.sample_rate_hz)
+    length = num_target_samples(audio.shape[1], rate, config.sample_rate_hz)
+    if mono.shape[1] < length:
+        raise RuntimeError(f"resampler returned {mono.shape[1]} samples, fewer than floor(n·to/from)={length}")
+    mel_config, segment_samples = config.mel_config(), config.segment_samples
+    out = []
+    for segment in item["segments"]:
+        start = segment["start_sample"]
+        clip = mono[:, start:start + segment_samples]
+        buffer = io.BytesIO()
+        np.save(buffer, log_mel(clip, mel_config).astype(np.float16), allow_pickle=False)
+        out.append({
+            "shard": segment["shard"], "key": segment["key"], "segment_id": segment["segment_id"],
+            "flac": encode_flac(clip, config.sample_rate_hz, subtype="PCM_16"),
+            "mel_npy": buffer.getvalue(),
+            "json": _sample_json(item, segment, config).encode("utf-8"),
+        })
+    return out
+
+
+def _sample_json(item: Mapping[str, Any], segment: Mapping[str, Any], config: ShardConfig) -> str:
+    sample_rate_hz, segment_samples = config.sample_rate_hz, config.segment_samples
+    return records.canonical_json({
+        "segment_id": segment["segment_id"], "track_id": item["track_id"], "start_sample": segment["start_sample"],
+        "num_samples": segment_samples, "start_s": segment["start_sample"] / sample_rate_hz,
+        "duration_s": segment_samples / sample_rate_hz, "sample_rate_hz": sample_rate_hz, "split": segment["split"],
+        **item["meta"],
+    })
+
+
+def _encode_row(row: dict[str, Any], config: dict[str, Any]) -> list[dict[str, Any]]:
+    """Ray Data UDF: one ``{"work": json}`` row → the track's sample rows."""
+    return encode_track(json.loads(row["work"]), ShardConfig(**config))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Commit (driver)
+# ---------------------------------------------------------------------------------------------------
+def write_shard(path: Path, samples: Sequence[Mapping[str, Any]]) -> str:
+    """Write a WebDataset tar deterministically; returns its sha256.
+
+    Members (``KEY.flac``, ``KEY.json``, ``KEY.mel.npy`` of each sample) are sorted by name; headers are
+    GNU format (long names), ``mtime=0``, uid/gid 0, empty owner names, mode 0o444.
+    """
+    members = {}
+    for sample in samples:
+        for extension, column in (("flac", "flac"), ("json", "json"), ("mel.npy", "mel_npy")):
+            members[f"{sample['key']}.{extension}"] = bytes(sample[column])
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name in sorted(members):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(members[name]), 0, 0o444
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            tar.addfile(info, io.BytesIO(members[name]))
+    data = buffer.getvalue()
+    path.write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _build_dataset(workspace: Workspace, plan: ShardPlan, plan_sha256: str, config: ShardConfig, run_id: str,
+                   progress: Progress | None) -> tuple[Path, bool]:
+    """Encode with Ray Data, write tars, manifest and index into a temporary folder, then rename it."""
+    tmp_dir = workspace.datasets_dir / f".tmp-{run_id}"
+    tmp_dir.mkdir(parents=True)
+    try:
+        planned = {s["segment_id"]: (item, s) for item in plan.work for s in item["segments"]}
+        index_rows, shard_sha256 = [], {}
+        pending: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        total = len(planned)
+        for done, sample in enumerate(_encode_with_ray(plan.work, config), start=1):
+            pending[sample["shard"]].append(sample)
+            if progress:
+                progress("segments", done, total)
+            shard = sample["shard"]
+            if len(pending[shard]) == plan.shard_sizes[shard]:
+                samples = pending.pop(shard)
+                shard_sha256[shard] = write_shard(tmp_dir / shard, samples)
+                index_rows.extend(_index_row(planned[s["segment_id"]], s, config) for s in samples)
+                if progress:
+                    progress("shards", len(shard_sha256), len(plan.shard_sizes))
+        if pending or len(index_rows) != total:
+            raise RuntimeError(f"Ray returned {len(index_rows)} of {total} planned segments; "
+                               f"incomplete shards: {sorted(pending)}")
+
+        index_rows.sort(key=lambda r: (r["split"], r["shard"], r["key"]))
+        dataset_id = "ds-" + records.sha256_hex(records.canonical_json(
+            {"index": index_rows, "shard_sha256": dict(sorted(shard_sha256.items()))}))[:16]
+        _write_json(tmp_dir / "dataset.json", _manifest(dataset_id, plan, plan_sha256, config, index_rows,
+                                                        shard_sha256))
+        records.write_table(records.to_table(index_rows, records.SHARD_ENTRY), tmp_dir / "index.parquet")
+
+        final_dir = workspace.dataset_dir(dataset_id)
+        if final_dir.exists():
+            shutil.rmtree(tmp_dir)
+            return final_dir, True
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError:
+            if not (final_dir / "index.parquet").is_file():
+                raise
+            shutil.rmtree(tmp_dir)  # a concurrent run committed the same dataset first
+            return final_dir, True
+        return final_dir, False
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def _encode_with_ray(work: list[dict[str, Any]], config: ShardConfig) -> Iterator[dict[str, Any]]:
+    """Sample rows from Ray Data, in plan order (``preserve_order``) so shards complete one by one."""
+    import ray
+    import ray.data
+
+    from pipelines.ray_runtime import ensure_ray
+
+    if not work:
+        return
+    if not ray.is_initialized():
+        ensure_ray()
+    with _quiet_ray_data():
+        items = [{"work": records.canonical_json(item)} for item in work]
+        ds = ray.data.from_items(items, override_num_blocks=min(len(items), 512))
+        ds = ds.flat_map(_encode_row, fn_kwargs={"config": config.model_dump()})
+        for row in ds.iter_rows():
+            yield dict(row)
+
+
+@contextmanager
+def _quiet_ray_data() -> Iterator[None]:
+    """No Ray Data progress bars or progress logs (the CLI shows its own); order preserved. Restored after."""
+    from ray.data import DataContext
+
+    context = DataContext.get_current()
+    saved = (context.enable_progress_bars, context.enable_operator_progress_bars,
+             context.execution_options.preserve_order)
+    logger = logging.getLogger("ray.data")
+    saved_level = logger.level
+    context.enable_progress_bars = context.enable_operator_progress_bars = False
+    context.execution_options.preserve_order = True
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        (context.enable_progress_bars, context.enable_operator_progress_bars,
+         context.execution_options.preserve_order) = saved
+        logger.setLevel(saved_level)
+
+
+def _index_row(planned: tuple[Mapping[str, Any], Mapping[str, Any]], sample: Mapping[str, Any],
+               config: ShardConfig) -> dict[str, Any]:
+    item, segment = planned
+    key = sample["key"]
+    return {
+        "segment_id": segment["segment_id"], "track_id": item["track_id"], "split": segment["split"],
+        "start_sample": segment["start_sample"], "num_samples": config.segment_samples,
+        "start_s": segment["start_sample"] / config.sample_rate_hz,
+        "duration_s": config.segment_samples / config.sample_rate_hz,
+        "shard": segment["shard"], "key": key, "members": [f"{key}.flac", f"{key}.json", f"{key}.mel.npy"],
+        "sha256": hashlib.sha256(bytes(sample["flac"])).hexdigest(),
+    }
+
+
+def _manifest(dataset_id: str, plan: ShardPlan, plan_sha256: str, config: ShardConfig,
+              index_rows: list[dict[str, Any]], shard_sha256: dict[str, str]) -> dict[str, Any]:
+    by_split = Counter(row["split"] for row in index_rows)
+    return {
+        "dataset_id": dataset_id,
+        "config": config.resolved(),
+        "config_sha256": config.sha256(),
+        "plan_sha256": plan_sha256,
+        "format_version": SHARD_FORMAT_VERSION,
+        "counts": {"tracks": len(plan.work), "segments": len(index_rows),
+                   **{split.value: by_split.get(split.value, 0) for split in Split},
+                   "shards": len(shard_sha256)},
+        "shards": {split.value: sorted(s for s in shard_sha256 if s.startswith(f"{split.value}-")) for split in Split},
+        "shard_sha256": dict(sorted(shard_sha256.items())),
+        "tracks": dict(sorted(Counter(row["track_id"] for row in index_rows).items())),
+    }
+
+
+def _find_dataset(workspace: Workspace, plan_sha256: str) -> Path | None:
+    """A committed dataset (index present, every tar present) built from the same plan, if any."""
+    if not workspace.datasets_dir.is_dir():
+        return None
+    for candidate in sorted(workspace.datasets_dir.glob("ds-*")):
+        manifest_path = candidate / "dataset.json"
+        if not (candidate / "index.parquet").is_file() or not manifest_path.is_file():
+            continue
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("plan_sha256") == plan_sha256 and all(
+                (candidate / name).is_file() for name in manifest.get("shard_sha256", {})):
+            return candidate
+    return None
+
+
+def _result(run_id: str, dataset_dir: Path, plan: ShardPlan, rejections: list[dict[str, Any]],
+            reused: bool) -> ShardResult:
+    manifest = json.loads((dataset_dir / "dataset.json").read_text())
+    counts = manifest["counts"]
+    return ShardResult(
+        run_id=run_id, dataset_id=manifest["dataset_id"], dataset_dir=dataset_dir,
+        num_tracks_in=plan.num_tracks_in, num_tracks=counts["tracks"], num_segments=counts["segments"],
+        counts={split.value: counts[split.value] for split in Split}, num_shards=counts["shards"],
+        rejections=rejections, reused=reused,
+    )
+
+
+def _run_counts(result: ShardResult) -> dict[str, Any]:
+    return {"tracks_in": result.num_tracks_in, "accepted": result.num_tracks,
+            "rejected": dict(sorted(Counter(r["reason"] for r in result.rejections).items())),
+            "segments": result.num_segments, "segments_by_split": result.counts, "shards": result.num_shards,
+            "reused": result.reused}
+
+
+def _write_json(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,74 @@
+import math
+
+import numpy as np
+import pytest
+
+from cleaning.audio import encode_flac, read_audio, resample, write_audio
+from cleaning.measure import (measure_audio, measure_clipped_fraction, measure_loudness_lufs, measure_pcm_sha256,
+                              measure_peak_dbfs, measure_silent_fraction)
+from tests.conftest import sine
+
+
+@pytest.mark.parametrize("amplitude_dbfs", [0.0, -6.0, -20.0])
+def test_sine_peak_and_loudness(amplitude_dbfs):
+    """A full-scale 1 kHz sine reads −3.01 LUFS mono (BS.1770: K-weighting is ≈ +0.69 dB at 1 kHz, offset
+    −0.691 dB), and its loudness follows its level dB for dB."""
+    amplitude = 10 ** (amplitude_dbfs / 20)
+    audio = sine(1000.0, 5.0, 48000, amplitude=amplitude)
+    assert measure_peak_dbfs(audio) == pytest.approx(amplitude_dbfs, abs=0.01)
+    assert measure_loudness_lufs(audio, 48000) == pytest.approx(amplitude_dbfs - 3.01, abs=0.5)
+
+
+def test_stereo_sine_is_3_db_louder_than_mono():
+    mono = measure_loudness_lufs(sine(1000.0, 3.0, 44100, 0.25), 44100)
+    stereo = measure_loudness_lufs(sine(1000.0, 3.0, 44100, 0.25, num_channels=2), 44100)
+    assert stereo - mono == pytest.approx(3.01, abs=0.1)
+
+
+def test_silence_and_short_audio():
+    silence = np.zeros((1, 48000), np.float32)
+    assert measure_peak_dbfs(silence) == -math.inf
+    assert measure_loudness_lufs(silence, 48000) == -math.inf
+    assert measure_silent_fraction(silence, 48000) == 1.0
+    assert measure_loudness_lufs(sine(1000, 0.2, 48000), 48000) == -math.inf  # shorter than one 400 ms block
+
+
+def test_clipped_and_silent_fractions():
+    audio = sine(100.0, 2.0, 8000, amplitude=1.0)
+    audio[:, 8000:] = 0.0  # second half silent
+    assert measure_silent_fraction(audio, 8000) == pytest.approx(0.5, abs=0.05)
+    clipped = np.clip(sine(100.0, 1.0, 8000, amplitude=2.0), -1, 1)
+    assert measure_clipped_fraction(clipped) > 0.5
+    assert measure_clipped_fraction(sine(100.0, 1.0, 8000, amplitude=0.5)) == 0.0
+
+
+def test_pcm_hash_ignores_the_container_but_not_the_samples(tmp_path):
+    import soundfile as sf
+
+    pcm16 = np.round(sine(440.0, 1.0, 16000, 0.5)[0] * 32767).astype(np.int16)  # the same PCM in both files
+    wav, flac = tmp_path / "a.wav", tmp_path / "a.flac"
+    sf.write(wav, pcm16, 16000, subtype="PCM_16")
+    sf.write(flac, pcm16, 16000, subtype="PCM_16")
+    a, _ = read_audio(wav)
+    b, _ = read_audio(flac)
+    assert measure_pcm_sha256(a) == measure_pcm_sha256(b)
+    b[0, 100] += 1 / 32768
+    assert measure_pcm_sha256(a) != measure_pcm_sha256(b)
+
+
+def test_measure_audio_fields_and_flac_round_trip():
+    audio = sine(1000.0, 2.0, 32000, 0.5, num_channels=2)
+    m = measure_audio(audio, 32000)
+    assert (m["num_channels"], m["num_samples"], m["duration_s"]) == (2, 64000, 2.0)
+    import io
+    decoded, rate = read_audio(io.BytesIO(encode_flac(audio, 32000)))
+    assert rate == 32000 and decoded.shape == audio.shape
+    assert np.max(np.abs(decoded - audio)) < 1e-4
+
+
+def test_resample_keeps_frequency_and_length():
+    audio = sine(1000.0, 1.0, 44100)
+    out = resample(audio, 44100, 32000)
+    assert out.shape == (1, 32000)
+    spectrum = np.abs(np.fft.rfft(out[0]))
+    assert np.argmax(spectrum) == pytest.approx(1000, abs=1)  # 1 Hz bins for a 1 s signal
