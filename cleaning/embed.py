@@ -25,9 +25,9 @@ class MelStatsEmbedder:
     """Windowed log-mel statistics (a timbre/texture embedding; see the module docstring).
 
     Pipeline: mix to mono, resample to ``sample_rate_hz`` (``cleaning.audio.resample``), one log-mel
-    spectrogram of the whole clip (``cleaning.mel.log_mel``: ``n_fft`` = 32 ms, 10 ms hop, ``n_mels``
-    Slaney bands, natural log floored at 1e-5), cut into windows of ``window_s`` every ``hop_s``. Per
-    window, three ``n_mels``-long blocks:
+    spectrogram of the whole clip (as ``cleaning.mel.log_mel``: ``n_fft`` = 32 ms, 10 ms hop, ``n_mels``
+    Slaney bands, natural log floored at 1e-5; the transform is built once per embedder), cut into
+    windows of ``window_s`` every ``hop_s``. Per window, three ``n_mels``-long blocks:
 
     1. spectral shape: each band's mean log-mel minus the mean over all bands and frames (so a gain
        change, which adds a constant in the log domain, leaves it unchanged);

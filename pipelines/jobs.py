@@ -51,7 +51,7 @@ class AttributeJobResult:
 
     def to_json(self) -> dict[str, Any]:
         return {"stage": "attribute", "run_id": self.run_id, "query_id": self.query_id,
-                "dataset_id": self.dataset_id, **self.result.to_json()}
+                "dataset_id": self.dataset_id, **self.result.to_dict()}
 
 
 @dataclass

@@ -153,8 +153,8 @@ def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | No
 
     Raises:
         FileNotFoundError: a catalog table is missing (run ``linernotes ingest DELIVERY`` first).
-        ShardInputError (inside Ray's error): a mixture no longer matches its catalog row (decode failure,
-            other length or rate): the catalog is stale, re-run ingest.
+        ShardInputError: a mixture no longer decodes or matches its catalog row (rate, length, channels):
+            the catalog is stale, re-run ingest. Other worker failures arrive as Ray's ``RayError``.
     """
     tracks, audio_files, license_ids = read_catalog(workspace)
     workspace.ensure()
@@ -344,7 +344,7 @@ def _plan_sha256(plan: ShardPlan, config: ShardConfig) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Encode (one track → its samples); runs inside Ray workers
 # ---------------------------------------------------------------------------------------------------
-class ShardInputError(RuntimeError):
+class ShardInputError(ValueError):
     """A mixture does not match its catalog row (decode failure, other rate, length or channel count)."""
 
 
@@ -481,6 +481,7 @@ def _encode_with_ray(work: list[dict[str, Any]], config: ShardConfig) -> Iterato
     """Sample rows from Ray Data, in plan order (``preserve_order``) so shards complete one by one."""
     import ray
     import ray.data
+    import ray.exceptions
 
     from pipelines.ray_runtime import ensure_ray
 
@@ -492,8 +493,16 @@ def _encode_with_ray(work: list[dict[str, Any]], config: ShardConfig) -> Iterato
         items = [{"work": records.canonical_json(item)} for item in work]
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 512))
         ds = ds.flat_map(_encode_row, fn_kwargs={"config": config.model_dump()})
-        for row in ds.iter_rows():
-            yield dict(row)
+        try:
+            for row in ds.iter_rows():
+                yield dict(row)
+        except ray.exceptions.RayError as err:
+            # Ray passes the worker's exception as text only; give the caller the typed error back.
+            marker = f"{ShardInputError.__name__}: "
+            lines = [line for line in str(err).splitlines() if marker in line]
+            if not lines:
+                raise
+            raise ShardInputError(lines[-1].split(marker, 1)[1]) from err
 
 
 @contextmanager

@@ -100,7 +100,8 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         if self.warmup_steps > self.steps:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps})")
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be <= steps ({self.steps}): "
+                             "lower warmup_steps for a short run")
         if self.min_learning_rate > self.learning_rate:
             raise ValueError(f"min_learning_rate ({self.min_learning_rate}) must be <= learning_rate "
                              f"({self.learning_rate})")

@@ -143,7 +143,8 @@ class GaussianDiffusion:
         clean sample ``x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t`` (optionally clipped to ``±x0_clip``, as Ho et
         al. 2020 clip to the data range), and steps to
         ``x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε + σ z`` with
-        ``σ = eta · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)``; ᾱ_prev = 1 after the last step.
+        ``σ = eta · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)``; ᾱ_prev = 1 after the last
+        step.
 
         Args:
             model: the ε network (put it in eval mode first).

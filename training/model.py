@@ -4,8 +4,9 @@ The mel bins are the channels and time is the one spatial axis, so every convolu
 (``Conv1d``, kernel 3). The layout follows the DDPM U-Net (Ho et al. 2020) in one dimension: residual
 blocks (GroupNorm → SiLU → Conv), a sinusoidal timestep embedding (Vaswani et al. 2017) plus the text
 embedding (``training.text.TextEncoder``) applied in every block as a FiLM scale and shift (Perez et al.
-2018), a halving of the frame rate between levels and skip connections across. The model owns its text
-encoder so that one ``state_dict`` holds everything the sampler needs and DDP sees one module.
+2018), a halving of the frame rate between levels, skip connections across, and a long skip that hands
+the noisy input to the output layer. The model owns its text encoder so that one ``state_dict`` holds
+everything the sampler needs and DDP sees one module.
 
 Saved models carry their constructor arguments (``model_kwargs``), demucs style:
 ``MelUNet(**checkpoint["model_kwargs"])``.
@@ -57,14 +58,16 @@ class MelUNet(nn.Module):
             last = level == len(widths) - 1
             self.downsamples.append(nn.Identity() if last else nn.Conv1d(width, width, 3, stride=2, padding=1))
             channels = width
-        self.mid_blocks = nn.ModuleList([ResBlock(channels, channels, cond_dim), ResBlock(channels, channels, cond_dim)])
+        self.mid_blocks = nn.ModuleList([ResBlock(channels, channels, cond_dim) for _ in range(2)])
         self.up_blocks, self.upsamples = nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(len(widths))):
             self.up_blocks.append(ResBlock(channels + widths[level], widths[level], cond_dim))
             self.upsamples.append(Upsample(widths[level]) if level > 0 else nn.Identity())
             channels = widths[level]
         self.out_norm = nn.GroupNorm(8, channels)
-        self.out_conv = nn.Conv1d(channels, n_mels, kernel_size=3, padding=1)
+        # the output layer also sees the noisy input itself (a long skip): at high noise ε ≈ x_t, and the
+        # first level's base_channels may be narrower than n_mels
+        self.out_conv = nn.Conv1d(channels + n_mels, n_mels, kernel_size=3, padding=1)
         nn.init.zeros_(self.out_conv.weight)  # start as the ε = 0 predictor: loss 1 at step 0
         nn.init.zeros_(self.out_conv.bias)
 
@@ -95,12 +98,12 @@ class MelUNet(nn.Module):
                              f"texts {len(texts)}")
         frames = mel.shape[-1]
         padded = math.ceil(frames / self.frame_multiple) * self.frame_multiple
-        h = F.pad(mel, (0, padded - frames))
+        x = F.pad(mel, (0, padded - frames))
 
         base_channels = self.model_kwargs["base_channels"]
         cond = self.time_mlp(timestep_embedding(timesteps, base_channels)) + self.text_proj(self.text_encoder(texts))
 
-        h = self.in_conv(h)
+        h = self.in_conv(x)
         skips = []
         for block, downsample in zip(self.down_blocks, self.downsamples, strict=True):
             h = block(h, cond)
@@ -111,8 +114,7 @@ class MelUNet(nn.Module):
         for block, upsample in zip(self.up_blocks, self.upsamples, strict=True):
             h = block(torch.cat([h, skips.pop()], dim=1), cond)
             h = upsample(h)
-        h = self.out_conv(F.silu(self.out_norm(h)))
-        return h[..., :frames]
+        return self.out_conv(torch.cat([F.silu(self.out_norm(h)), x], dim=1))[..., :frames]
 
 
 class ResBlock(nn.Module):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cleaning.measure import measure_pcm_sha256
 from pipelines.ray_runtime import ensure_ray, local_ray
 from pipelines.shard import (
     ShardConfig,
+    ShardInputError,
     num_target_samples,
     plan_shards,
     run_shard,
@@ -265,7 +265,7 @@ def test_stale_catalog_fails_the_run_and_leaves_no_dataset(ray_local, tmp_path, 
     for row in audio_files:
         row["num_samples"] += 441  # the catalog no longer matches the files
     records.write_table(records.to_table(audio_files, records.AUDIO_FILE), workspace.catalog_table("audio_files"))
-    with pytest.raises(Exception, match="catalog is stale"):
+    with pytest.raises(ShardInputError, match="t-.*samples at 44100 Hz, the catalog says .* the catalog is stale"):
         run_shard(workspace, CONFIG)
     store = LineageStore(workspace.store_url)
     runs = store.list_runs("shard")
@@ -324,7 +324,8 @@ def test_progress_reports_every_segment_and_shard(sharded):
     _, result, calls = sharded
     segments = [c for c in calls if c[0] == "segments"]
     shards = [c for c in calls if c[0] == "shards"]
-    assert segments[-1] == ("segments", result.num_segments, result.num_segments) and len(segments) == result.num_segments
+    assert len(segments) == result.num_segments
+    assert segments[-1] == ("segments", result.num_segments, result.num_segments)
     assert shards[-1] == ("shards", result.num_shards, result.num_shards)
 
 
