@@ -323,7 +323,7 @@ def _check_track(track: Mapping[str, Any], mixtures: list[Mapping[str, Any]], li
 def _track_meta(track: Mapping[str, Any]) -> dict[str, Any]:
     return {"license_id": track.get("license_id"), "rights_holder": track.get("rights_holder"),
             "title": track.get("title"), "artist": track.get("artist"), "tags": list(track.get("tags") or []),
-            "text": records.conditioning_text(track)}
+            "attribution": track.get("attribution") or "", "text": records.conditioning_text(track)}
 
 
 def _plan_sha256(plan: ShardPlan, config: ShardConfig) -> str:
