@@ -123,14 +123,15 @@ class GaussianDiffusion:
         return self.per_example_loss(model, x0, texts, generator=generator, cond_dropout=cond_dropout).mean()
 
     def ddim_timesteps(self, num_steps: int) -> list[int]:
-        """The DDIM sub-sequence τ: ``num_steps`` evenly spaced steps of ``[0, T)``, descending, ending at 0.
+        """The DDIM sub-sequence τ: ``num_steps`` evenly spaced steps of ``[0, T)``, descending from T − 1
+        (pure noise) and, for two or more steps, ending at 0.
 
         Raises:
             ValueError: ``num_steps`` outside ``[1, T]``.
         """
         if not 1 <= num_steps <= self.num_steps:
             raise ValueError(f"num_steps must be in [1, {self.num_steps}] (the diffusion steps), got {num_steps}")
-        return sorted({int(t) for t in np.linspace(0, self.num_steps - 1, num_steps).round()}, reverse=True)
+        return sorted({int(t) for t in np.linspace(self.num_steps - 1, 0, num_steps).round()}, reverse=True)
 
     @torch.no_grad()
     def ddim_sample(self, model: EpsModel, shape: tuple[int, int, int], texts: Sequence[str],

@@ -6,12 +6,13 @@ loss with condition dropout (Ho et al. 2020; Ho & Salimans 2022), gradient clipp
 Hutter 2019), EMA update, and a report every ``log_every`` steps. The config, the mel config, the
 dataset id and the normalisation statistics are saved inside every checkpoint.
 
-Ray Train is the V2 API of Ray >= 2.50 (``RAY_TRAIN_V2_ENABLED`` defaults to on in the installed Ray;
-setting it to ``0`` selects the legacy V1 and is not supported here). A re-run with the same
-``storage_path`` and ``run_name`` is resumed by Ray Train from its latest checkpoint: a finished run does
-no new steps, an interrupted one continues its step count, optimizer, EMA and learning-rate schedule
-(the data order after a resume is seeded by the resume step, so it is deterministic but not the order
-an uninterrupted run would have seen).
+Ray Train is the V2 API (``RAY_TRAIN_V2_ENABLED`` defaults to on in Ray 2.60; setting it to ``0`` selects
+the legacy V1 and is not supported here). Re-running with the same ``storage_path`` and ``run_name``:
+a finished run (its ``final/checkpoint.pt`` exists) is returned without starting Ray Train; an
+interrupted one is resumed by Ray Train from its latest checkpoint and continues its step count,
+optimizer, EMA and learning-rate schedule (the data order after a resume is seeded by the resume step:
+deterministic, but not the order an uninterrupted run would have seen). Either way a checkpoint from
+another config or dataset raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -81,14 +82,16 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
         mel_config: the parameters the shards' ``mel.npy`` were computed with.
         config: hyper-parameters and resources (``num_workers``, ``use_gpu``).
         storage_path: a local folder for Ray Train's run state and checkpoints.
-        run_name: the run's folder under ``storage_path``; reusing it resumes (see the module doc).
+        run_name: the run's folder under ``storage_path``; reusing it resumes or returns the finished
+            run (see the module doc).
 
     Returns:
         The final checkpoint's path, step count, per-step losses and normalisation statistics.
 
     Raises:
-        ValueError: no shards, a URL as ``storage_path``, or a resumed checkpoint from another config or
-            dataset.
+        ValueError: no shards, a URL as ``storage_path``, or a checkpoint of another config or dataset
+            in the run folder (raised here for a finished run, as a ``TrainingFailedError`` from the
+            workers for an interrupted one).
         FileNotFoundError: a shard does not exist.
         ray.train.TrainingFailedError: a worker failed (the cause is attached).
     """
@@ -99,8 +102,15 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
     missing = [path for path in shard_paths if not Path(path).exists()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]}")
-    mel_mean, mel_std = measure_mel_stats(shard_paths)
     storage = Path(storage_path).resolve()
+    final_path = storage / run_name / "final" / CHECKPOINT_FILE
+    if final_path.is_file():  # a finished run: check it is this run, then do no new work
+        state = torch.load(final_path, map_location="cpu", weights_only=True, mmap=True)
+        _check_resumable(state, config, dataset_id)
+        if int(state["step"]) >= config.steps:
+            logger.info("run %s already finished at step %d: %s", run_name, state["step"], final_path)
+            return _result(final_path, config)
+    mel_mean, mel_std = measure_mel_stats(shard_paths)
     loop_config = {
         "shard_paths": [str(Path(path).resolve()) for path in shard_paths],
         "dataset_id": dataset_id,
@@ -121,16 +131,12 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint under {storage}")
-    final_path = storage / run_name / "final" / CHECKPOINT_FILE
     final_path.parent.mkdir(parents=True, exist_ok=True)
     with result.checkpoint.as_directory() as checkpoint_dir:
         tmp_path = final_path.with_name(f".{CHECKPOINT_FILE}.tmp")
         shutil.copyfile(Path(checkpoint_dir) / CHECKPOINT_FILE, tmp_path)
         os.replace(tmp_path, final_path)
-    state = torch.load(final_path, map_location="cpu", weights_only=True, mmap=True)
-    return TrainResult(checkpoint_path=final_path, step=int(state["step"]), losses=list(state["losses"]),
-                       mel_mean=float(state["mel_mean"]), mel_std=float(state["mel_std"]),
-                       config_sha256=config.sha256())
+    return _result(final_path, config)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -255,6 +261,13 @@ def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
         ema_param.lerp_(param.detach(), 1.0 - decay)
     for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers(), strict=True):
         ema_buffer.copy_(buffer)
+
+
+def _result(final_path: Path, config: TrainConfig) -> TrainResult:
+    state = torch.load(final_path, map_location="cpu", weights_only=True, mmap=True)
+    return TrainResult(checkpoint_path=final_path, step=int(state["step"]), losses=list(state["losses"]),
+                       mel_mean=float(state["mel_mean"]), mel_std=float(state["mel_std"]),
+                       config_sha256=config.sha256())
 
 
 def _mean_over_ranks(value: torch.Tensor, world_size: int) -> float:

@@ -92,3 +92,22 @@ def write_tiny_dataset(root: Path, mel_config: MelConfig = MEL_CONFIG) -> Path:
 def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny dataset folder (10 train segments in 2 shards, 2 validation segments in 1)."""
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset"))
+
+
+TINY_TRAIN_CONFIG = dict(steps=4, batch_size=4, crop_frames=64, warmup_steps=1, log_every=2, base_channels=16,
+                         channel_mults=(1, 2), text_dim=16, text_buckets=64, diffusion_steps=100, num_workers=2,
+                         learning_rate=1e-3, min_learning_rate=1e-4)
+
+
+@pytest.fixture(scope="session")
+def trained(ray_local, tiny_dataset, tmp_path_factory):
+    """``(TrainResult, TrainConfig, storage folder)`` of a 4-step, 2-worker Ray Train run on the tiny dataset."""
+    from training.config import TrainConfig
+    from training.data import read_dataset_info
+    from training.train import train
+
+    info = read_dataset_info(tiny_dataset)
+    config = TrainConfig(**TINY_TRAIN_CONFIG)
+    storage = tmp_path_factory.mktemp("ray_storage")
+    result = train(info.shards["train"], info.dataset_id, info.mel_config, config, str(storage), "tiny-run")
+    return result, config, storage

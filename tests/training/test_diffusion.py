@@ -134,7 +134,7 @@ def test_ddim_timesteps_and_argument_checks():
     diffusion = GaussianDiffusion(1000)
     steps = diffusion.ddim_timesteps(50)
     assert len(steps) == 50 and steps[0] == 999 and steps[-1] == 0 and steps == sorted(steps, reverse=True)
-    assert diffusion.ddim_timesteps(1) == [0]
+    assert diffusion.ddim_timesteps(1) == [999]
     with pytest.raises(ValueError, match="num_steps"):
         diffusion.ddim_timesteps(1001)
     with pytest.raises(ValueError, match="guidance_scale"):
