@@ -46,6 +46,8 @@ class TrainConfig(BaseModel):
     beta_schedule: Literal["linear", "cosine"] = Field("cosine", description="noise schedule")
     beta_start: float = Field(1e-4, description="first beta of the linear schedule")
     beta_end: float = Field(0.02, description="last beta of the linear schedule")
+    prediction: Literal["epsilon", "v"] = Field(
+        "v", description="network target: the noise ε (Ho et al. 2020) or v (Salimans & Ho 2022); see diffusion.py")
     cond_dropout: float = Field(0.1, description="probability of training on the null (empty) text")
     # resources and logging
     num_workers: int = Field(1, description="Ray Train workers (data-parallel ranks)")

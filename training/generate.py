@@ -27,9 +27,9 @@ from training.vocoder import GriffinLimVocoder
 PEAK_DBFS = -1.0
 """Every generated waveform is scaled so that its peak is at this level (dBFS)."""
 X0_CLIP = 5.0
-"""The sampler clips its clean-sample estimate to ±5 standard deviations of the training log-mels: the
-data range of a standardised log-mel, as Ho et al. 2020 clip to [-1, 1]. Without it, the near-zero ᾱ of
-the first DDIM steps magnifies small ε errors into values far outside the data."""
+"""The sampler clips its clean-sample estimate to ±5 standard deviations of the training log-mels, the
+data range of a standardised log-mel, as Ho et al. 2020 clip to [-1, 1]: a guard for guided sampling and
+for ε-prediction checkpoints, whose x̂_0 at the first (near-zero ᾱ) steps magnifies small ε errors."""
 MAX_DURATION_S = 600.0
 
 
@@ -110,7 +110,8 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     model.eval().requires_grad_(False)
     return LoadedCheckpoint(
         model=model,
-        diffusion=GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end),
+        diffusion=GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end,
+                                    config.prediction),
         mel_config=MelConfig(**state["mel_config"]), config=config, mel_mean=float(state["mel_mean"]),
         mel_std=float(state["mel_std"]), dataset_id=str(state["dataset_id"]), step=int(state["step"]),
         config_sha256=config.sha256(), path=path,

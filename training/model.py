@@ -1,4 +1,4 @@
-"""``MelUNet``: a 1-D U-Net over time that predicts the noise ε in a noisy log-mel spectrogram.
+"""``MelUNet``: a 1-D U-Net over time that denoises a noisy log-mel spectrogram (predicts ε or v).
 
 The mel bins are the channels and time is the one spatial axis, so every convolution is temporal
 (``Conv1d``, kernel 3). The layout follows the DDPM U-Net (Ho et al. 2020) in one dimension: residual
@@ -26,7 +26,8 @@ from training.text import TextEncoder
 
 
 class MelUNet(nn.Module):
-    """ε-prediction network over log-mel spectrograms of any frame count.
+    """Denoising network over log-mel spectrograms of any frame count; it outputs what the diffusion's
+    ``prediction`` asks for (the noise ε or v, ``training.diffusion``).
 
     Args:
         n_mels: mel bins of the input (its channels).
@@ -65,10 +66,10 @@ class MelUNet(nn.Module):
             self.upsamples.append(Upsample(widths[level]) if level > 0 else nn.Identity())
             channels = widths[level]
         self.out_norm = nn.GroupNorm(8, channels)
-        # the output layer also sees the noisy input itself (a long skip): at high noise ε ≈ x_t, and the
-        # first level's base_channels may be narrower than n_mels
+        # the output layer also sees the noisy input itself (a long skip): the targets are nearly linear
+        # in x_t at the ends of the schedule, and base_channels may be narrower than n_mels
         self.out_conv = nn.Conv1d(channels + n_mels, n_mels, kernel_size=3, padding=1)
-        nn.init.zeros_(self.out_conv.weight)  # start as the ε = 0 predictor: loss 1 at step 0
+        nn.init.zeros_(self.out_conv.weight)  # start by predicting 0: loss ≈ 1 at step 0 on standardised data
         nn.init.zeros_(self.out_conv.bias)
 
     @property
@@ -77,7 +78,7 @@ class MelUNet(nn.Module):
         return 2 ** (len(self.down_blocks) - 1)
 
     def forward(self, mel: torch.Tensor, timesteps: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
-        """Predict the noise in ``mel``.
+        """Predict the noise ε (or v) in ``mel``.
 
         Args:
             mel: float32 ``(batch, n_mels, frames)``, the noisy normalised log-mel ``x_t``; any ``frames``.
@@ -85,7 +86,7 @@ class MelUNet(nn.Module):
             texts: ``batch`` conditioning texts; ``""`` is the null condition.
 
         Returns:
-            float32 ``(batch, n_mels, frames)``: predicted ε.
+            float32 ``(batch, n_mels, frames)``: predicted ε or v.
 
         Raises:
             ValueError: ``mel`` is not 3-D with ``n_mels`` channels, or the batch sizes disagree.

@@ -1,9 +1,9 @@
 """Diffusion training on Ray Train: ``train()`` on the driver, ``train_loop_per_worker`` on every rank.
 
 The loop reads top to bottom (nanoGPT style): build the model, optimizer and EMA copy, restore from the
-latest checkpoint if Ray Train hands one over, then step: warm-up + cosine learning rate, ε-prediction
-loss with condition dropout (Ho et al. 2020; Ho & Salimans 2022), gradient clipping, AdamW (Loshchilov &
-Hutter 2019), EMA update, and a report every ``log_every`` steps. The config, the mel config, the
+latest checkpoint if Ray Train hands one over, then step: warm-up + cosine learning rate, denoising
+loss (ε or v target) with condition dropout (Ho et al. 2020; Ho & Salimans 2022), gradient clipping,
+AdamW (Loshchilov & Hutter 2019), EMA update, and a report every ``log_every`` steps. The config, the mel config, the
 dataset id and the normalisation statistics are saved inside every checkpoint.
 
 Ray Train is the V2 API (``RAY_TRAIN_V2_ENABLED`` defaults to on in Ray 2.60; setting it to ``0`` selects
@@ -154,7 +154,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                         channel_mults=config.channel_mults, text_dim=config.text_dim,
                         text_buckets=config.text_buckets)
     ema_model = copy.deepcopy(raw_model).requires_grad_(False)
-    diffusion = GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end)
+    diffusion = GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end,
+                                  config.prediction)
 
     # resume from the latest checkpoint Ray Train hands over (a re-run, or a restart after a failure)
     step, losses, optimizer_state = 0, [], None

@@ -12,8 +12,9 @@ from training.diffusion import GaussianDiffusion, make_betas
 from training.model import MelUNet
 
 
-class OracleEps(nn.Module):
-    """The exact ε of a data distribution with one point per text: ε = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t)."""
+class Oracle(nn.Module):
+    """The exact network of a data distribution with one point x* per text: ε = (x_t − √ᾱ_t x*) / √(1 − ᾱ_t),
+    and v = √ᾱ_t ε − √(1 − ᾱ_t) x*."""
 
     def __init__(self, diffusion: GaussianDiffusion, targets: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -22,7 +23,11 @@ class OracleEps(nn.Module):
     def forward(self, x, timesteps, texts):
         x0 = torch.stack([self.targets[text] for text in texts])
         alpha_bar = self.diffusion.alphas_cumprod[timesteps].float()[:, None, None]
-        return (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        eps = (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+        return eps if self.diffusion.prediction == "epsilon" else alpha_bar.sqrt() * eps - (1 - alpha_bar).sqrt() * x0
+
+
+PREDICTIONS = pytest.mark.parametrize("prediction", ["epsilon", "v"])
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -52,7 +57,8 @@ def test_q_sample_has_the_forward_process_moments():
     assert abs(float(xt.var()) - (1 - alpha_bar)) < 0.05
 
 
-def test_ddpm_loss_falls_on_a_tiny_fixed_dataset(tiny_dataset):
+@PREDICTIONS
+def test_ddpm_loss_falls_on_a_tiny_fixed_dataset(tiny_dataset, prediction):
     info = read_dataset_info(tiny_dataset)
     mean, std = measure_mel_stats(info.shards["train"])
     samples = list(iter_mel_samples(info.shards["train"]))
@@ -60,7 +66,7 @@ def test_ddpm_loss_falls_on_a_tiny_fixed_dataset(tiny_dataset):
     texts = [s["meta"]["text"] for s in samples]
     torch.manual_seed(0)
     model = MelUNet(n_mels=x0.shape[1], base_channels=16, channel_mults=(1, 2), text_dim=16, text_buckets=64)
-    diffusion = GaussianDiffusion(1000, "cosine")
+    diffusion = GaussianDiffusion(1000, "cosine", prediction=prediction)
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     generator = torch.Generator().manual_seed(0)
     losses = []
@@ -71,37 +77,59 @@ def test_ddpm_loss_falls_on_a_tiny_fixed_dataset(tiny_dataset):
         optimizer.step()
         losses.append(loss.item())
     initial, final = np.mean(losses[:10]), np.mean(losses[-10:])
-    assert 0.8 < initial < 1.2  # the zero-initialised output predicts ε = 0: MSE ≈ E[ε²] = 1
+    assert 0.8 < initial < 1.2  # the zero-initialised output predicts 0: MSE ≈ E[ε²] = 1 (E[v²] ≈ 1 too)
     assert final < 0.7 * initial
 
 
-def test_per_example_loss_is_zero_for_the_oracle_and_one_for_zero():
-    diffusion = GaussianDiffusion(1000)
+@PREDICTIONS
+def test_per_example_loss_is_zero_for_the_oracle_and_one_for_zero(prediction):
+    diffusion = GaussianDiffusion(1000, prediction=prediction)
     target = torch.randn(4, 6)
-    oracle = OracleEps(diffusion, {"x": target})
+    oracle = Oracle(diffusion, {"x": target})
     x0 = target.expand(3, 4, 6)
     generator = torch.Generator().manual_seed(0)
-    assert diffusion.per_example_loss(oracle, x0, ["x"] * 3, generator=generator).abs().max() < 1e-6
+    assert diffusion.per_example_loss(oracle, x0, ["x"] * 3, generator=generator).abs().max() < 1e-5
     zero = diffusion.per_example_loss(lambda x, t, c: torch.zeros_like(x), torch.zeros(64, 8, 64), [""] * 64,
                                       generator=generator)
-    assert zero.shape == (64,) and abs(float(zero.mean()) - 1.0) < 0.05
+    # E[ε²] = 1; for v with x_0 = 0, E[v²] = E[ᾱ_t] over uniform t
+    expected = 1.0 if prediction == "epsilon" else float(diffusion.alphas_cumprod.mean())
+    assert zero.shape == (64,) and abs(float(zero.mean()) - expected) < 0.1
 
 
+@PREDICTIONS
+def test_to_eps_and_x0_inverts_the_forward_process(prediction):
+    diffusion = GaussianDiffusion(1000, prediction=prediction)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 3, 7, generator=generator), torch.randn(5, 3, 7, generator=generator)
+    t = torch.tensor([0, 10, 500, 900, 999])
+    x_t = diffusion.q_sample(x0, t, noise)
+    eps, x0_hat = diffusion.to_eps_and_x0(diffusion.target(x0, t, noise), x_t, t)
+    torch.testing.assert_close(eps, noise, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(x0_hat[:4], x0[:4], atol=1e-3, rtol=1e-3)  # ε → x_0 is ill-conditioned at t = T-1
+
+
+def test_unknown_prediction_raises():
+    with pytest.raises(ValueError, match="'epsilon' or 'v'"):
+        GaussianDiffusion(10, prediction="x0")  # type: ignore[arg-type]
+
+
+@PREDICTIONS
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_ddim_with_the_exact_eps_returns_the_data_point(eta):
-    diffusion = GaussianDiffusion(1000)
+def test_ddim_with_the_exact_network_returns_the_data_point(eta, prediction):
+    diffusion = GaussianDiffusion(1000, prediction=prediction)
     target = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
-    sample = diffusion.ddim_sample(OracleEps(diffusion, {"x": target, "": target}), (2, 5, 12), ["x", "x"],
+    sample = diffusion.ddim_sample(Oracle(diffusion, {"x": target, "": target}), (2, 5, 12), ["x", "x"],
                                    torch.Generator().manual_seed(0), num_steps=20, eta=eta)
     torch.testing.assert_close(sample, target.expand(2, 5, 12), atol=1e-4, rtol=1e-4)
 
 
+@PREDICTIONS
 @pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
-def test_classifier_free_guidance_extrapolates_from_null_to_condition(scale):
-    # ε is affine in x*, so guided DDIM with exact ε lands on x*_∅ + s (x*_c − x*_∅)
-    diffusion = GaussianDiffusion(1000)
+def test_classifier_free_guidance_extrapolates_from_null_to_condition(scale, prediction):
+    # ε and v are affine in x*, so guided DDIM with the exact network lands on x*_∅ + s (x*_c − x*_∅)
+    diffusion = GaussianDiffusion(1000, prediction=prediction)
     cond, null = torch.full((2, 8), 1.0), torch.full((2, 8), -0.5)
-    sample = diffusion.ddim_sample(OracleEps(diffusion, {"c": cond, "": null}), (1, 2, 8), ["c"],
+    sample = diffusion.ddim_sample(Oracle(diffusion, {"c": cond, "": null}), (1, 2, 8), ["c"],
                                    torch.Generator().manual_seed(0), num_steps=10, guidance_scale=scale)
     torch.testing.assert_close(sample[0], null + scale * (cond - null), atol=1e-4, rtol=1e-4)
 
@@ -109,7 +137,7 @@ def test_classifier_free_guidance_extrapolates_from_null_to_condition(scale):
 def test_x0_clip_bounds_the_sample():
     diffusion = GaussianDiffusion(1000)
     target = torch.full((2, 8), 10.0)
-    sample = diffusion.ddim_sample(OracleEps(diffusion, {"x": target}), (1, 2, 8), ["x"],
+    sample = diffusion.ddim_sample(Oracle(diffusion, {"x": target}), (1, 2, 8), ["x"],
                                    torch.Generator().manual_seed(0), num_steps=10, x0_clip=5.0)
     torch.testing.assert_close(sample, torch.full((1, 2, 8), 5.0))
 
@@ -138,4 +166,4 @@ def test_ddim_timesteps_and_argument_checks():
     with pytest.raises(ValueError, match="num_steps"):
         diffusion.ddim_timesteps(1001)
     with pytest.raises(ValueError, match="guidance_scale"):
-        diffusion.ddim_sample(OracleEps(diffusion, {}), (1, 1, 1), ["x"], torch.Generator(), guidance_scale=-1)
+        diffusion.ddim_sample(Oracle(diffusion, {}), (1, 1, 1), ["x"], torch.Generator(), guidance_scale=-1)
