@@ -26,9 +26,10 @@ class TrainConfig(BaseModel):
     # optimisation
     steps: int = Field(200, description="optimizer steps (the loop counts steps, not epochs)")
     batch_size: int = Field(8, description="segments per step per worker")
-    learning_rate: float = Field(2e-4, description="peak AdamW learning rate")
-    min_learning_rate: float = Field(2e-5, description="learning rate at the end of the cosine decay")
-    warmup_steps: int = Field(20, description="linear warm-up steps from 0 to learning_rate")
+    learning_rate: float = Field(1e-3, description="peak AdamW learning rate")
+    min_learning_rate: float = Field(1e-4, description="learning rate at the end of the cosine decay")
+    warmup_steps: int = Field(20, description="linear warm-up steps from 0 to learning_rate; when not given, "
+                                              "min(20, steps // 10)")
     weight_decay: float = Field(0.0, description="AdamW decoupled weight decay")
     grad_clip: float = Field(1.0, description="max global gradient L2 norm; 0 disables clipping")
     ema_decay: float = Field(0.999, description="EMA decay ceiling (the decay warms up, see train.py)")
@@ -98,6 +99,14 @@ class TrainConfig(BaseModel):
         if not value or any(m < 1 for m in value):
             raise ValueError(f"channel_mults must be a non-empty list of integers >= 1, got {list(value)}")
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_warmup(cls, data: Any) -> Any:
+        """A short run (``steps`` < 200) without an explicit ``warmup_steps`` warms up for a tenth of it."""
+        if isinstance(data, dict) and data.get("warmup_steps") is None and isinstance(data.get("steps"), int):
+            data = {**data, "warmup_steps": min(20, data["steps"] // 10)}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

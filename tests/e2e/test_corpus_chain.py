@@ -54,7 +54,7 @@ def chain(corpus, tmp_path_factory):
     # an independent re-run of shard: the same catalog in a fresh workspace
     shutil.copytree(commercial / "catalog", rerun / "catalog")
     out["shard_rerun"] = cli("shard", *SHARD_ARGS, workdir=rerun)
-    out["train"] = cli("train", "--steps", "8", "--batch-size", "4", "--set", "warmup_steps=2", workdir=commercial)
+    out["train"] = cli("train", "--steps", "8", "--batch-size", "4", workdir=commercial)
     out["wav"] = base / "generated.wav"
     out["generate"] = cli("generate", "--prompt", "rock band with guitars", "--seed", "7", "--duration-s",
                           str(GENERATED_S), "--steps", "4", "--out", str(out["wav"]), workdir=commercial)

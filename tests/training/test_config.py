@@ -47,3 +47,10 @@ def test_sha256_is_stable_and_sensitive():
     config = TrainConfig(channel_mults=(1, 2), steps=7, warmup_steps=2)
     assert TrainConfig(**config.to_dict()) == config
     assert TrainConfig(**config.to_dict()).sha256() == config.sha256()
+
+
+def test_short_runs_get_a_proportional_warmup_unless_set():
+    assert TrainConfig(steps=8).warmup_steps == 0
+    assert TrainConfig(steps=50).warmup_steps == 5
+    assert TrainConfig(steps=5000).warmup_steps == 20
+    assert TrainConfig(steps=50, warmup_steps=7).warmup_steps == 7
