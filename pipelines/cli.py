@@ -65,7 +65,7 @@ def _status(json_mode: bool) -> Callable[[str], None]:
 
 def _emit(payload: dict[str, Any], json_mode: bool, render: Callable[[dict[str, Any]], None]) -> None:
     if json_mode:
-        sys.stdout.write(json.dumps(payload, default=str, allow_nan=False if False else True) + "\n")
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
     else:
         render(payload)
 
@@ -166,7 +166,9 @@ def train(
 
         cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,
                           batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
-        result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_status(json_mode))
+        with _progress(json_mode) as progress:
+            result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_status(json_mode),
+                               progress=progress)
         _emit(result.to_json(), json_mode, _render_generic("train"))
 
 
@@ -263,8 +265,9 @@ def demo(
     with _errors():
         from pipelines.demo import run_demo
 
-        result = run_demo(_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
-                          steps=steps, status=_status(json_mode))
+        with _progress(json_mode) as progress:
+            result = run_demo(_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
+                              steps=steps, status=_status(json_mode), progress=progress)
         _emit(result, json_mode, _render_demo)
 
 

@@ -27,7 +27,8 @@ DEMO_GENERATION_S = 8.0
 
 
 def run_demo(workspace: Workspace, num_tracks: int = 6, track_duration_s: float = 30.0, steps: int = 800,
-             status: Callable[[str], None] | None = None) -> dict[str, Any]:
+             status: Callable[[str], None] | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run the demo end to end in ``workspace``; returns one JSON-able summary of every stage."""
     from training.config import TrainConfig
 
@@ -35,16 +36,19 @@ def run_demo(workspace: Workspace, num_tracks: int = 6, track_duration_s: float 
     started = time.perf_counter()
     delivery_dir = workspace.root / "demo-delivery"
     say(f"rendering {num_tracks} public-domain scores from music21's corpus into {delivery_dir}")
-    delivery = build_demo_delivery(delivery_dir, num_tracks=num_tracks, max_duration_s=track_duration_s)
+    render_progress = None if progress is None else (lambda message, done, total: progress("rendering scores", done, total))
+    delivery = build_demo_delivery(delivery_dir, num_tracks=num_tracks, max_duration_s=track_duration_s,
+                                   progress=render_progress)
 
     say("ingest: rights policy for a commercial, worldwide run; decode and measure every stem (Beam)")
     ingest = run_ingest(delivery.path, workspace, IngestConfig(purpose="commercial", territory="Worldwide",
                                                                as_of=dt.date.today()), status=say)
     say(f"shard: {DEMO_SEGMENT_S:g} s segments at 32 kHz, WebDataset tars (Ray Data)")
-    shard = run_shard(workspace, ShardConfig(segment_s=DEMO_SEGMENT_S, validation_fraction=DEMO_VALIDATION_FRACTION))
+    shard = run_shard(workspace, ShardConfig(segment_s=DEMO_SEGMENT_S, validation_fraction=DEMO_VALIDATION_FRACTION),
+                      progress=progress)
     train_config = load_config(TrainConfig, steps=steps)
     say(f"train: {steps} steps of the mel diffusion U-Net (Ray Train, 1 CPU worker)")
-    train = run_train(workspace, train_config, dataset_id=shard.dataset_id, status=say)
+    train = run_train(workspace, train_config, dataset_id=shard.dataset_id, status=say, progress=progress)
     output = workspace.root / "demo-generation.wav"
     generation = run_generate(workspace, DEMO_PROMPT, seed=0, duration_s=DEMO_GENERATION_S, out=output,
                               checkpoint_id=train.checkpoint_id, status=say)

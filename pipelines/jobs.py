@@ -96,7 +96,8 @@ def read_dataset_manifest(workspace: Workspace, dataset_id: str) -> dict[str, An
 
 
 def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
-              status: Callable[[str], None] | None = None) -> TrainJobResult:
+              status: Callable[[str], None] | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> TrainJobResult:
     """Train on a dataset's train shards with Ray Train; register the Run and the Checkpoint.
 
     ``config`` is a ``training.config.TrainConfig``. The checkpoint id is ``ckpt-`` + 16 hex of the sha256 of
@@ -120,7 +121,7 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
             ensure_ray()
             say(f"training {config.steps} steps on {len(shard_paths)} shard(s) of {dataset['dataset_id']}")
             result = train(shard_paths, dataset["dataset_id"], mel_config, config,
-                           storage_path=str(workspace.root / "ray_results"), run_name=run_id)
+                           storage_path=str(workspace.root / "ray_results"), run_name=run_id, progress=progress)
             checkpoint_id = "ckpt-" + sha256_hex(Path(result.checkpoint_path).read_bytes())[:16]
             target_dir = workspace.checkpoint_dir(checkpoint_id)
             target_dir.mkdir(parents=True, exist_ok=True)

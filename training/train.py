@@ -24,6 +24,9 @@ import os
 import shutil
 import tempfile
 import time
+import json
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ from training.model import MelUNet
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
+PROGRESS_FILE = "progress.json"
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +73,8 @@ class TrainResult:
 
 
 def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config: TrainConfig,
-          storage_path: str, run_name: str) -> TrainResult:
+          storage_path: str, run_name: str,
+          progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
     """Train a ``MelUNet`` on the train shards of a dataset with Ray Train's ``TorchTrainer``.
 
     The caller has connected to Ray (``ray.init``). The log-mel statistics are measured here, on the
@@ -118,6 +123,7 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
         "config": config.to_dict(),
         "mel_mean": mel_mean,
         "mel_std": mel_std,
+        "progress_path": str(storage / run_name / PROGRESS_FILE),
     }
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
@@ -128,7 +134,8 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
+    with _poll_progress(storage / run_name / PROGRESS_FILE, config.steps, progress):
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {run_name} finished without a checkpoint under {storage}")
     final_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,9 +241,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             save_and_report(metrics)
         elif step < config.steps and step % config.log_every == 0:
             ray.train.report(metrics)
-        if step % config.log_every == 0 and rank == 0:
+        if (step % config.log_every == 0 or step == config.steps) and rank == 0:
             logger.info("step %d loss %.4f lr %.2e", step, metrics["loss"], learning_rate)
+            _write_progress(loop_config.get("progress_path"), metrics, config.steps)
     save_and_report(metrics)  # the final checkpoint (also after a resume that had nothing left to do)
+
+
+def _write_progress(path: str | None, metrics: dict[str, float], steps: int) -> None:
+    """Rank 0's progress note for the driver: ``{"step", "steps", "loss"}``, written atomically."""
+    if not path:
+        return
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text(json.dumps({"step": int(metrics["step"]), "steps": steps, "loss": metrics.get("loss")}))
+    os.replace(tmp, target)
+
+
+class _poll_progress:
+    """While training runs, read ``path`` every 0.5 s on a daemon thread and call ``progress``."""
+
+    def __init__(self, path: Path, steps: int, progress: Callable[[str, int, int], None] | None) -> None:
+        self.path, self.steps, self.progress = path, steps, progress
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> "_poll_progress":
+        if self.progress is not None:
+            self.path.unlink(missing_ok=True)
+            self.progress("training steps", 0, self.steps)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.stop.set()
+            self.thread.join(timeout=5)
+            self._read()
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.5):
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            note = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        self.progress("training steps", int(note["step"]), int(note["steps"]))
 
 
 def learning_rate_at(step: int, config: TrainConfig) -> float:

@@ -109,5 +109,11 @@ def trained(ray_local, tiny_dataset, tmp_path_factory):
     info = read_dataset_info(tiny_dataset)
     config = TrainConfig(**TINY_TRAIN_CONFIG)
     storage = tmp_path_factory.mktemp("ray_storage")
-    result = train(info.shards["train"], info.dataset_id, info.mel_config, config, str(storage), "tiny-run")
+    TRAIN_PROGRESS.clear()
+    result = train(info.shards["train"], info.dataset_id, info.mel_config, config, str(storage), "tiny-run",
+                   progress=lambda *note: TRAIN_PROGRESS.append(note))
     return result, config, storage
+
+
+TRAIN_PROGRESS: list[tuple[str, int, int]] = []
+"""The ``(message, step, steps)`` notes the ``trained`` fixture's run reported."""

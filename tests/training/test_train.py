@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.training.conftest import MEL_CONFIG
+from tests.training.conftest import MEL_CONFIG, TRAIN_PROGRESS
 from training.config import TrainConfig
 from training.data import measure_mel_stats, read_dataset_info
 from training.model import MelUNet
@@ -16,6 +16,13 @@ from training.train import CHECKPOINT_FILE, ema_decay_at, learning_rate_at, trai
 
 CHECKPOINT_KEYS = {"model_kwargs", "model_state", "ema_state", "optimizer_state", "step", "config", "mel_config",
                    "dataset_id", "mel_mean", "mel_std", "losses"}
+
+
+def test_train_reports_progress_to_the_last_step(trained):
+    result, config, _ = trained
+    steps = [step for _, step, _ in TRAIN_PROGRESS]
+    assert TRAIN_PROGRESS[0] == ("training steps", 0, config.steps)
+    assert steps[-1] == config.steps == result.step and steps == sorted(steps)
 
 
 def test_train_writes_a_complete_checkpoint(trained, tiny_dataset):
