@@ -257,7 +257,7 @@ def _render_attribution(payload: dict[str, Any]) -> None:
 def demo(
     num_tracks: Annotated[int, typer.Option(help="Scores to render into the demo delivery.")] = 6,
     track_duration_s: Annotated[float, typer.Option("--track-duration-s", help="Length of each rendered track.")] = 30.0,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 800,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 1500,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
 ) -> None:

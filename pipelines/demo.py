@@ -26,7 +26,7 @@ DEMO_PROMPT = "baroque chorale flute oboe clarinet bassoon"
 DEMO_GENERATION_S = 8.0
 
 
-def run_demo(workspace: Workspace, num_tracks: int = 6, track_duration_s: float = 30.0, steps: int = 800,
+def run_demo(workspace: Workspace, num_tracks: int = 6, track_duration_s: float = 30.0, steps: int = 1500,
              status: Callable[[str], None] | None = None,
              progress: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     """Run the demo end to end in ``workspace``; returns one JSON-able summary of every stage."""

@@ -38,7 +38,7 @@ class TrainConfig(BaseModel):
     crop_frames: int = Field(128, description="mel frames per training example (random crop / pad)")
     shuffle_buffer: int = Field(256, description="samples held by the streaming shuffle buffer")
     # model
-    base_channels: int = Field(32, description="channels of the U-Net's first level")
+    base_channels: int = Field(64, description="channels of the U-Net's first level (≥ n_mels avoids a bottleneck)")
     channel_mults: tuple[int, ...] = Field((1, 2, 2), description="channel multiplier per U-Net level")
     text_dim: int = Field(64, description="width of the text embedding")
     text_buckets: int = Field(2048, description="hash buckets of the text encoder's vocabulary")

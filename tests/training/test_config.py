@@ -10,7 +10,7 @@ from training.config import TrainConfig
 
 def test_defaults_are_the_cpu_demo():
     config = TrainConfig()
-    assert (config.steps, config.batch_size, config.crop_frames, config.base_channels) == (200, 8, 128, 32)
+    assert (config.steps, config.batch_size, config.crop_frames, config.base_channels) == (200, 8, 128, 64)
     assert config.channel_mults == (1, 2, 2) and config.num_workers == 1 and config.use_gpu is False
     assert config.warmup_steps <= config.steps
 
