@@ -44,8 +44,8 @@ from provenance.workspace import Workspace
 METHOD = "embedding"
 DEFAULT_SPLITS: tuple[str, ...] = (records.Split.TRAIN.value,)
 
-Progress = Callable[[int, int], None]
-"""Called as ``progress(done, total)`` after each segment is embedded."""
+Progress = Callable[[str, int, int], None]  # (message, done, total), as every stage reports
+"""Called as ``progress("indexing segments", done, total)`` after each segment is embedded."""
 
 
 def index_dir(workspace: Workspace, dataset_id: str, embedder_name: str,
@@ -86,7 +86,8 @@ def build_embedding_index(workspace: Workspace, dataset_id: str, embedder: Embed
     Otherwise (or with ``rebuild=True``) it is rebuilt and replaced.
 
     Args:
-        progress: called as ``progress(done, total)`` after each segment embedded (not when cached).
+        progress: called as ``progress("indexing segments", done, total)`` after each segment embedded
+            (not when cached).
 
     Raises:
         FileNotFoundError: no dataset index, or a shard it names is missing.
@@ -111,7 +112,7 @@ def build_embedding_index(workspace: Workspace, dataset_id: str, embedder: Embed
         vectors[row_of[segment_id]] = embed_clip(embedder, audio, sample_rate_hz)
         done += 1
         if progress is not None:
-            progress(done, len(entries))
+            progress("indexing segments", done, len(entries))
     index = EmbeddingIndex([row["segment_id"] for row in entries], vectors, embedder_name=embedder.name,
                            dataset_id=dataset_id)
     index.save(directory)

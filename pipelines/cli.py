@@ -195,9 +195,10 @@ def generate(
             raise CliError(f"--duration-s must be in (0, 600] seconds, got {duration_s}")
         if steps < 1:
             raise CliError(f"--steps must be ≥ 1, got {steps}")
-        result = run_generate(_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
-                              num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
-                              status=_status(json_mode))
+        with _progress(json_mode) as progress:
+            result = run_generate(_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
+                                  num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
+                                  status=_status(json_mode), progress=progress)
         payload = result.to_json()
         _emit(payload, json_mode, _render_generation)
 
@@ -227,7 +228,8 @@ def attribute(
             raise CliError(f"no audio file at {file}")
         if top_k < 1:
             raise CliError(f"--top-k must be ≥ 1, got {top_k}")
-        result = run_attribute_file(_workspace(workdir), file, dataset_id=dataset, top_k=top_k)
+        with _progress(json_mode) as progress:
+            result = run_attribute_file(_workspace(workdir), file, dataset_id=dataset, top_k=top_k, progress=progress)
         _emit(result.to_json(), json_mode, _render_attribution)
 
 

@@ -51,7 +51,7 @@ def run_demo(workspace: Workspace, num_tracks: int = 6, track_duration_s: float 
     train = run_train(workspace, train_config, dataset_id=shard.dataset_id, status=say, progress=progress)
     output = workspace.root / "demo-generation.wav"
     generation = run_generate(workspace, DEMO_PROMPT, seed=0, duration_s=DEMO_GENERATION_S, out=output,
-                              checkpoint_id=train.checkpoint_id, status=say)
+                              checkpoint_id=train.checkpoint_id, status=say, progress=progress)
     return {
         "stage": "demo",
         "workdir": str(workspace.root),

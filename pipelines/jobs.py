@@ -149,9 +149,15 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
 
 def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, query_id: str,
                   dataset_id: str | None = None, top_k: int = 10, store: LineageStore | None = None,
-                  kind: str = "attribute") -> AttributeJobResult:
-    """Attribute audio (float32 ``(channels, samples)``) with the ``embedding`` method; store the result."""
-    from pipelines.attribution_index import attribute_audio
+                  kind: str = "attribute",
+                  progress: Callable[[str, int, int], None] | None = None) -> AttributeJobResult:
+    """Attribute audio (float32 ``(channels, samples)``) with the ``embedding`` method; store the result.
+
+    The first query against a dataset builds its embedding index (cached in the workspace; ``progress``
+    is called as ``("indexing segments", done, total)`` while it builds).
+    """
+    from cleaning.embed import load_embedder
+    from pipelines.attribution_index import attribute_audio, build_embedding_index
 
     own_store = store is None
     store = store or LineageStore(workspace.store_url)
@@ -160,7 +166,10 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
         run_id = store.start_run(kind, {"method": "embedding", "query_id": query_id,
                                         "dataset_id": dataset["dataset_id"], "top_k": top_k})
         try:
-            result = attribute_audio(workspace, audio, sample_rate_hz, dataset["dataset_id"], query_id, top_k=top_k)
+            embedder = load_embedder("mel-stats")
+            build_embedding_index(workspace, dataset["dataset_id"], embedder, progress=progress)
+            result = attribute_audio(workspace, audio, sample_rate_hz, dataset["dataset_id"], query_id, top_k=top_k,
+                                     embedder=embedder)
             store.add_attributions(query_id, "embedding", run_id, dataset["dataset_id"], result.rows())
             store.finish_run(run_id, {"segments": len(result.segments), "tracks": len(result.tracks),
                                       "rights_holders": len(result.rights_holders)})
@@ -174,7 +183,7 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
 
 
 def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str | None = None,
-                       top_k: int = 10) -> AttributeJobResult:
+                       top_k: int = 10, progress: Callable[[str, int, int], None] | None = None) -> AttributeJobResult:
     """Attribute any audio file; its query id is the sha256 of its decoded PCM.
 
     Raises:
@@ -182,12 +191,13 @@ def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str |
     """
     audio, sample_rate_hz = read_audio(path)
     return run_attribute(workspace, audio, sample_rate_hz, "pcm-" + measure_pcm_sha256(audio)[:16],
-                         dataset_id=dataset_id, top_k=top_k)
+                         dataset_id=dataset_id, top_k=top_k, progress=progress)
 
 
 def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float, out: str | Path | None = None,
                  checkpoint_id: str | None = None, num_steps: int = 50, guidance_scale: float = 3.0,
-                 top_k: int = 10, status: Callable[[str], None] | None = None) -> GenerateJobResult:
+                 top_k: int = 10, status: Callable[[str], None] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> GenerateJobResult:
     """DDIM-sample a mel, vocode it with Griffin-Lim, write the WAV, register the Generation and attribute it.
 
     The generation id is ``gen-`` + 16 hex of the sha256 of (checkpoint, prompt, seed, duration, sampler):
@@ -227,7 +237,7 @@ def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float
         say("attributing the generation")
         written, sample_rate_hz = read_audio(wav)
         attribution = run_attribute(workspace, written, sample_rate_hz, generation_id,
-                                    dataset_id=checkpoint["dataset_id"], top_k=top_k, store=store)
+                                    dataset_id=checkpoint["dataset_id"], top_k=top_k, store=store, progress=progress)
         return GenerateJobResult(run_id, generation_id, checkpoint["checkpoint_id"], path, duration_s,
                                  result.sampler, attribution)
     finally:

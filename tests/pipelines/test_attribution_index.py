@@ -177,20 +177,20 @@ def test_default_index_holds_the_train_split_only(workspace, segments):
 def test_index_is_cached_and_reused(workspace, segments):
     embedder = MelStatsEmbedder()
     calls = []
-    first = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda d, t: calls.append((d, t)),
+    first = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda m, d, t: calls.append((d, t)),
                                   splits=ALL_SPLITS)
     directory = index_dir(workspace, DATASET_ID, embedder.name, ALL_SPLITS)
     assert directory.parent == workspace.indexes_dir / DATASET_ID
     assert index_dir(workspace, DATASET_ID, embedder.name) == workspace.indexes_dir / DATASET_ID / embedder.name
     stamp = (directory / "vectors.npy").stat().st_mtime_ns
-    again = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda d, t: calls.append((d, t)),
+    again = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda m, d, t: calls.append((d, t)),
                                   splits=ALL_SPLITS)
     assert calls == []  # built by the module fixture; nothing re-embedded
     assert (directory / "vectors.npy").stat().st_mtime_ns == stamp
     assert again.segment_ids == first.segment_ids == sorted(first.segment_ids)
     np.testing.assert_array_equal(again.vectors, first.vectors)
 
-    rebuilt = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda d, t: calls.append((d, t)),
+    rebuilt = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda m, d, t: calls.append((d, t)),
                                     splits=ALL_SPLITS, rebuild=True)
     assert calls[-1] == (12, 12) and len(calls) == 12
     np.testing.assert_array_equal(rebuilt.vectors, first.vectors)  # same bytes from the same inputs
@@ -202,7 +202,7 @@ def test_incomplete_cache_is_rebuilt(workspace, segments):
     directory = index_dir(workspace, DATASET_ID, embedder.name)
     (directory / "segment_ids.json").unlink()
     calls = []
-    index = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda d, t: calls.append(d))
+    index = build_embedding_index(workspace, DATASET_ID, embedder, progress=lambda m, d, t: calls.append(d))
     assert len(calls) == 9 and len(index) == 9 and index.dim == 96
     assert (directory / "segment_ids.json").is_file()
 
