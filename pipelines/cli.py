@@ -283,6 +283,70 @@ def _render_demo(payload: dict[str, Any]) -> None:
         out_console.print(f"  {name:<12} {path}")
 
 
+# rights -----------------------------------------------------------------------------------------------
+
+rights_app = typer.Typer(no_args_is_help=True, help="Explain rights decisions; register opt-outs.")
+app.add_typer(rights_app, name="rights")
+
+
+@rights_app.command("explain")
+def rights_explain(
+    track_id: Annotated[str, typer.Argument(help="A track id from a delivery's tracks.csv.")],
+    run: Annotated[Optional[str], typer.Option(help="Ingest run id; default the newest that saw the track.")] = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Why was a track admitted or rejected? Every policy check, passed or not, and what the run recorded."""
+    with _errors():
+        from pipelines.rights import explain_track
+
+        _emit(explain_track(_workspace(workdir), track_id, run), json_mode, _render_explain)
+
+
+def _render_explain(payload: dict[str, Any]) -> None:
+    purpose = payload["purpose"]
+    out_console.print(f"[bold]{payload['track_id']}[/] in ingest run {payload['run_id']} "
+                      f"({purpose['purpose']}, {purpose['territory']}, as of {purpose['as_of']})", highlight=False)
+    if payload["field_check"]:
+        out_console.print(f"[red]✗ fields:[/] {payload['field_check']}")
+    table = Table(show_header=True, title_justify="left")
+    for column in ("", "check", "detail"):
+        table.add_column(column, overflow="fold")
+    for check in payload["checks"]:
+        table.add_row("[green]✓[/]" if check["passed"] else "[red]✗[/]", check["name"], check["detail"])
+    out_console.print(table)
+    recorded = payload["recorded"]
+    out_console.print(f"recorded by the run: [bold]{recorded['status']}[/]")
+    for rej in recorded["rejections"]:
+        out_console.print(f"  {rej['record_kind']} {rej['record_id']}: {rej['reason']} — {rej['detail']}", highlight=False)
+    if payload["duplicate_rows"]:
+        out_console.print(f"{payload['duplicate_rows']} later row(s) repeat this id and were rejected as duplicate_id")
+
+
+@rights_app.command("opt-out")
+def rights_opt_out(
+    rights_holder: Annotated[Optional[str], typer.Option(help="Opt out every recording of this rights holder.")] = None,
+    track: Annotated[Optional[str], typer.Option(help="Opt out one track id.")] = None,
+    isrc: Annotated[Optional[str], typer.Option(help="Opt out one ISRC.")] = None,
+    reason: Annotated[str, typer.Option(help="Why (kept with the opt-out).")] = "",
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Register an opt-out in the lineage store; every later ingest rejects what it names (opted_out)."""
+    with _errors():
+        from pipelines.rights import add_opt_out
+        from provenance.policy import normalize_isrc
+
+        given = [(k, v) for k, v in (("rights_holder", rights_holder), ("track_id", track),
+                                      ("isrc", normalize_isrc(isrc) if isrc else None)) if v]
+        if len(given) != 1:
+            raise CliError("give exactly one of --rights-holder, --track, --isrc")
+        payload = add_opt_out(_workspace(workdir), given[0][0], given[0][1], reason)
+        _emit(payload, json_mode, lambda p: out_console.print(
+            f"opt-out {p['kind']}={p['value']} {'registered' if p['added'] else 'was already registered'}; "
+            f"{p['opt_outs']} opt-out(s) in the registry", highlight=False))
+
+
 # runs -------------------------------------------------------------------------------------------------
 
 @app.command()

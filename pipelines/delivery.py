@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from provenance.policy import parse_bool, parse_territories
+from provenance.policy import check_isrc, check_iswc, normalize_isrc, normalize_iswc, parse_bool, parse_territories
 from provenance.records import RejectionReason, Role, rejection, sha256_hex
 
 TRACK_COLUMNS = ("track_id", "isrc", "title", "artist", "rights_holder", "license_id", "attribution",
@@ -151,10 +151,16 @@ def parse_track(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
         except ValueError:
             return None, rejection("track", track_id, stage, RejectionReason.INVALID_FIELD,
                                    f"bpm: {row['bpm']!r} is not a number", run_id)
+    isrc = normalize_isrc(row.get("isrc", ""))
+    if isrc and (problem := check_isrc(isrc)):
+        return None, rejection("track", track_id, stage, RejectionReason.INVALID_FIELD, problem, run_id)
+    iswc = normalize_iswc(row.get("iswc", "")) if row.get("iswc") else ""
+    if iswc and (problem := check_iswc(iswc)):
+        return None, rejection("track", track_id, stage, RejectionReason.INVALID_FIELD, problem, run_id)
     record = {
         "track_id": track_id,
-        "isrc": row.get("isrc", "").replace("-", "").upper(),
-        "iswc": row.get("iswc", ""),
+        "isrc": isrc,
+        "iswc": iswc,
         "title": row.get("title", ""),
         "artist": row.get("artist", ""),
         "rights_holder": row.get("rights_holder", ""),

@@ -51,7 +51,8 @@ class IngestConfig(BaseModel):
         purpose: what the run trains for; a commercial run admits only licences that allow commercial use.
         territory: ISO 3166-1 alpha-2 code or ``Worldwide``.
         as_of: the date rights are judged at (ISO date); today when not given.
-        opt_out_csv: optional CSV (``kind,value`` with kind ``rights_holder|track_id|isrc``); opt-outs always win.
+        opt_out_csv: optional CSV (``kind,value`` with kind ``rights_holder|track_id|isrc``), added to the
+            opt-outs registered in the lineage store (``linernotes rights opt-out``); opt-outs always win.
         beam_options: extra Beam pipeline options, e.g. ``["--direct_num_workers=2",
             "--direct_running_mode=multi_processing"]`` or a Flink/Spark/Dataflow runner's options.
     """
@@ -329,6 +330,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
     opt_outs = _read_opt_outs(config.opt_out_csv)
     workspace.ensure()
     store = LineageStore(workspace.store_url)
+    opt_outs = opt_outs.merged(OptOutRegistry.from_rows(store.list_opt_outs()))
     run_id = store.start_run(STAGE, {**config.to_dict(), "delivery": str(delivery.root),
                                      "delivery_id": delivery.delivery_id})
     run_dir = workspace.run_dir(run_id)

@@ -9,6 +9,7 @@ An opt-out (by rights holder, track id or ISRC) always wins over any licence. Ev
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -121,6 +122,10 @@ class OptOutRegistry:
     track_ids: frozenset[str] = frozenset()
     isrcs: frozenset[str] = frozenset()
 
+    def merged(self, other: "OptOutRegistry") -> "OptOutRegistry":
+        return OptOutRegistry(self.rights_holders | other.rights_holders, self.track_ids | other.track_ids,
+                              self.isrcs | other.isrcs)
+
     @classmethod
     def from_rows(cls, rows: Iterable[Mapping[str, str]]) -> "OptOutRegistry":
         """Rows with ``kind`` (``rights_holder`` | ``track_id`` | ``isrc``) and ``value``.
@@ -156,6 +161,89 @@ class OptOutRegistry:
 def normalize_isrc(value: str) -> str:
     """ISRC in its 12-character form: upper case, hyphens and spaces removed (ISO 3901)."""
     return value.replace("-", "").replace(" ", "").strip().upper()
+
+
+_ISRC = re.compile(r"^[A-Z]{2}[A-Z0-9]{3}[0-9]{7}$")
+_ISWC = re.compile(r"^T-?(\d{3})\.?(\d{3})\.?(\d{3})-?(\d)$")
+
+
+def check_isrc(value: str) -> str | None:
+    """None when ``value`` (already normalised) is a well-formed ISRC, else what is wrong.
+
+    ISO 3901: 2-letter country code, 3 alphanumeric registrant characters, 2-digit year, 5-digit designation.
+    """
+    if _ISRC.fullmatch(value):
+        return None
+    return f"isrc {value!r} is not CCXXXYYNNNNN (ISO 3901: country, registrant, year, designation)"
+
+
+def normalize_iswc(value: str) -> str:
+    """ISWC in its display form ``T-DDD.DDD.DDD-C`` when it parses, else stripped upper case."""
+    text = value.strip().upper().replace(" ", "")
+    match = _ISWC.fullmatch(text)
+    return f"T-{match[1]}.{match[2]}.{match[3]}-{match[4]}" if match else text
+
+
+def check_iswc(value: str) -> str | None:
+    """None when ``value`` is a valid ISWC, else what is wrong.
+
+    ISO 15707: ``T`` + 9 digits + a check digit C with (1 + Σ_{i=1..9} i·d_i + C) ≡ 0 (mod 10).
+    """
+    match = _ISWC.fullmatch(value.strip().upper().replace(" ", ""))
+    if not match:
+        return f"iswc {value!r} is not T-DDD.DDD.DDD-C"
+    digits = [int(ch) for ch in match[1] + match[2] + match[3]]
+    expected = (10 - (1 + sum(i * d for i, d in enumerate(digits, start=1))) % 10) % 10
+    if int(match[4]) != expected:
+        return f"iswc {value!r} has check digit {match[4]}, expected {expected}"
+    return None
+
+
+@dataclass(frozen=True)
+class Check:
+    """One step of the policy for one recording, as ``linernotes rights explain`` prints it."""
+
+    name: str
+    passed: bool
+    detail: str
+    reason: RejectionReason | None = None
+
+
+def explain(track: Mapping[str, Any], licenses: Mapping[str, Mapping[str, Any]], run: RunPurpose,
+            opt_outs: OptOutRegistry | None = None) -> list[Check]:
+    """Every check of the policy for ``track`` in order, each passed or not (not only the first failure)."""
+    checks: list[Check] = []
+    registry = opt_outs or OptOutRegistry()
+    opted = registry.check(track)
+    checks.append(Check("opt-out registry", opted.admitted,
+                        "no opt-out names this track, its ISRC or its rights holder" if opted.admitted else opted.detail,
+                        opted.reason))
+    license_ = licenses.get(track.get("license_id") or "")
+    if license_ is None:
+        checks.append(Check("licence", False, f"no licence {track.get('license_id')!r} in the delivery",
+                            RejectionReason.UNKNOWN_LICENSE))
+        return checks
+    license_id = license_["license_id"]
+    training = str(license_.get("ai_training", "")).lower() in {"allowed", "allow", "true", "yes"}
+    checks.append(Check("AI training", training, f"licence {license_id}: ai_training={license_.get('ai_training')}",
+                        None if training else RejectionReason.LICENSE_DENIES_AI_TRAINING))
+    commercial_ok = run.purpose is not Purpose.COMMERCIAL or bool(license_.get("commercial_use"))
+    checks.append(Check("commercial use", commercial_ok,
+                        f"licence {license_id}: commercial_use={bool(license_.get('commercial_use'))}; "
+                        f"the run is {run.purpose.value}",
+                        None if commercial_ok else RejectionReason.LICENSE_NOT_COMMERCIAL))
+    territories = license_.get("territories") or []
+    covered = covers_territory(territories, run.territory)
+    checks.append(Check("territory", covered, f"licence covers {';'.join(territories) or 'nothing'}; "
+                        f"the run is for {run.territory}", None if covered else RejectionReason.LICENSE_TERRITORY))
+    valid_from, valid_until = license_.get("valid_from"), license_.get("valid_until")
+    started = not valid_from or run.as_of >= valid_from
+    checks.append(Check("valid from", started, f"licence valid from {valid_from or 'always'}; run as of {run.as_of}",
+                        None if started else RejectionReason.LICENSE_NOT_YET_VALID))
+    current = not valid_until or run.as_of <= valid_until
+    checks.append(Check("valid until", current, f"licence valid until {valid_until or 'open-ended'}; "
+                        f"run as of {run.as_of}", None if current else RejectionReason.LICENSE_EXPIRED))
+    return checks
 
 
 def decide(track: Mapping[str, Any], licenses: Mapping[str, Mapping[str, Any]], run: RunPurpose,

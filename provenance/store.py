@@ -97,6 +97,17 @@ attributions = sa.Table(
 )
 
 
+opt_outs = sa.Table(
+    "opt_outs", metadata,
+    sa.Column("kind", sa.String(16), primary_key=True),  # rights_holder | track_id | isrc
+    sa.Column("value", sa.String(300), primary_key=True),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("added_at", sa.String(32), nullable=False),
+)
+
+OPT_OUT_KINDS = ("rights_holder", "track_id", "isrc")
+
+
 def utc_now() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -224,6 +235,29 @@ class LineageStore:
             query = query.where(attributions.c.method == method)
         with self.engine.connect() as c:
             return [dict(r._mapping) for r in c.execute(query.order_by(attributions.c.method, attributions.c.rank))]
+
+    # opt-outs ---------------------------------------------------------------------------------------
+    def add_opt_out(self, kind: str, value: str, reason: str = "") -> bool:
+        """Register an opt-out (idempotent); returns False when it was already registered.
+
+        Raises:
+            ValueError: ``kind`` is not one of ``rights_holder``, ``track_id``, ``isrc``, or ``value`` is empty.
+        """
+        if kind not in OPT_OUT_KINDS:
+            raise ValueError(f"opt-out kind {kind!r} is not one of {', '.join(OPT_OUT_KINDS)}")
+        if not value.strip():
+            raise ValueError("opt-out value is empty")
+        with self._begin() as c:
+            if c.execute(sa.select(opt_outs.c.kind).where((opt_outs.c.kind == kind) &
+                                                          (opt_outs.c.value == value))).first():
+                return False
+            c.execute(opt_outs.insert().values(kind=kind, value=value, reason=reason, added_at=utc_now()))
+        return True
+
+    def list_opt_outs(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(sa.select(opt_outs).order_by(opt_outs.c.kind,
+                                                                                      opt_outs.c.value))]
 
     # helpers ----------------------------------------------------------------------------------------
     def _one(self, table: sa.Table, where: Any, json_fields: tuple[str, ...] = ()) -> dict[str, Any] | None:

@@ -89,3 +89,33 @@ def test_small_parsers():
     assert parse_bool("TRUE", "x") and not parse_bool("false", "x")
     with pytest.raises(ValueError, match="commercial_use"):
         parse_bool("maybe", "commercial_use")
+
+
+def test_isrc_and_iswc_validation():
+    from provenance.policy import check_isrc, check_iswc, normalize_iswc
+
+    assert check_isrc("USS1Z9900001") is None
+    for junk in ("USS1Z990000", "US-S1Z-99-00001", "12S1Z9900001", "USS1Z99ABCDE"):
+        assert check_isrc(junk), junk
+    assert check_iswc("T-034.524.680-1") is None  # ISO 15707 example
+    assert check_iswc("T0345246801") is None
+    assert "expected 1" in check_iswc("T-034.524.680-2")
+    assert check_iswc("T-34.524.680-1")
+    assert normalize_iswc("t0345246801") == "T-034.524.680-1"
+
+
+def test_explain_lists_every_check_not_only_the_first_failure():
+    from provenance.policy import explain
+
+    checks = explain({"track_id": "t", "license_id": "L1", "rights_holder": "H"},
+                     {"L1": licence(commercial_use=False, valid_until=dt.date(2020, 6, 1))}, COMMERCIAL)
+    by_name = {c.name: c for c in checks}
+    assert [c.name for c in checks] == ["opt-out registry", "AI training", "commercial use", "territory",
+                                        "valid from", "valid until"]
+    assert not by_name["commercial use"].passed and not by_name["valid until"].passed
+    assert by_name["valid until"].reason is RejectionReason.LICENSE_EXPIRED
+    assert by_name["AI training"].passed and by_name["territory"].passed
+    # decide() agrees with the first failing check
+    first_failure = next(c for c in checks if not c.passed)
+    assert decide({"track_id": "t", "license_id": "L1"}, {"L1": licence(commercial_use=False,
+                  valid_until=dt.date(2020, 6, 1))}, COMMERCIAL).reason is first_failure.reason
