@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,7 @@ quiet_beam_import_warnings()
 
 import apache_beam as beam  # noqa: E402
 import numpy as np
+import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -157,26 +159,76 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-def measure_file(track_id: str, task: Mapping[str, Any], run_id: str) -> tuple[str, dict[str, Any]]:
-    """Decode and measure one file → ``("accepted", AUDIO_FILE row)`` or ``("rejected", Rejection)``."""
-    try:
-        audio, sample_rate_hz = read_audio(task["path"])
-    except FileNotFoundError:
-        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.MISSING_FILE,
-                                     f"{task['path']} vanished before decoding", run_id)
-    except AudioDecodeError as err:
-        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.DECODE_ERROR,
-                                     str(err), run_id)
-    if audio.shape[-1] == 0:
-        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.EMPTY_AUDIO,
-                                     "decoded to 0 samples", run_id)
-    if not np.all(np.isfinite(audio)):
-        bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
-        return "rejected", rejection("audio_file", task["record_id"], STAGE, RejectionReason.NON_FINITE_SAMPLES,
-                                     f"{bad} NaN or infinite samples", run_id)
+MEASURE_VERSION = "1"
+"""Bump when decoding or measuring changes: it is part of every measurement cache key."""
+
+
+def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
+                 cache_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """Decode and measure one file → ``("accepted", AUDIO_FILE row)`` or ``("rejected", Rejection)``.
+
+    With ``cache_dir``, the outcome (measurements, or the reason the file is unusable) is cached under a
+    key of (``MEASURE_VERSION``, absolute path, size, mtime in ns): a re-run skips decoding unchanged files,
+    a changed file is measured again, and a killed run resumes with what it had measured. Rows carry
+    ``_cached`` (dropped before writing) so the run can count cache hits.
+    """
+    key = _measure_key(task["path"]) if cache_dir is not None else None
+    outcome = _read_cached(cache_dir, key)
+    cached = outcome is not None
+    if outcome is None:
+        outcome = _measure_outcome(task["path"])
+        _write_cached(cache_dir, key, outcome)
+    if outcome["status"] == "rejected":
+        return "rejected", {**rejection("audio_file", task["record_id"], STAGE, outcome["reason"],
+                                        outcome["detail"], run_id), "_cached": cached}
     return "accepted", {"track_id": track_id, "role": task["role"], "instrument": task["instrument"],
                         "uri": task["path"], "derived_from": "", "run_id": run_id,
-                        "_record_id": task["record_id"], **measure_audio(audio, sample_rate_hz)}
+                        "_record_id": task["record_id"], "_cached": cached, **outcome["fields"]}
+
+
+def _measure_outcome(path: str) -> dict[str, Any]:
+    def rejected(reason: RejectionReason, detail: str) -> dict[str, Any]:
+        return {"status": "rejected", "reason": reason.value, "detail": detail}
+
+    try:
+        audio, sample_rate_hz = read_audio(path)
+    except FileNotFoundError:
+        return rejected(RejectionReason.MISSING_FILE, f"{path} vanished before decoding")
+    except AudioDecodeError as err:
+        return rejected(RejectionReason.DECODE_ERROR, str(err))
+    if audio.shape[-1] == 0:
+        return rejected(RejectionReason.EMPTY_AUDIO, "decoded to 0 samples")
+    if not np.all(np.isfinite(audio)):
+        bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
+        return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
+    return {"status": "accepted", "fields": measure_audio(audio, sample_rate_hz)}
+
+
+def _measure_key(path: str) -> str | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return sha256_hex(f"{MEASURE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}")
+
+
+def _read_cached(cache_dir: Path | None, key: str | None) -> dict[str, Any] | None:
+    if cache_dir is None or key is None:
+        return None
+    try:
+        return json.loads((cache_dir / f"{key}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def _write_cached(cache_dir: Path | None, key: str | None, outcome: Mapping[str, Any]) -> None:
+    if cache_dir is None or key is None:
+        return
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=cache_dir)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(outcome, handle)
+    os.replace(tmp, cache_dir / f"{key}.json")
 
 
 def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: list[tuple[str, dict[str, Any]]],
@@ -225,7 +277,19 @@ def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: 
 
 def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str) -> dict[str, Any]:
     """Sum the stems (float32 ``(channels, samples)``; mono stems broadcast to the widest channel count) into
-    a float32 WAV under ``mixtures_dir`` and return its measured AUDIO_FILE row."""
+    a float32 WAV under ``mixtures_dir`` and return its measured AUDIO_FILE row.
+
+    Content-addressed: when the same stems (by decoded-PCM sha256) were summed before and the WAV is still
+    there, its recorded measurements are reused and nothing is decoded.
+    """
+    key = sha256_hex(canonical_json([MEASURE_VERSION, track_id, sorted(row["sha256"] for row in stems)]))
+    note = mixtures_dir / f".{key}.json"
+    try:
+        recorded = json.loads(note.read_text())
+        if Path(recorded["uri"]).is_file():
+            return {**recorded, "run_id": run_id, "_cached": True}
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        pass
     decoded = [read_audio(row["uri"]) for row in sorted(stems, key=lambda r: r["uri"])]
     sample_rate_hz = decoded[0][1]
     num_channels = max(a.shape[0] for a, _ in decoded)
@@ -237,8 +301,10 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     safe = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "-_")) else "_" for ch in track_id)[:80]
     path = mixtures_dir / f"{safe}-{sha256_hex(track_id)[:8]}.wav"
     write_audio(path, mixture32, sample_rate_hz)
-    return {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
-            "derived_from": "sum_of_stems", "run_id": run_id, **measure_audio(mixture32, sample_rate_hz)}
+    row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
+           "derived_from": "sum_of_stems", **measure_audio(mixture32, sample_rate_hz)}
+    _write_cached(mixtures_dir, f".{key}", row)
+    return {**row, "run_id": run_id, "_cached": False}
 
 
 # Beam adapters ----------------------------------------------------------------------------------------
@@ -276,7 +342,7 @@ def _to_json_line(row: Mapping[str, Any]) -> str:
 
 def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mapping[str, Mapping[str, Any]],
                    config: IngestConfig, opt_outs: OptOutRegistry, mixtures_dir: Path, staging: Path,
-                   run_id: str) -> None:
+                   run_id: str, measure_cache_dir: Path | None = None) -> None:
     """Wire the ingest graph into ``pipeline``; outputs go to JSON-lines files under ``staging``."""
     run = config.run_purpose()
     decided = (
@@ -302,7 +368,8 @@ def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mappin
     measured = (
         routed.measure
         | "Spread" >> beam.Reshuffle()
-        | "Measure" >> beam.MapTuple(lambda track_id, task: (track_id, measure_file(track_id, task, run_id)))
+        | "Measure" >> beam.MapTuple(lambda track_id, task: (track_id, measure_file(track_id, task, run_id,
+                                                                                     measure_cache_dir)))
     )
     final = (
         {"decision": decided.decision, "measured": measured}
@@ -331,11 +398,16 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
     workspace.ensure()
     store = LineageStore(workspace.store_url)
     opt_outs = opt_outs.merged(OptOutRegistry.from_rows(store.list_opt_outs()))
+    fingerprint = run_fingerprint(delivery, config, opt_outs)
     run_id = store.start_run(STAGE, {**config.to_dict(), "delivery": str(delivery.root),
                                      "delivery_id": delivery.delivery_id})
     run_dir = workspace.run_dir(run_id)
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
+        reusable = _find_reusable_run(store, workspace, fingerprint)
+        if reusable is not None:
+            say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
+            return _reuse_run(store, workspace, reusable, run_id, delivery)
         licenses, license_rejections = _read_licenses(delivery, run_id)
         say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
         with tempfile.TemporaryDirectory(dir=run_dir, prefix=".beam-") as staging_name:
@@ -343,10 +415,11 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             options = PipelineOptions(["--runner=DirectRunner", *config.beam_options])
             with beam.Pipeline(options=options) as pipeline:
                 build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
-                               staging, run_id)
+                               staging, run_id, workspace.root / "cache" / "measurements")
             tracks = _read_jsonl(staging, "tracks")
             audio_files = _read_jsonl(staging, "audio_files")
             rejections = license_rejections + _read_jsonl(staging, "rejections")
+        decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
         say("writing the curated catalog")
         tracks.sort(key=lambda r: r["track_id"])
         audio_files.sort(key=lambda r: (r["track_id"], r["role"], r["instrument"]))
@@ -363,6 +436,9 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             write_table(table, run_dir / f"{name}.parquet")
             outputs[name] = str(write_table(table, workspace.catalog_table(name)))
         counts = reconcile(delivery, tracks, audio_files, rejections, len(license_rows))
+        # files and built mixtures that were decoded and measured by this run, or taken from the cache
+        counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
+        outputs["fingerprint"] = fingerprint
         (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
                                                              "config_sha256": sha256_hex(canonical_json(config.to_dict()))}))
         (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id, "counts": counts, "outputs": outputs},
@@ -373,6 +449,57 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         raise
     finally:
         store.close()
+    return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
+
+
+def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:
+    """What an ingest's outputs depend on: the delivery's tables, every audio file's (path, size, mtime),
+    the config (purpose, territory, date; not the runner options), the opt-outs and ``MEASURE_VERSION``."""
+    files = []
+    for row in delivery.files:
+        path = (delivery.root / (row.get("path") or "")).resolve()
+        try:
+            stat = path.stat()
+            files.append([str(path), stat.st_size, stat.st_mtime_ns])
+        except OSError:
+            files.append([str(path), None, None])
+    settings = {k: v for k, v in config.to_dict().items() if k != "beam_options"}
+    return sha256_hex(canonical_json({
+        "delivery_id": delivery.delivery_id, "config": settings, "files": sorted(files),
+        "opt_outs": [sorted(opt_outs.rights_holders), sorted(opt_outs.track_ids), sorted(opt_outs.isrcs)],
+        "measure_version": MEASURE_VERSION,
+    }))
+
+
+def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: str) -> dict[str, Any] | None:
+    for run in reversed(store.list_runs(STAGE)):
+        outputs = run.get("outputs") or {}
+        if run["status"] != "succeeded" or outputs.get("fingerprint") != fingerprint:
+            continue
+        run_dir = workspace.run_dir(run["run_id"])
+        tables = [run_dir / f"{name}.parquet" for name in ("licenses", "tracks", "audio_files", "rejections")]
+        if not all(path.is_file() for path in tables):
+            continue
+        uris = pq.read_table(run_dir / "audio_files.parquet", columns=["uri"])["uri"].to_pylist()
+        if all(Path(uri).is_file() for uri in uris):
+            return run
+    return None
+
+
+def _reuse_run(store: LineageStore, workspace: Workspace, previous: Mapping[str, Any], run_id: str,
+               delivery: Delivery) -> IngestResult:
+    """Point the catalog at an identical earlier run's tables; register this run as a reuse of it."""
+    source = workspace.run_dir(previous["run_id"])
+    outputs: dict[str, str] = {}
+    for name in ("licenses", "tracks", "audio_files", "rejections"):
+        outputs[name] = str(write_table(pq.read_table(source / f"{name}.parquet"), workspace.catalog_table(name)))
+    counts = {**previous["counts"], "work": {"audio_measured": 0, "audio_from_cache": 0},
+              "reused_from": previous["run_id"]}
+    outputs["fingerprint"] = previous["outputs"]["fingerprint"]
+    (workspace.run_dir(run_id) / "summary.json").write_text(json.dumps(
+        {"run_id": run_id, "counts": counts, "outputs": outputs}, indent=2, default=str))
+    store.finish_run(run_id, counts, outputs)
+    rejections = pq.read_table(source / "rejections.parquet").to_pylist()
     return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
 
 

@@ -1,0 +1,486 @@
+"""Reading DDEX ERN 4.x release messages (``NewReleaseMessage``) into the row dicts of a catalog delivery.
+
+A message becomes the rows a CSV delivery would have had (``pipelines.delivery``): one track row per
+``SoundRecording`` (the ``TRACK_COLUMNS`` plus ``iswc``) and one ``mixture`` file row per delivered audio
+file, plus the releases and deals as plain dataclasses. ERN 4.1, 4.1.1, 4.2 and 4.3 are read; the version
+comes from the root namespace (``http://ddex.net/xml/ern/411`` → ``4.1.1``). Only 4.1.1 is checked against
+its XSD: the 4.3 XSD is not in the corpus.
+
+Shapes that differ between versions: the ISRC, PLine and ``TechnicalDetails`` sit directly in the
+``SoundRecording`` in 4.1.1 and inside ``SoundRecordingEdition`` in 4.2/4.3; a delivered file is
+``TechnicalDetails/File`` (4.1.1) or ``TechnicalDetails/DeliveryFile/File`` (4.3), named by ``URI`` or by
+``FilePath`` + ``FileName``.
+
+``track_id``: ``isrc-{ISRC}`` when the recording's ISRC is well formed (ISO 3901, after
+``normalize_isrc``), so the same recording gets the same id in every message and re-delivery; otherwise
+``ddex-{message}-{ResourceReference}`` where ``{message}`` is the message's path inside the delivery
+without ``.xml``, ``/`` → ``_`` (``MessageId`` is not used: samples leave it empty or repeat it).
+
+Licences: ``license_id`` is always ``""``. DDEX deals license streaming and downloads, never training;
+the licence comes from a separate agreement (``deal_grants_training`` is False for every standard use type).
+
+Hostile XML: no DTD is loaded, no entity is resolved, nothing is fetched from the network; a DOCTYPE
+anywhere in the prolog (the carrier of billion-laughs and XXE attacks; DDEX never needs one) is refused
+before parsing, and so are files over ``ErnLimits.max_bytes`` and elements nested deeper than
+``ErnLimits.max_depth``. These raise ``ErnError(XML_UNSAFE, ...)``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import io
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lxml import etree
+
+from provenance.policy import check_isrc, normalize_isrc
+from provenance.records import RejectionReason
+
+# Rejection reasons the integrator adds to ``RejectionReason`` (string-valued until then).
+XML_UNSAFE = "xml_unsafe"  # DOCTYPE/entities, oversize file, excessive nesting, unsupported encoding
+SCHEMA_INVALID = "schema_invalid"  # not an ERN 4.x NewReleaseMessage, or fails the version's XSD
+INVALID_FIELD = RejectionReason.INVALID_FIELD.value  # not well-formed XML
+
+ERN411_XSD_ENV = "LINERNOTES_ERN411_XSD"
+DEFAULT_ERN411_XSD = (Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "ddex" / "xsd"
+                      / "ern411" / "release-notification.xsd")
+
+# Use types that name AI training. The ERN 4.1.1 AVS UseType list has none; a licensor can only say it
+# with UseType "UserDefined" and a UserDefinedValue. Compared lower case, letters and digits only.
+TRAINING_USE_TYPES = frozenset({"aitraining", "aimodeltraining", "trainaimodel", "trainai",
+                                "machinelearningtraining", "mltraining"})
+
+_ERN_NAMESPACE = re.compile(r"^http://ddex\.net/xml/ern/(4\d{1,2})$")
+_PROLOG_WINDOW_CHARS = 64 * 1024
+_PLINE_PREFIX = re.compile(r"^\s*(?:\(P\)|\(p\)|℗)?\s*(?:\d{4})?\s*[,:\-]?\s*")
+_VALIDATE_LOCK = threading.Lock()  # an XMLSchema instance must not validate in two threads at once
+
+
+class ErnError(ValueError):
+    """A message that cannot be read. ``reason`` is a RejectionReason value or ``XML_UNSAFE``/``SCHEMA_INVALID``."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ErnLimits:
+    """Resource limits for one message: file size in bytes and element nesting depth.
+
+    libxml2 itself stops at depth 256 without ``huge_tree``, so ``max_depth`` above 256 has no effect.
+    """
+
+    max_bytes: int = 50 * 1024 * 1024
+    max_depth: int = 256
+
+
+@dataclass(frozen=True)
+class Release:
+    """A ``Release`` or ``TrackRelease``; ``resource_references`` in document order."""
+
+    reference: str
+    kind: str  # "Release" | "TrackRelease"
+    release_type: str
+    icpn: str
+    grid: str
+    proprietary_ids: tuple[str, ...]
+    title: str
+    artist: str
+    genre: str
+    resource_references: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Deal:
+    """One ``Deal``'s terms. Dates are as written (``YYYY-MM-DD`` or a date-time); ``""`` when open."""
+
+    release_references: tuple[str, ...]
+    commercial_model_types: tuple[str, ...]
+    use_types: tuple[str, ...]  # as written; "UserDefined" ones also listed in user_defined_use_types
+    user_defined_use_types: tuple[str, ...]
+    territories: tuple[str, ...]
+    excluded_territories: tuple[str, ...]
+    valid_from: str
+    valid_until: str
+
+
+@dataclass(frozen=True)
+class ErnMessage:
+    """A parsed message: rows ready for ``Delivery`` (each with ``_row``, 1-based within the message, and
+    ``_message``, the message path inside the delivery), its releases and deals."""
+
+    path: Path
+    message_id: str
+    version: str  # "4.1.1", "4.3", ...
+    profile: str  # ReleaseProfileVersionId, e.g. "Audio"
+    schema_checked: bool  # validated against an XSD (only 4.1.1 has one here)
+    tracks: list[dict[str, Any]] = field(default_factory=list)
+    files: list[dict[str, Any]] = field(default_factory=list)
+    releases: list[Release] = field(default_factory=list)
+    deals: list[Deal] = field(default_factory=list)
+
+
+def parse_ern(path: Path, delivery_root: Path, *, limits: ErnLimits = ErnLimits(), validate: bool = True,
+              xsd_path: Path | None = None) -> ErnMessage:
+    """Read one ERN 4.x message safely and map it to track and file rows.
+
+    Args:
+        path: the message file.
+        delivery_root: the delivery folder; file rows' ``path`` is relative to it (the message's folder
+            joined with the ``URI``, left as written so that ``check_file_row`` judges it).
+        limits: file size and nesting limits.
+        validate: check 4.1.1 messages against the XSD (other versions have none here).
+        xsd_path: the ERN 4.1.1 ``release-notification.xsd``; default ``$LINERNOTES_ERN411_XSD`` or
+            ``../shared/corpus/ddex/xsd/ern411`` beside the repository.
+
+    Raises:
+        ErnError: ``XML_UNSAFE`` (DOCTYPE, too big, too deep, unknown encoding), ``invalid_field`` (not
+            well-formed), ``SCHEMA_INVALID`` (not an ERN 4.x NewReleaseMessage, or XSD errors).
+        FileNotFoundError: a 4.1.1 message is to be validated and the XSD is not there (a config error).
+    """
+    path, delivery_root = Path(path), Path(delivery_root)
+    root = _parse_safely(path, limits)
+    version = _ern_version(root)
+    schema_checked = False
+    if validate and version == "4.1.1":
+        errors = _schema_errors(root, _ern411_schema(str(_resolve_xsd(xsd_path))))
+        if errors:
+            raise ErnError(SCHEMA_INVALID, f"{len(errors)} ERN 4.1.1 XSD error(s); first: {errors[0]}")
+        schema_checked = True
+    return _map_message(root, path, delivery_root, version, schema_checked)
+
+
+def validate_ern(path: Path, *, limits: ErnLimits = ErnLimits(), xsd_path: Path | None = None) -> list[str]:
+    """XSD errors of a message, ``"line N: message"`` each; ``[]`` when valid or when its version has no
+    XSD here (only ERN 4.1.1 has one; see ``ErnMessage.schema_checked``).
+
+    Raises:
+        ErnError: the message is unsafe, not well formed, or not ERN 4.x (as ``parse_ern``).
+        FileNotFoundError: the 4.1.1 XSD is missing.
+    """
+    root = _parse_safely(Path(path), limits)
+    if _ern_version(root) != "4.1.1":
+        return []
+    return _schema_errors(root, _ern411_schema(str(_resolve_xsd(xsd_path))))
+
+
+def read_ern_delivery(root: Path, *, limits: ErnLimits = ErnLimits(), validate: bool = True,
+                      xsd_path: Path | None = None
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, str]]]:
+    """Read every ``*.xml`` message under a delivery folder (recursively, in sorted path order).
+
+    Returns:
+        (track rows, file rows, errors). Rows from all messages, ``_row`` renumbered 1.. over the whole
+        table; an error is ``{"message": path inside the delivery, "reason": ..., "detail": ...}`` for a
+        message that could not be read; its rows are absent. Duplicate ``track_id``s (the same ISRC in two
+        messages) are kept for ingest to reject as ``duplicate_id``: the first in path order wins there.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or a 4.1.1 message is to be validated without the XSD.
+    """
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"delivery folder {root} does not exist")
+    tracks: list[dict[str, Any]] = []
+    files: list[dict[str, Any]] = []
+    errors: list[dict[str, str]] = []
+    for path in sorted(root.rglob("*.xml")):
+        try:
+            message = parse_ern(path, root, limits=limits, validate=validate, xsd_path=xsd_path)
+        except ErnError as err:
+            errors.append({"message": path.relative_to(root).as_posix(), "reason": err.reason, "detail": err.detail})
+            continue
+        tracks.extend(message.tracks)
+        files.extend(message.files)
+    for table in (tracks, files):
+        for number, row in enumerate(table, start=1):
+            row["_row"] = number
+    return tracks, files, errors
+
+
+def deal_grants_training(deal: Deal) -> bool:
+    """True only when a use type explicitly names AI training (see ``TRAINING_USE_TYPES``).
+
+    Streaming, downloads and the catch-alls (``Use``, ``AsPerContract``, ``Unknown``) never do. Territory
+    and validity are not judged here; a training licence still goes through the rights policy.
+    """
+    names = (*deal.use_types, *deal.user_defined_use_types)
+    return any(re.sub(r"[^a-z0-9]", "", name.lower()) in TRAINING_USE_TYPES for name in names)
+
+
+# safe parsing -----------------------------------------------------------------------------------------
+
+def _parse_safely(path: Path, limits: ErnLimits) -> etree._Element:
+    if not path.is_file():
+        raise ErnError(XML_UNSAFE, f"{path} is not a regular file")
+    size_bytes = path.stat().st_size
+    if size_bytes > limits.max_bytes:
+        raise ErnError(XML_UNSAFE, f"{size_bytes} bytes, over the {limits.max_bytes}-byte limit")
+    with path.open("rb") as stream:
+        data = stream.read(limits.max_bytes + 1)
+    if len(data) > limits.max_bytes:  # grew after stat
+        raise ErnError(XML_UNSAFE, f"more than {limits.max_bytes} bytes")
+    _check_prolog(data)
+    events = etree.iterparse(io.BytesIO(data), events=("start", "end"), load_dtd=False, no_network=True,
+                             resolve_entities=False, huge_tree=False, remove_comments=True, remove_pis=True)
+    depth = 0
+    try:
+        for event, _ in events:
+            depth += 1 if event == "start" else -1
+            if depth > limits.max_depth:
+                raise ErnError(XML_UNSAFE, f"elements nested deeper than {limits.max_depth}")
+    except etree.XMLSyntaxError as err:
+        if any(word in str(err).lower() for word in ("depth", "amplification", "entity")):
+            raise ErnError(XML_UNSAFE, f"refused by the parser's limits: {err}") from err
+        raise ErnError(INVALID_FIELD, f"not well-formed XML: {err}") from err
+    root = events.root
+    if root is None:
+        raise ErnError(INVALID_FIELD, "no root element")
+    if root.getroottree().docinfo.doctype:  # the prolog scan should have caught it
+        raise ErnError(XML_UNSAFE, "DOCTYPE declarations are not accepted")
+    return root
+
+
+def _check_prolog(data: bytes) -> None:
+    """Refuse a DOCTYPE before the root element; decodes UTF-8/16/32 (BOM or first bytes, XML 1.0 F.1)."""
+    text = _decode_head(data[: _PROLOG_WINDOW_CHARS * 4])[:_PROLOG_WINDOW_CHARS]
+    truncated = len(data) > _PROLOG_WINDOW_CHARS
+    at = 0
+    while True:
+        while at < len(text) and text[at] in " \t\r\n":
+            at += 1
+        if text.startswith("<!DOCTYPE", at) or (text.startswith("<!", at) and not text.startswith("<!--", at)):
+            entities = " with ENTITY declarations" if "<!ENTITY" in text[at:] else ""
+            raise ErnError(XML_UNSAFE, f"DOCTYPE{entities} refused: DDEX messages need no DTD or entities")
+        for opener, closer in (("<?", "?>"), ("<!--", "-->")):
+            if text.startswith(opener, at):
+                end = text.find(closer, at + len(opener))
+                if end < 0:
+                    if truncated:
+                        raise ErnError(XML_UNSAFE, f"prolog longer than {_PROLOG_WINDOW_CHARS} characters")
+                    return  # unterminated: the parser reports it
+                at = end + len(closer)
+                break
+        else:
+            if at >= len(text) and truncated:
+                raise ErnError(XML_UNSAFE, f"prolog longer than {_PROLOG_WINDOW_CHARS} characters")
+            return  # the root element (or junk the parser reports)
+
+
+def _decode_head(head: bytes) -> str:
+    boms = ((codecs.BOM_UTF32_LE, "utf-32-le"), (codecs.BOM_UTF32_BE, "utf-32-be"), (codecs.BOM_UTF8, "utf-8"),
+            (codecs.BOM_UTF16_LE, "utf-16-le"), (codecs.BOM_UTF16_BE, "utf-16-be"))
+    for bom, encoding in boms:
+        if head.startswith(bom):
+            return head[len(bom):].decode(encoding, errors="replace")
+    first = head[:4]
+    for marker, encoding in ((b"\x00\x00\x00<", "utf-32-be"), (b"<\x00\x00\x00", "utf-32-le"),
+                             (b"\x00<\x00?", "utf-16-be"), (b"<\x00?\x00", "utf-16-le")):
+        if first == marker:
+            return head.decode(encoding, errors="replace")
+    if first and not (first[0] == 0 or 0x09 <= first[0] < 0x80):
+        raise ErnError(XML_UNSAFE, f"unsupported encoding (first bytes {first.hex()}): send UTF-8")
+    return head.decode("latin-1")  # ASCII-compatible: the markup characters are ASCII
+
+
+def _ern_version(root: etree._Element) -> str:
+    qname = etree.QName(root)
+    match = _ERN_NAMESPACE.match(qname.namespace or "")
+    if not match or qname.localname != "NewReleaseMessage":
+        raise ErnError(SCHEMA_INVALID, f"root is {root.tag!r}, not an ERN 4.x NewReleaseMessage")
+    return ".".join(match[1])
+
+
+def _resolve_xsd(xsd_path: Path | None) -> Path:
+    path = Path(xsd_path or os.environ.get(ERN411_XSD_ENV) or DEFAULT_ERN411_XSD)
+    if not path.is_file():
+        raise FileNotFoundError(f"ERN 4.1.1 XSD not found at {path}: set {ERN411_XSD_ENV} or pass xsd_path "
+                                "(release-notification.xsd beside avs411.xsd)")
+    return path
+
+
+@functools.lru_cache(maxsize=4)
+def _ern411_schema(xsd_path: str) -> etree.XMLSchema:
+    parser = etree.XMLParser(load_dtd=False, no_network=True, resolve_entities=False, huge_tree=False)
+    return etree.XMLSchema(etree.parse(xsd_path, parser))
+
+
+def _schema_errors(root: etree._Element, schema: etree.XMLSchema) -> list[str]:
+    with _VALIDATE_LOCK:
+        schema.validate(root.getroottree())
+        return [f"line {e.line}: {e.message}" for e in schema.error_log]
+
+
+# mapping ----------------------------------------------------------------------------------------------
+
+def _map_message(root: etree._Element, path: Path, delivery_root: Path, version: str,
+                 schema_checked: bool) -> ErnMessage:
+    try:
+        relative = path.resolve().relative_to(delivery_root.resolve())
+    except ValueError:
+        relative = Path(path.name)
+    message_name = relative.as_posix()
+    folder = relative.parent.as_posix()
+    parties = {_text(_child(p, "PartyReference")): _party_name(p) for p in _path(root, "PartyList", "Party")}
+    release_elements = [r for r in _path(root, "ReleaseList", "*") if _local(r) in {"Release", "TrackRelease"}]
+    releases = [_release(r) for r in release_elements]
+    # genre and PLine come only from releases that list the resource (a DJ mix's sources are not its release's)
+    genre_of: dict[str, str] = {}
+    pline_of: dict[str, str] = {}
+    for element, release in sorted(zip(release_elements, releases), key=lambda er: er[1].kind != "TrackRelease"):
+        pline = _first_text(_path(element, "PLine", "PLineText"))
+        for reference in release.resource_references:
+            if release.genre:
+                genre_of.setdefault(reference, release.genre)
+            if pline:
+                pline_of.setdefault(reference, pline)
+    tracks, files = [], []
+    for recording in _path(root, "ResourceList", "SoundRecording"):
+        reference = _text(_child(recording, "ResourceReference"))
+        editions = [recording, *_children(recording, "SoundRecordingEdition")]  # 4.1.1 shape, 4.3 shape
+        isrc = _first_text(e for ed in editions for e in _path(ed, "ResourceId", "ISRC"))
+        normalized = normalize_isrc(isrc)
+        if isrc and check_isrc(normalized) is None:
+            track_id = f"isrc-{normalized}"
+        else:
+            track_id = f"ddex-{message_name.removesuffix('.xml').replace('/', '_')}-{reference}"
+        artist = _default_text(_children(recording, "DisplayArtistName")) or next(
+            (parties.get(_text(r), "") for r in _path(recording, "DisplayArtist", "ArtistPartyReference")), "")
+        tracks.append({
+            "track_id": track_id,
+            "isrc": isrc,
+            "title": _default_text(_children(recording, "DisplayTitleText"))
+            or _default_text(_path(recording, "DisplayTitle", "TitleText")),
+            "artist": artist,
+            "rights_holder": _rights_holder(recording, editions, parties, pline_of.get(reference, "")),
+            "license_id": "",
+            "attribution": "",
+            "genre": genre_of.get(reference, ""),
+            "tags": "",
+            "description": "",
+            "iswc": _first_text(_path(recording, "WorkId", "ISWC")),
+            "_row": len(tracks) + 1,
+            "_message": message_name,
+        })
+        for uri in _file_uris(editions):
+            files.append({"track_id": track_id, "role": "mixture", "instrument": "",
+                          "path": uri if folder == "." or "://" in uri else f"{folder}/{uri}",
+                          "_row": len(files) + 1, "_message": message_name})
+    return ErnMessage(
+        path=path, message_id=_first_text(_path(root, "MessageHeader", "MessageId")), version=version,
+        profile=root.get("ReleaseProfileVersionId", ""), schema_checked=schema_checked, tracks=tracks,
+        files=files, releases=releases, deals=[d for rd in _path(root, "DealList", "ReleaseDeal") for d in _deals(rd)],
+    )
+
+
+def _rights_holder(recording: etree._Element, editions: list[etree._Element], parties: dict[str, str],
+                   release_pline: str) -> str:
+    """ResourceRightsController's party name, else the holder in the recording's PLine, else in the PLine of
+    a release that lists it; ``""`` when none (ingest rejects it as ``missing_field``)."""
+    for reference in _path(recording, "ResourceRightsController", "RightsControllerPartyReference"):
+        if parties.get(_text(reference)):
+            return parties[_text(reference)]
+    pline = _first_text(e for ed in editions for e in _path(ed, "PLine", "PLineText")) or release_pline
+    return _PLINE_PREFIX.sub("", pline, count=1).strip()
+
+
+def _file_uris(editions: list[etree._Element]) -> list[str]:
+    uris = []
+    for edition in editions:
+        for details in _children(edition, "TechnicalDetails"):
+            for file_ in [*_children(details, "File"), *_path(details, "DeliveryFile", "File")]:
+                uri = _text(_child(file_, "URI"))
+                if not uri and _text(_child(file_, "FileName")):
+                    uri = "/".join(p for p in (_text(_child(file_, "FilePath")).rstrip("/"),
+                                               _text(_child(file_, "FileName"))) if p)
+                if uri:
+                    uris.append(uri)
+    return uris
+
+
+def _release(element: etree._Element) -> Release:
+    ids = _child(element, "ReleaseId")
+    return Release(
+        reference=_text(_child(element, "ReleaseReference")),
+        kind=_local(element),
+        release_type=_first_text(_children(element, "ReleaseType")),
+        icpn=_text(_child(ids, "ICPN")),
+        grid=_text(_child(ids, "GRid")),
+        proprietary_ids=tuple(_text(e) for e in _children(ids, "ProprietaryId")),
+        title=_default_text(_children(element, "DisplayTitleText")),
+        artist=_default_text(_children(element, "DisplayArtistName")),
+        genre=_first_text(_path(element, "Genre", "GenreText")),
+        resource_references=tuple(_text(e) for e in element.iter("ReleaseResourceReference")),
+    )
+
+
+def _deals(release_deal: etree._Element) -> list[Deal]:
+    references = tuple(_text(e) for e in _children(release_deal, "DealReleaseReference"))
+    deals = []
+    for terms in _path(release_deal, "Deal", "DealTerms"):
+        use_types = list(_children(terms, "UseType"))
+        period = _child(terms, "ValidityPeriod")
+        deals.append(Deal(
+            release_references=references,
+            commercial_model_types=tuple(_text(e) for e in _children(terms, "CommercialModelType")),
+            use_types=tuple(_text(e) for e in use_types),
+            user_defined_use_types=tuple(e.get("UserDefinedValue", "") for e in use_types
+                                         if _text(e) == "UserDefined"),
+            territories=tuple(_text(e) for e in _children(terms, "TerritoryCode")),
+            excluded_territories=tuple(_text(e) for e in _children(terms, "ExcludedTerritoryCode")),
+            valid_from=_text(_child(period, "StartDate")) or _text(_child(period, "StartDateTime")),
+            valid_until=_text(_child(period, "EndDate")) or _text(_child(period, "EndDateTime")),
+        ))
+    return deals
+
+
+def _party_name(party: etree._Element) -> str:
+    names = _children(party, "PartyName")
+    plain = [n for n in names if n.get("LanguageAndScriptCode") is None] or names
+    return _first_text(_path(plain[0], "FullName")) if plain else ""
+
+
+# element helpers: ERN children are unqualified; match local names so a stray default namespace still reads
+
+def _local(element: etree._Element) -> str:
+    return etree.QName(element).localname if isinstance(element.tag, str) else ""
+
+
+def _children(element: etree._Element | None, name: str) -> list[etree._Element]:
+    if element is None:
+        return []
+    return [c for c in element if isinstance(c.tag, str) and (name == "*" or _local(c) == name)]
+
+
+def _child(element: etree._Element | None, name: str) -> etree._Element | None:
+    found = _children(element, name)
+    return found[0] if found else None
+
+
+def _path(element: etree._Element | None, *names: str) -> list[etree._Element]:
+    level = [element] if element is not None else []
+    for name in names:
+        level = [c for e in level for c in _children(e, name)]
+    return level
+
+
+def _text(element: etree._Element | None) -> str:
+    return (element.text or "").strip() if element is not None else ""
+
+
+def _first_text(elements: Any) -> str:
+    return next((t for t in (_text(e) for e in elements) if t), "")
+
+
+def _default_text(elements: list[etree._Element]) -> str:
+    """The ``IsDefault="true"`` one, else the first without a language/script code, else the first."""
+    ranked = sorted(elements, key=lambda e: (e.get("IsDefault") != "true", e.get("LanguageAndScriptCode") is not None))
+    return _first_text(ranked)

@@ -1,0 +1,106 @@
+"""Ingest is incremental and resumable, and the same on Beam's multi-process DirectRunner."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import soundfile as sf
+
+from pipelines.ingest import IngestConfig, run_ingest
+from provenance.workspace import Workspace
+from tests.pipelines.test_ingest import LICENSES, track, write_csv
+
+AS_OF = "2026-11-21"
+STABLE = {"tracks": ["track_id", "title", "license_id", "rights_holder"],
+          "audio_files": ["track_id", "role", "instrument", "sha256", "num_samples", "peak_dbfs", "loudness_lufs"],
+          "rejections": ["record_kind", "record_id", "reason", "detail"]}
+
+
+def make_delivery(root, num_tracks: int, seconds: float = 20.0):
+    rng = np.random.default_rng(0)
+    (root / "audio").mkdir(parents=True)
+    tracks, files = [], []
+    for i in range(num_tracks):
+        tracks.append(track(f"t{i:02d}", "L-open"))
+        for stem in ("bass", "other"):
+            audio = 0.2 * rng.standard_normal((int(seconds * 44100), 2)).astype(np.float32)
+            sf.write(root / "audio" / f"t{i:02d}-{stem}.flac", audio, 44100, subtype="PCM_16")
+            files.append({"track_id": f"t{i:02d}", "role": stem, "instrument": "", "path": f"audio/t{i:02d}-{stem}.flac"})
+    write_csv(root / "licenses.csv", LICENSES[:1], list(LICENSES[0]))
+    write_csv(root / "tracks.csv", tracks, list(tracks[0]))
+    write_csv(root / "files.csv", files, ["track_id", "role", "instrument", "path"])
+
+
+def catalog(workspace: Workspace) -> dict[str, list[dict]]:
+    return {name: pq.read_table(workspace.catalog_table(name), columns=columns).to_pylist()
+            for name, columns in STABLE.items()}
+
+
+def ingest(delivery, workspace, **config):
+    return run_ingest(delivery, workspace, IngestConfig(as_of=AS_OF, **config))
+
+
+def test_rerun_does_no_new_work_and_a_changed_file_is_measured_again(tmp_path):
+    delivery = tmp_path / "d"
+    make_delivery(delivery, 3, seconds=2.0)
+    workspace = Workspace.at(tmp_path / "w")
+    first = ingest(delivery, workspace)
+    assert first.counts["work"] == {"audio_measured": 9, "audio_from_cache": 0}  # 6 stems + 3 mixtures
+    before = catalog(workspace)
+    again = ingest(delivery, workspace)
+    assert again.counts["reused_from"] == first.run_id and again.counts["work"]["audio_measured"] == 0
+    assert catalog(workspace) == before
+
+    changed = delivery / "audio" / "t01-bass.flac"
+    sf.write(changed, np.zeros((44100, 2), np.float32) + 0.1, 44100, subtype="PCM_16")
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    third = ingest(delivery, workspace)
+    # the changed stem and its track's mixture are measured again; the other 7 come from the cache
+    assert third.counts["work"] == {"audio_measured": 2, "audio_from_cache": 7}
+    after = {(r["track_id"], r["role"]): r for r in catalog(workspace)["audio_files"]}
+    old = {(r["track_id"], r["role"]): r for r in before["audio_files"]}
+    assert after[("t01", "bass")]["sha256"] != old[("t01", "bass")]["sha256"]
+    assert after[("t01", "mixture")]["sha256"] != old[("t01", "mixture")]["sha256"]
+    assert after[("t00", "bass")] == old[("t00", "bass")]
+
+
+def test_a_killed_run_finishes_on_the_next_invocation_with_the_same_outputs(tmp_path):
+    delivery = tmp_path / "d"
+    make_delivery(delivery, 6)
+    killed = Workspace.at(tmp_path / "killed")
+    cache = killed.root / "cache" / "measurements"
+    command = [sys.executable, "-m", "pipelines.cli", "ingest", str(delivery), "--as-of", AS_OF,
+               "--workdir", str(killed.root), "--json"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (cache.is_dir() and any(cache.glob("*.json"))):
+        assert proc.poll() is None, "ingest finished before it could be killed"
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not killed.catalog_table("tracks").exists(), "the catalog is written only when a run completes"
+    measured_before_kill = len(list(cache.glob("*.json")))
+    assert measured_before_kill >= 1
+
+    resumed = ingest(delivery, killed)
+    assert resumed.counts["work"]["audio_from_cache"] >= measured_before_kill
+    clean = Workspace.at(tmp_path / "clean")
+    ingest(delivery, clean)
+    assert catalog(killed) == catalog(clean)
+
+
+def test_multi_process_direct_runner_gives_the_same_catalog(tmp_path):
+    delivery = tmp_path / "d"
+    make_delivery(delivery, 3, seconds=1.0)
+    single, multi = Workspace.at(tmp_path / "single"), Workspace.at(tmp_path / "multi")
+    ingest(delivery, single)
+    result = ingest(delivery, multi, beam_options=("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
+    assert result.counts["tracks"]["accepted"] == 3
+    assert catalog(multi) == catalog(single)
