@@ -84,6 +84,8 @@ def ingest(
     as_of: Annotated[Optional[str], typer.Option("--as-of", help="Judge rights at this date (YYYY-MM-DD); "
                                                  "default today.")] = None,
     opt_out: Annotated[Optional[Path], typer.Option(help="Opt-out CSV (kind,value).")] = None,
+    license_id: Annotated[Optional[str], typer.Option("--license", help="Licence agreement (a licenses.csv id) "
+                                                      "for recordings the delivery names none for, e.g. DDEX.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
@@ -102,7 +104,8 @@ def ingest(
         if opt_out is not None and not opt_out.is_file():
             raise CliError(f"--opt-out {opt_out} does not exist")
         cfg = load_config(IngestConfig, config, parse_overrides(overrides or []), purpose=purpose,
-                          territory=territory, as_of=as_of, opt_out_csv=str(opt_out) if opt_out else None)
+                          territory=territory, as_of=as_of, opt_out_csv=str(opt_out) if opt_out else None,
+                          license_id=license_id)
         result = run_ingest(delivery, _workspace(workdir), cfg, status=_status(json_mode))
         _emit(result.to_json(), json_mode, _render_ingest)
 
@@ -111,7 +114,9 @@ def _render_ingest(payload: dict[str, Any]) -> None:
     table = Table(title=f"ingest {payload['run_id']}", title_justify="left")
     for column in ("table", "input", "accepted", "rejected", "rejected by reason"):
         table.add_column(column, justify="right" if column in {"input", "accepted", "rejected"} else "left")
-    for name in ("tracks", "files", "licenses"):
+    for name in ("messages", "tracks", "files", "licenses"):
+        if name not in payload["counts"]:
+            continue
         c = payload["counts"][name]
         reasons = ", ".join(f"{r}: {n}" for r, n in c["rejected_by_reason"].items()) or "—"
         table.add_row(name, str(c["input"]), str(c["accepted"]), str(c["rejected"]), reasons)

@@ -11,7 +11,7 @@ import datetime as dt
 import io
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +32,29 @@ class DeliveryError(ValueError):
 
 @dataclass(frozen=True)
 class Delivery:
-    """A delivery's rows. Each row dict carries ``_row`` (1-based data row number in its table)."""
+    """A delivery's rows. Each row dict carries ``_row`` (1-based data row number in its table).
+
+    ``format`` is ``csv`` (tracks.csv + files.csv) or ``ddex`` (ERN 4.x messages, ``*.xml``); either way the
+    licence agreements come from ``licenses.csv``. ``messages`` lists the DDEX messages read and
+    ``message_errors`` those that could not be (``{"message", "reason", "detail"}``).
+    """
 
     root: Path
     delivery_id: str
     tracks: list[dict[str, Any]]
     files: list[dict[str, Any]]
     licenses: list[dict[str, Any]]
+    format: str = "csv"
+    messages: list[str] = field(default_factory=list)
+    message_errors: list[dict[str, str]] = field(default_factory=list)
 
 
-def read_delivery(root: str | os.PathLike[str]) -> Delivery:
-    """Read the three tables of a delivery folder.
+def read_delivery(root: str | os.PathLike[str], default_license_id: str | None = None) -> Delivery:
+    """Read a delivery folder: CSV tables, or DDEX ERN 4.x messages when there is no ``tracks.csv``.
 
-    ``delivery_id`` is ``{folder name}-{sha256 of the three tables' bytes, 12 hex}``: the same delivery
-    gets the same id wherever it lies.
+    ``delivery_id`` is ``{folder name}-{sha256 of the tables' (or messages') bytes, 12 hex}``: the same
+    delivery gets the same id wherever it lies. ``default_license_id`` fills an empty ``license_id`` (the
+    licence agreement a DDEX delivery comes under: its deals for streaming or download never grant training).
 
     Raises:
         DeliveryError: the folder or a table is missing, a required column is absent, or a table is not
@@ -54,11 +63,43 @@ def read_delivery(root: str | os.PathLike[str]) -> Delivery:
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise DeliveryError(f"delivery folder {root} does not exist")
+    if not (root / "tracks.csv").is_file() and any(root.rglob("*.xml")):
+        delivery = _read_ddex_delivery(root)
+    else:
+        delivery = _read_csv_delivery(root)
+    if default_license_id:
+        for row in delivery.tracks:
+            if not row.get("license_id"):
+                row["license_id"] = default_license_id
+    return delivery
+
+
+def _read_ddex_delivery(root: Path) -> Delivery:
+    from pipelines.ddex import read_ern_delivery
+
+    licenses_path = root / "licenses.csv"
+    if not licenses_path.is_file():
+        raise DeliveryError(f"delivery {root} has DDEX messages but no licenses.csv: DDEX deals do not grant AI "
+                            "training, the licence agreements must be delivered beside the messages")
+    licenses_blob = licenses_path.read_bytes()
+    messages = sorted(root.rglob("*.xml"))
+    digest = sha256_hex(b"".join([licenses_blob, *(p.read_bytes() for p in messages)]))[:12]
+    try:
+        tracks, files, errors = read_ern_delivery(root)
+    except FileNotFoundError as err:
+        raise DeliveryError(str(err)) from err
+    return Delivery(root=root, delivery_id=f"{root.name}-{digest}", tracks=tracks, files=files,
+                    licenses=_parse_csv("licenses.csv", licenses_blob, LICENSE_COLUMNS), format="ddex",
+                    messages=[p.relative_to(root).as_posix() for p in messages], message_errors=errors)
+
+
+def _read_csv_delivery(root: Path) -> Delivery:
     blobs: dict[str, bytes] = {}
     for name in ("tracks.csv", "files.csv", "licenses.csv"):
         path = root / name
         if not path.is_file():
-            raise DeliveryError(f"delivery {root} has no {name} (a delivery holds tracks.csv, files.csv, licenses.csv)")
+            raise DeliveryError(f"delivery {root} has no {name} (a delivery holds tracks.csv, files.csv, licenses.csv, "
+                                "or DDEX ERN messages and licenses.csv)")
         blobs[name] = path.read_bytes()
     digest = sha256_hex(b"".join(blobs[n] for n in sorted(blobs)))[:12]
     return Delivery(
@@ -142,8 +183,10 @@ def parse_track(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
                                RejectionReason.MISSING_FIELD, "track_id is empty", run_id)
     for required in ("license_id", "rights_holder"):
         if not row.get(required):
+            hint = (" (DDEX deals do not grant AI training: name the licence agreement with `--license ID`)"
+                    if required == "license_id" and row.get("_message") else "")
             return None, rejection("track", track_id, stage, RejectionReason.MISSING_FIELD,
-                                   f"{required} is empty", run_id)
+                                   f"{required} is empty{hint}", run_id)
     bpm: float | None = None
     if row.get("bpm"):
         try:

@@ -55,6 +55,8 @@ class IngestConfig(BaseModel):
         as_of: the date rights are judged at (ISO date); today when not given.
         opt_out_csv: optional CSV (``kind,value`` with kind ``rights_holder|track_id|isrc``), added to the
             opt-outs registered in the lineage store (``linernotes rights opt-out``); opt-outs always win.
+        license_id: the licence agreement (a ``licenses.csv`` id) for recordings whose delivery names none,
+            e.g. every recording of a DDEX delivery.
         beam_options: extra Beam pipeline options, e.g. ``["--direct_num_workers=2",
             "--direct_running_mode=multi_processing"]`` or a Flink/Spark/Dataflow runner's options.
     """
@@ -65,6 +67,7 @@ class IngestConfig(BaseModel):
     territory: str = Field(default="Worldwide", min_length=2)
     as_of: dt.date = Field(default_factory=dt.date.today)
     opt_out_csv: str | None = None
+    license_id: str | None = None
     beam_options: tuple[str, ...] = ()
 
     def run_purpose(self) -> RunPurpose:
@@ -393,7 +396,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         FileNotFoundError: the opt-out CSV does not exist.
     """
     say = status or (lambda message: None)
-    delivery = read_delivery(delivery_root)
+    delivery = read_delivery(delivery_root, default_license_id=config.license_id)
     opt_outs = _read_opt_outs(config.opt_out_csv)
     workspace.ensure()
     store = LineageStore(workspace.store_url)
@@ -409,6 +412,8 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
             return _reuse_run(store, workspace, reusable, run_id, delivery)
         licenses, license_rejections = _read_licenses(delivery, run_id)
+        license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
+                                         error["detail"], run_id) for error in delivery.message_errors]
         say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
         with tempfile.TemporaryDirectory(dir=run_dir, prefix=".beam-") as staging_name:
             staging = Path(staging_name)
@@ -507,7 +512,8 @@ def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], r
               num_licenses: int) -> dict[str, Any]:
     """Counts per input table: ``input = accepted + rejected`` must hold for each (raises AssertionError
     otherwise: that would be a bug in ingest, never a property of the input)."""
-    by_kind: dict[str, Counter[str]] = {"track": Counter(), "audio_file": Counter(), "license": Counter()}
+    by_kind: dict[str, Counter[str]] = {"track": Counter(), "audio_file": Counter(), "license": Counter(),
+                                        "message": Counter()}
     for rej in rejections:
         by_kind[rej["record_kind"]][rej["reason"]] += 1
     delivered = [f for f in audio_files if not f["derived_from"]]
@@ -522,7 +528,13 @@ def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], r
                      "rejected_by_reason": dict(sorted(by_kind["license"].items()))},
         "mixtures_built": len(audio_files) - len(delivered),
     }
-    for table in ("tracks", "files", "licenses"):
+    tables = ["tracks", "files", "licenses"]
+    if delivery.format == "ddex":
+        rejected = sum(by_kind["message"].values())
+        counts["messages"] = {"input": len(delivery.messages), "accepted": len(delivery.messages) - rejected,
+                              "rejected": rejected, "rejected_by_reason": dict(sorted(by_kind["message"].items()))}
+        tables.append("messages")
+    for table in tables:
         c = counts[table]
         if c["accepted"] + c["rejected"] != c["input"]:
             raise AssertionError(f"ingest lost records in {table}: {c}")

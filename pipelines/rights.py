@@ -48,7 +48,7 @@ def explain_track(workspace: Workspace, track_id: str, run_id: str | None = None
         store.close()
     for run in reversed(runs):
         config = run["config"]
-        delivery = read_delivery(config["delivery"])
+        delivery = read_delivery(config["delivery"], default_license_id=config.get("license_id"))
         rows = [row for row in delivery.tracks if row.get("track_id") == track_id]
         if rows:
             break

@@ -47,6 +47,9 @@ class Purpose(enum.StrEnum):
 class RejectionReason(enum.StrEnum):
     """Why a record was not admitted. Every dropped record carries exactly one of these."""
 
+    # messages (DDEX ERN)
+    XML_UNSAFE = "xml_unsafe"
+    SCHEMA_INVALID = "schema_invalid"
     # table rows
     MISSING_FIELD = "missing_field"
     INVALID_FIELD = "invalid_field"
