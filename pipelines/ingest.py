@@ -14,6 +14,7 @@ table-level problem, and writes the catalog Parquet tables atomically when the p
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import json
 import os
@@ -35,10 +36,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleaning.audio import AudioDecodeError, read_audio, write_audio
+from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD, fingerprint, fingerprint_similarity
 from cleaning.measure import measure_audio
+from cleaning.quality import check_stem_formats, measure_dc_offset, measure_stem_residual_db, measure_true_peak_dbtp
 from pipelines.delivery import Delivery, check_file_row, file_record_id, parse_license, parse_track, read_delivery
 from provenance.policy import OptOutRegistry, RunPurpose, decide
-from provenance.records import (AUDIO_FILE, LICENSE, REJECTION, TRACK, Purpose, RejectionReason, Role,
+from provenance.records import (AUDIO_FILE, DUPLICATE, LICENSE, REJECTION, TRACK, Purpose, RejectionReason, Role,
                                 canonical_json, rejection, sha256_hex, to_table, write_table)
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -57,6 +60,11 @@ class IngestConfig(BaseModel):
             opt-outs registered in the lineage store (``linernotes rights opt-out``); opt-outs always win.
         license_id: the licence agreement (a ``licenses.csv`` id) for recordings whose delivery names none,
             e.g. every recording of a DDEX delivery.
+        stem_length_tolerance_samples: stems of one track may differ in length by at most this.
+        max_stem_residual_db: a delivered mixture must match the sum of its delivered stems to within this
+            residual (10·log10 ‖m − Σs‖²/‖m‖²); real bleed measures about −31 dB on MUSDB18.
+        near_duplicate_threshold: fingerprint similarity (1 − bit error rate) above which two mixtures are
+            the same recording (Haitsma & Kalker 2002).
         beam_options: extra Beam pipeline options, e.g. ``["--direct_num_workers=2",
             "--direct_running_mode=multi_processing"]`` or a Flink/Spark/Dataflow runner's options.
     """
@@ -68,6 +76,9 @@ class IngestConfig(BaseModel):
     as_of: dt.date = Field(default_factory=dt.date.today)
     opt_out_csv: str | None = None
     license_id: str | None = None
+    stem_length_tolerance_samples: int = Field(default=0, ge=0)
+    max_stem_residual_db: float = -15.0
+    near_duplicate_threshold: float = Field(default=NEAR_DUPLICATE_THRESHOLD, gt=0.5, le=1.0)
     beam_options: tuple[str, ...] = ()
 
     def run_purpose(self) -> RunPurpose:
@@ -162,7 +173,7 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "1"
+MEASURE_VERSION = "2"
 """Bump when decoding or measuring changes: it is part of every measurement cache key."""
 
 
@@ -204,7 +215,16 @@ def _measure_outcome(path: str) -> dict[str, Any]:
     if not np.all(np.isfinite(audio)):
         bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
         return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
-    return {"status": "accepted", "fields": measure_audio(audio, sample_rate_hz)}
+    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz)}
+
+
+def measure_all(audio: np.ndarray, sample_rate_hz: int) -> dict[str, Any]:
+    """The AudioFile measurements plus true peak, DC offset and the fingerprint (``_fingerprint``: base64 of
+    little-endian uint32 sub-fingerprints, used for near-duplicate detection and dropped before writing)."""
+    return {**measure_audio(audio, sample_rate_hz),
+            "true_peak_dbtp": measure_true_peak_dbtp(audio, sample_rate_hz),
+            "dc_offset": measure_dc_offset(audio),
+            "_fingerprint": base64.b64encode(fingerprint(audio, sample_rate_hz).astype("<u4").tobytes()).decode()}
 
 
 def _measure_key(path: str) -> str | None:
@@ -235,7 +255,8 @@ def _write_cached(cache_dir: Path | None, key: str | None, outcome: Mapping[str,
 
 
 def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: list[tuple[str, dict[str, Any]]],
-                   mixtures_dir: Path, run_id: str) -> Iterable[tuple[str, dict[str, Any]]]:
+                   mixtures_dir: Path, run_id: str, stem_length_tolerance_samples: int = 0,
+                   max_stem_residual_db: float = -15.0) -> Iterable[tuple[str, dict[str, Any]]]:
     """One accepted track and its measured files → ``("track"|"audio_file"|"rejection", row)``.
 
     Builds the mixture as the sample-wise sum of the stems when no mixture file was delivered (stems
@@ -264,18 +285,28 @@ def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: 
         yield from reject_track(RejectionReason.NO_AUDIO, detail)
         return
     outputs = [dict(row) for row in files]
-    if not any(row["role"] == Role.MIXTURE for row in files):
-        rates = sorted({row["sample_rate_hz"] for row in files})
-        if len(rates) > 1:
-            yield from reject_track(RejectionReason.STEM_MISMATCH,
-                                    f"stems at different sample rates {rates} Hz cannot be summed to a mixture")
+    stems = [row for row in outputs if row["role"] != Role.MIXTURE]
+    mixtures = [row for row in outputs if row["role"] == Role.MIXTURE]
+    if stems:
+        check = check_stem_formats([r["sample_rate_hz"] for r in stems], [r["num_samples"] for r in stems],
+                                   [r["num_channels"] for r in stems], stem_length_tolerance_samples)
+        if not check.ok:
+            yield from reject_track(RejectionReason.STEM_MISMATCH, f"stems disagree: {check.detail}")
             return
-        mixture_row = build_mixture(track_id, files, mixtures_dir, run_id)
-        outputs.append(mixture_row)
+    if not mixtures:
+        outputs.append(build_mixture(track_id, stems, mixtures_dir, run_id))
+    elif stems:
+        mixture_audio, _ = read_audio(mixtures[0]["uri"])
+        residual_db = measure_stem_residual_db(mixture_audio, [read_audio(r["uri"])[0] for r in stems])
+        mixtures[0]["stem_residual_db"] = residual_db
+        if residual_db > max_stem_residual_db:
+            yield from reject_track(RejectionReason.STEM_RESIDUAL,
+                                    f"the stems sum to the mixture with a residual of {residual_db:.1f} dB "
+                                    f"(limit {max_stem_residual_db:g} dB)")
+            return
     yield "track", track
     for row in outputs:
-        row.pop("_record_id", None)
-        yield "audio_file", row
+        yield "audio_file", row  # keeps _record_id: the driver may still reject it as a duplicate's file
 
 
 def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str) -> dict[str, Any]:
@@ -305,7 +336,7 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     path = mixtures_dir / f"{safe}-{sha256_hex(track_id)[:8]}.wav"
     write_audio(path, mixture32, sample_rate_hz)
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
-           "derived_from": "sum_of_stems", **measure_audio(mixture32, sample_rate_hz)}
+           "derived_from": "sum_of_stems", **measure_all(mixture32, sample_rate_hz)}
     _write_cached(mixtures_dir, f".{key}", row)
     return {**row, "run_id": run_id, "_cached": False}
 
@@ -377,7 +408,9 @@ def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mappin
     final = (
         {"decision": decided.decision, "measured": measured}
         | "JoinMeasured" >> beam.CoGroupByKey()
-        | "Finalize" >> beam.ParDo(_Tagged(_finalize, "track", mixtures_dir=mixtures_dir, run_id=run_id))
+        | "Finalize" >> beam.ParDo(_Tagged(_finalize, "track", mixtures_dir=mixtures_dir, run_id=run_id,
+                                           stem_length_tolerance_samples=config.stem_length_tolerance_samples,
+                                           max_stem_residual_db=config.max_stem_residual_db))
         .with_outputs("audio_file", "rejection", main="track")
     )
     rejections = (decided.rejection, routed.rejection, final.rejection) | "AllRejections" >> beam.Flatten()
@@ -425,6 +458,13 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             audio_files = _read_jsonl(staging, "audio_files")
             rejections = license_rejections + _read_jsonl(staging, "rejections")
         decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
+        say("linking duplicate recordings")
+        tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
+            tracks, audio_files, config.near_duplicate_threshold, run_id)
+        rejections += duplicate_rejections
+        for row in audio_files:
+            row.pop("_fingerprint", None)
+            row.pop("_record_id", None)
         say("writing the curated catalog")
         tracks.sort(key=lambda r: r["track_id"])
         audio_files.sort(key=lambda r: (r["track_id"], r["role"], r["instrument"]))
@@ -435,6 +475,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             "tracks": to_table(tracks, TRACK),
             "audio_files": to_table(audio_files, AUDIO_FILE),
             "rejections": to_table(rejections, REJECTION),
+            "duplicates": to_table(sorted(duplicates, key=lambda d: d["track_id"]), DUPLICATE),
         }
         outputs = {}
         for name, table in tables.items():
@@ -443,6 +484,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         counts = reconcile(delivery, tracks, audio_files, rejections, len(license_rows))
         # files and built mixtures that were decoded and measured by this run, or taken from the cache
         counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
+        counts["duplicates"] = dict(sorted(Counter(d["kind"] for d in duplicates).items()))
         outputs["fingerprint"] = fingerprint
         (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
                                                              "config_sha256": sha256_hex(canonical_json(config.to_dict()))}))
@@ -455,6 +497,53 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
     finally:
         store.close()
     return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
+
+
+def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, Any]], threshold: float, run_id: str
+                    ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
+    """Find tracks whose mixture duplicates an earlier track's (by track id order): the same decoded PCM
+    (``exact``) or a fingerprint similarity ≥ ``threshold`` (``near``: another gain, sample rate or encoding).
+
+    The earlier track is kept; the later one is rejected ``duplicate_recording`` with the link in its
+    detail, its delivered files ``track_rejected``, and a ``records.DUPLICATE`` row says which it duplicates.
+
+    Returns:
+        (kept tracks, kept audio files, new rejections, duplicate rows).
+    """
+    mixtures = {row["track_id"]: row for row in audio_files if row["role"] == Role.MIXTURE}
+    prints = {t: np.frombuffer(base64.b64decode(row["_fingerprint"]), dtype="<u4")
+              for t, row in mixtures.items() if row.get("_fingerprint")}
+    kept: list[str] = []
+    duplicates: list[dict[str, Any]] = []
+    for track_id in sorted(mixtures):
+        match = None
+        for earlier in kept:
+            if mixtures[earlier]["sha256"] == mixtures[track_id]["sha256"]:
+                match = (earlier, "exact", 1.0)
+                break
+            if track_id in prints and earlier in prints:
+                similarity = fingerprint_similarity(prints[earlier], prints[track_id])
+                if similarity >= threshold:
+                    match = (earlier, "near", similarity)
+                    break
+        if match is None:
+            kept.append(track_id)
+        else:
+            duplicates.append({"track_id": track_id, "duplicate_of": match[0], "kind": match[1],
+                               "similarity": float(match[2]), "run_id": run_id})
+    dropped = {d["track_id"]: d for d in duplicates}
+    rejections = []
+    for dup in duplicates:
+        rejections.append(rejection("track", dup["track_id"], STAGE, RejectionReason.DUPLICATE_RECORDING,
+                                    f"{dup['kind']} duplicate of track {dup['duplicate_of']} "
+                                    f"(fingerprint similarity {dup['similarity']:.3f})", run_id))
+    for row in audio_files:
+        if row["track_id"] in dropped and row.get("_record_id"):
+            rejections.append(rejection("audio_file", row["_record_id"], STAGE, RejectionReason.TRACK_REJECTED,
+                                        f"its track was rejected: duplicate_recording of "
+                                        f"{dropped[row['track_id']]['duplicate_of']}", run_id))
+    return ([t for t in tracks if t["track_id"] not in dropped],
+            [f for f in audio_files if f["track_id"] not in dropped], rejections, duplicates)
 
 
 def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:
@@ -482,7 +571,8 @@ def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: s
         if run["status"] != "succeeded" or outputs.get("fingerprint") != fingerprint:
             continue
         run_dir = workspace.run_dir(run["run_id"])
-        tables = [run_dir / f"{name}.parquet" for name in ("licenses", "tracks", "audio_files", "rejections")]
+        tables = [run_dir / f"{name}.parquet" for name in ("licenses", "tracks", "audio_files", "rejections",
+                                                           "duplicates")]
         if not all(path.is_file() for path in tables):
             continue
         uris = pq.read_table(run_dir / "audio_files.parquet", columns=["uri"])["uri"].to_pylist()
@@ -496,7 +586,7 @@ def _reuse_run(store: LineageStore, workspace: Workspace, previous: Mapping[str,
     """Point the catalog at an identical earlier run's tables; register this run as a reuse of it."""
     source = workspace.run_dir(previous["run_id"])
     outputs: dict[str, str] = {}
-    for name in ("licenses", "tracks", "audio_files", "rejections"):
+    for name in ("licenses", "tracks", "audio_files", "rejections", "duplicates"):
         outputs[name] = str(write_table(pq.read_table(source / f"{name}.parquet"), workspace.catalog_table(name)))
     counts = {**previous["counts"], "work": {"audio_measured": 0, "audio_from_cache": 0},
               "reused_from": previous["run_id"]}

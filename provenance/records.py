@@ -73,6 +73,8 @@ class RejectionReason(enum.StrEnum):
     EMPTY_AUDIO = "empty_audio"
     NON_FINITE_SAMPLES = "non_finite_samples"
     STEM_MISMATCH = "stem_mismatch"
+    STEM_RESIDUAL = "stem_residual"
+    DUPLICATE_RECORDING = "duplicate_recording"
     NO_AUDIO = "no_audio"
     # shard
     SHORTER_THAN_SEGMENT = "shorter_than_segment"
@@ -136,9 +138,23 @@ AUDIO_FILE = _schema(
         pa.field("loudness_lufs", pa.float64()),
         pa.field("clipped_fraction", pa.float64()),
         pa.field("silent_fraction", pa.float64()),
+        pa.field("true_peak_dbtp", pa.float64()),  # ITU-R BS.1770-4 Annex 2, 4× oversampling
+        pa.field("dc_offset", pa.float64()),  # max over channels of |mean|, full-scale units
+        pa.field("stem_residual_db", pa.float64()),  # mixture rows with stems: ‖m − Σs‖² / ‖m‖² in dB
         pa.field("run_id", pa.string()),
     ],
     "AudioFile",
+)
+
+DUPLICATE = _schema(
+    [
+        pa.field("track_id", pa.string(), nullable=False),  # the later track, rejected as duplicate_recording
+        pa.field("duplicate_of", pa.string(), nullable=False),  # the track it duplicates, kept
+        pa.field("kind", pa.string(), nullable=False),  # "exact" (same decoded PCM) | "near" (fingerprint)
+        pa.field("similarity", pa.float64()),  # 1 − bit error rate of the fingerprints; 1.0 for exact
+        pa.field("run_id", pa.string()),
+    ],
+    "Duplicate",
 )
 
 REJECTION = _schema(
@@ -272,6 +288,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "Track": TRACK,
     "AudioFile": AUDIO_FILE,
     "Rejection": REJECTION,
+    "Duplicate": DUPLICATE,
     "StemScore": STEM_SCORE,
     "Segment": SEGMENT,
     "ShardEntry": SHARD_ENTRY,

@@ -8,8 +8,8 @@ import pytest
 
 from cleaning.measure import measure_audio
 from pipelines.delivery import read_delivery
-from pipelines.expectations import (CURATED_SUITE, DELIVERY_SUITE, ISRC_PATTERN, curated_suite, delivery_frames,
-                                    delivery_suite, validate_curated, validate_delivery)
+from pipelines.expectations import (AUDIO_FILE_COLUMNS, CURATED_SUITE, DELIVERY_SUITE, ISRC_PATTERN, curated_suite,
+                                    delivery_frames, delivery_suite, validate_curated, validate_delivery)
 from provenance.policy import check_isrc
 from provenance.records import AUDIO_FILE
 from tests.conftest import sine
@@ -33,6 +33,7 @@ def test_suites_cover_every_table_and_name_their_family():
         t: f"{DELIVERY_SUITE}.{t}" for t in ("tracks", "files", "licenses")}
     assert set(curated_suite()) == {"audio_files", "counts"}
     assert all(s.name.startswith(CURATED_SUITE) for s in curated_suite().values())
+    assert set(AUDIO_FILE_COLUMNS) <= set(AUDIO_FILE.names)  # the suite checks fields of the record
 
 
 def test_isrc_pattern_agrees_with_the_rights_policy():
@@ -100,7 +101,7 @@ def good_audio_files():
     for track_id, role, audio, sample_rate_hz in signals:
         rows.append({"track_id": track_id, "role": role, "instrument": "", "uri": f"/x/{track_id}-{role}.wav",
                      "derived_from": "", "run_id": "r1", **measure_audio(audio, sample_rate_hz)})
-    frame = pd.DataFrame(rows)[AUDIO_FILE.names]
+    frame = pd.DataFrame(rows)
     assert math.isinf(frame.loc[3, "loudness_lufs"]) and math.isinf(frame.loc[3, "peak_dbfs"])
     return frame
 

@@ -53,7 +53,9 @@ def delivery(tmp_path_factory):
     sr = 22050
     sf.write(audio / "open_mix.wav", sine(440, 2.0, sr, 0.5, 2).T, sr)
     sf.write(audio / "stem_a.flac", sine(220, 2.0, sr, 0.3).T, sr, subtype="PCM_24")
-    sf.write(audio / "stem_b.flac", sine(330, 1.5, sr, 0.3).T, sr, subtype="PCM_24")  # shorter: zero-padded
+    sf.write(audio / "stem_b.flac", sine(330, 2.0, sr, 0.3).T, sr, subtype="PCM_24")
+    sf.write(audio / "ragged_a.flac", sine(330, 2.0, sr, 0.3).T, sr, subtype="PCM_24")
+    sf.write(audio / "ragged_b.flac", sine(330, 2.0, 16000, 0.3).T, 16000, subtype="PCM_24")  # another rate
     sf.write(audio / "nc_mix.wav", sine(550, 2.0, sr, 0.5).T, sr)
     sf.write(audio / "stream_mix.wav", sine(660, 2.0, sr, 0.5).T, sr)
     (audio / "corrupt.flac").write_bytes(b"fLaC" + bytes(range(256)) * 4)
@@ -63,7 +65,8 @@ def delivery(tmp_path_factory):
     (tmp_path_factory.getbasetemp() / "outside.wav").write_bytes((audio / "nc_mix.wav").read_bytes())
     tracks = [track("open", "L-open"), track("stems", "L-open"), track("nc", "L-nc"), track("stream", "L-stream"),
               track("nolicence", "L-missing"), track("open", "L-nc"),  # duplicate id
-              track("broken", "L-open"), track("baddate", "L-baddate"), track("noholder", "L-open", "")]
+              track("broken", "L-open"), track("baddate", "L-baddate"), track("noholder", "L-open", ""),
+              track("ragged", "L-open")]
     files = [
         {"track_id": "open", "role": "mixture", "instrument": "", "path": "audio/open_mix.wav"},
         {"track_id": "stems", "role": "bass", "instrument": "", "path": "audio/stem_a.flac"},
@@ -76,6 +79,8 @@ def delivery(tmp_path_factory):
         {"track_id": "broken", "role": "other", "instrument": "", "path": "../outside.wav"},
         {"track_id": "broken", "role": "guitar", "instrument": "", "path": "audio/nc_mix.wav"},
         {"track_id": "ghost", "role": "mixture", "instrument": "", "path": "audio/open_mix.wav"},
+        {"track_id": "ragged", "role": "bass", "instrument": "", "path": "audio/ragged_a.flac"},
+        {"track_id": "ragged", "role": "other", "instrument": "", "path": "audio/ragged_b.flac"},
     ]
     write_csv(root / "licenses.csv", LICENSES, list(LICENSES[0]))
     write_csv(root / "tracks.csv", tracks, list(tracks[0]))
@@ -97,16 +102,16 @@ def test_commercial_run_accepts_rejects_and_reconciles(delivery, tmp_path):
     by_track = {r["record_id"]: r["reason"] for r in rejections if r["record_kind"] == "track"}
     assert by_track == {"nc": "license_not_commercial", "stream": "license_denies_ai_training",
                         "nolicence": "unknown_license", "broken": "no_audio", "baddate": "unknown_license",
-                        "noholder": "missing_field", "open": "duplicate_id"}
+                        "noholder": "missing_field", "open": "duplicate_id", "ragged": "stem_mismatch"}
     file_reasons = Counter(r["reason"] for r in rejections if r["record_kind"] == "audio_file")
-    assert file_reasons == Counter({"track_rejected": 2, "decode_error": 1, "non_finite_samples": 1,
+    assert file_reasons == Counter({"track_rejected": 4, "decode_error": 1, "non_finite_samples": 1,
                                     "missing_file": 1, "path_outside_delivery": 1, "invalid_role": 1,
                                     "unknown_track": 1})
     license_reasons = [r["reason"] for r in rejections if r["record_kind"] == "license"]
     assert license_reasons == ["invalid_field"]
     assert all(r["detail"] for r in rejections), "every rejection says why"
     counts = result.counts
-    for table, n in (("tracks", 9), ("files", 11), ("licenses", 4)):
+    for table, n in (("tracks", 10), ("files", 13), ("licenses", 4)):
         assert counts[table]["input"] == n
         assert counts[table]["accepted"] + counts[table]["rejected"] == n
     assert counts["mixtures_built"] == 1
@@ -128,6 +133,7 @@ def test_measurements_and_built_mixture(delivery, tmp_path):
     open_mix = files[("open", "mixture")]
     assert (open_mix["num_channels"], open_mix["sample_rate_hz"], open_mix["duration_s"]) == (2, 22050, 2.0)
     assert open_mix["peak_dbfs"] == pytest.approx(-6.02, abs=0.05)
+    assert open_mix["true_peak_dbtp"] == pytest.approx(-6.02, abs=0.1) and open_mix["dc_offset"] < 1e-3
     # stereo 0.5-amplitude 440 Hz sine: −9.03 dB mean square per channel, +3.01 for two channels, −0.691
     # (BS.1770 offset), K-weighting ≈ 0 dB at 440 Hz → ≈ −6.7 LUFS
     assert open_mix["loudness_lufs"] == pytest.approx(-6.72, abs=0.3)
@@ -136,8 +142,7 @@ def test_measurements_and_built_mixture(delivery, tmp_path):
     built, sr = read_audio(mixture["uri"])
     a, _ = read_audio(delivery / "audio" / "stem_a.flac")
     b, _ = read_audio(delivery / "audio" / "stem_b.flac")
-    expected = a.copy()
-    expected[:, : b.shape[1]] += b
+    expected = a + b
     assert sr == 22050 and built.shape == expected.shape
     np.testing.assert_allclose(built, expected, atol=1e-6)
 

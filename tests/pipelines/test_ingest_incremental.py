@@ -58,7 +58,7 @@ def test_rerun_does_no_new_work_and_a_changed_file_is_measured_again(tmp_path):
     assert catalog(workspace) == before
 
     changed = delivery / "audio" / "t01-bass.flac"
-    sf.write(changed, np.zeros((44100, 2), np.float32) + 0.1, 44100, subtype="PCM_16")
+    sf.write(changed, np.full((2 * 44100, 2), 0.1, np.float32), 44100, subtype="PCM_16")  # same length, new PCM
     os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
     third = ingest(delivery, workspace)
     # the changed stem and its track's mixture are measured again; the other 7 come from the cache

@@ -22,7 +22,8 @@ def test_parquet_round_trip_keeps_values_and_schema(tmp_path):
     row = {"track_id": "t1", "role": "mixture", "instrument": "", "uri": "/a.wav", "derived_from": "",
            "sha256": "0" * 64, "sample_rate_hz": 44100, "num_channels": 2, "num_samples": 441000,
            "duration_s": 10.0, "peak_dbfs": -1.5, "loudness_lufs": float("-inf"), "clipped_fraction": 0.0,
-           "silent_fraction": 0.25, "run_id": "r"}
+           "silent_fraction": 0.25, "true_peak_dbtp": -1.2, "dc_offset": 0.0, "stem_residual_db": None,
+           "run_id": "r"}
     path = write_table(to_table([row], AUDIO_FILE), tmp_path / "a.parquet")
     table = read_table(path, AUDIO_FILE)
     assert table.schema.equals(AUDIO_FILE, check_metadata=False)
