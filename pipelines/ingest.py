@@ -444,7 +444,11 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         if reusable is not None:
             say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
             return _reuse_run(store, workspace, reusable, run_id, delivery)
+        say("checking the delivery tables (Great Expectations)")
+        delivered = delivery  # every input row, for reconciliation
+        delivery, expectation_rejections, delivery_report = check_delivery_expectations(delivery, run_dir, run_id)
         licenses, license_rejections = _read_licenses(delivery, run_id)
+        license_rejections += expectation_rejections
         license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
                                          error["detail"], run_id) for error in delivery.message_errors]
         say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
@@ -481,10 +485,20 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         for name, table in tables.items():
             write_table(table, run_dir / f"{name}.parquet")
             outputs[name] = str(write_table(table, workspace.catalog_table(name)))
-        counts = reconcile(delivery, tracks, audio_files, rejections, len(license_rows))
+        counts = reconcile(delivered, tracks, audio_files, rejections, len(license_rows))
         # files and built mixtures that were decoded and measured by this run, or taken from the cache
         counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
         counts["duplicates"] = dict(sorted(Counter(d["kind"] for d in duplicates).items()))
+        say("checking the curated catalog (Great Expectations)")
+        curated_report = _validate_curated(audio_files, counts, run_dir)
+        counts["expectations"] = {
+            "delivery": {"success": delivery_report.success, "rows_rejected": len(expectation_rejections)},
+            "curated": {"success": curated_report.success,
+                        "failed": sorted({name for rows in curated_report.failed_rows.values()
+                                          for names in rows.values() for name in names}
+                                         | set(curated_report.table_errors))},
+        }
+        outputs["data_docs"] = str(curated_report.data_docs_index)
         outputs["fingerprint"] = fingerprint
         (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
                                                              "config_sha256": sha256_hex(canonical_json(config.to_dict()))}))
@@ -497,6 +511,62 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
     finally:
         store.close()
     return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
+
+
+def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
+                                ) -> tuple[Delivery, list[dict[str, Any]], Any]:
+    """Run the delivery suite (``pipelines.expectations``) on the delivery's tables before any audio is read.
+
+    A table-level failure (a missing column) raises ``DeliveryError`` naming it; each failing row becomes a
+    Rejection (reason from the expectation: unique → ``duplicate_id``, not null → ``missing_field``, role →
+    ``invalid_role``, others → ``invalid_field``; detail = the expectations it failed) and is removed from the
+    delivery, so it has exactly one outcome. The HTML Data Docs go to ``run_dir/data_docs``.
+    """
+    import dataclasses
+
+    from pipelines.delivery import DeliveryError
+    from pipelines.expectations import delivery_frames, validate_delivery
+
+    report = validate_delivery(delivery_frames(delivery), run_dir)
+    if report.table_errors:
+        raise DeliveryError("the delivery fails table-level expectations: " + "; ".join(report.table_errors))
+    kinds = {"tracks": "track", "files": "audio_file", "licenses": "license"}
+    rejections: list[dict[str, Any]] = []
+    kept: dict[str, list[dict[str, Any]]] = {}
+    for table in ("tracks", "files", "licenses"):
+        rows = getattr(delivery, table)
+        failed = report.failed_rows.get(table, {})
+        kept[table] = [row for i, row in enumerate(rows) if i not in failed]
+        for i, names in sorted(failed.items()):
+            row = rows[i]
+            record_id = (file_record_id(row) if table == "files" else
+                         row.get("track_id" if table == "tracks" else "license_id") or f"{table}.csv row {row['_row']}")
+            detail = f"{table} row {row['_row']} fails " + ", ".join(names)
+            if row.get("_message") and any("(license_id)" in name for name in names):
+                detail += (" (DDEX deals do not grant AI training: name the licence agreement with "
+                           "`--license ID`)")
+            rejections.append(rejection(kinds[table], record_id, STAGE, _expectation_reason(names), detail, run_id))
+    return dataclasses.replace(delivery, **kept), rejections, report
+
+
+def _expectation_reason(names: list[str]) -> RejectionReason:
+    first = names[0]
+    if "to_be_unique" in first:
+        return RejectionReason.DUPLICATE_ID
+    if "not_be_null" in first:
+        return RejectionReason.MISSING_FIELD
+    if "(role)" in first:
+        return RejectionReason.INVALID_ROLE
+    return RejectionReason.INVALID_FIELD
+
+
+def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, Any], run_dir: Path) -> Any:
+    import pandas as pd
+
+    from pipelines.expectations import AUDIO_FILE_COLUMNS, validate_curated
+
+    frame = pd.DataFrame(audio_files, columns=list(AUDIO_FILE_COLUMNS))
+    return validate_curated(frame, counts, run_dir)
 
 
 def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, Any]], threshold: float, run_id: str
