@@ -29,10 +29,32 @@ def read_audio(path: str | os.PathLike[str] | io.BytesIO) -> tuple[np.ndarray, i
     if not isinstance(path, io.BytesIO) and not Path(path).exists():
         raise FileNotFoundError(str(path))
     try:
+        info = sf.info(path)
+        if isinstance(path, io.BytesIO):
+            path.seek(0)
         data, sample_rate_hz = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioDecodeError(f"cannot decode {path}: {err}") from err
+    if 0 < data.shape[0] < info.frames:
+        raise AudioDecodeError(f"{path} is truncated: its header announces {info.frames} samples, "
+                               f"{data.shape[0]} decode")
     return np.ascontiguousarray(data.T), int(sample_rate_hz)
+
+
+CONTAINER_BY_SUFFIX = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG",
+                       ".opus": "OGG", ".mp3": "MP3", ".aif": "AIFF", ".aiff": "AIFF"}
+
+
+def detect_container(path: str | os.PathLike[str]) -> str:
+    """The container libsndfile finds in the file's bytes (``WAV``, ``FLAC``, ``OGG``, ``MP3``, ...).
+
+    Raises:
+        AudioDecodeError: libsndfile does not recognise the bytes as audio.
+    """
+    try:
+        return str(sf.info(path).format)
+    except (sf.LibsndfileError, RuntimeError) as err:
+        raise AudioDecodeError(f"cannot decode {path}: {err}") from err
 
 
 def write_audio(path: str | os.PathLike[str], audio: np.ndarray, sample_rate_hz: int,

@@ -112,10 +112,9 @@ def _read_csv_delivery(root: Path) -> Delivery:
 
 
 def _parse_csv(name: str, data: bytes, required: tuple[str, ...]) -> list[dict[str, Any]]:
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise DeliveryError(f"{name} is not UTF-8 text (byte {err.start}): re-export it as UTF-8") from err
+    # Bytes that are not UTF-8 become lone surrogates (surrogateescape); the rows holding them are rejected
+    # ``invalid_encoding`` by ``encoding_problem``, the rest of the table is read.
+    text = data.decode("utf-8-sig", errors="surrogateescape")
     reader = csv.DictReader(io.StringIO(text, newline=""))
     header = [h.strip() for h in (reader.fieldnames or [])]
     missing = [c for c in required if c not in header]
@@ -131,12 +130,28 @@ def _parse_csv(name: str, data: bytes, required: tuple[str, ...]) -> list[dict[s
     return rows
 
 
+def encoding_problem(row: Mapping[str, Any]) -> str | None:
+    """What is not UTF-8 in a row, or None. Invalid bytes are shown as ``\\xNN``."""
+    for column, value in row.items():
+        if isinstance(value, str) and any("\udc80" <= ch <= "\udcff" for ch in value):
+            return f"column {column} holds bytes that are not UTF-8: {printable(value)!r}"
+    return None
+
+
+def printable(value: str) -> str:
+    """``value`` with any undecodable bytes (lone surrogates) written as ``\\xNN``: safe to store."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 # licences ---------------------------------------------------------------------------------------------
 
 def parse_license(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
                   run_id: str = "") -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """A licences.csv row → (a ``records.LICENSE`` row, None) or (None, a Rejection)."""
     license_id = row.get("license_id", "")
+    if problem := encoding_problem(row):
+        return None, rejection("license", printable(license_id) or f"licenses.csv row {row.get('_row')}", stage,
+                               RejectionReason.INVALID_ENCODING, problem, run_id)
     if not license_id:
         return None, rejection("license", f"licenses.csv row {row.get('_row')}", stage,
                                RejectionReason.MISSING_FIELD, "license_id is empty", run_id)
@@ -178,6 +193,9 @@ def parse_track(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
                 run_id: str = "") -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """A tracks.csv row → (a ``records.TRACK`` row, None) or (None, a Rejection for a bad field)."""
     track_id = row.get("track_id", "")
+    if problem := encoding_problem(row):
+        return None, rejection("track", printable(track_id) or f"tracks.csv row {row.get('_row')}", stage,
+                               RejectionReason.INVALID_ENCODING, problem, run_id)
     if not track_id:
         return None, rejection("track", f"tracks.csv row {row.get('_row')}", stage,
                                RejectionReason.MISSING_FIELD, "track_id is empty", run_id)
@@ -224,7 +242,7 @@ def parse_track(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
 
 def file_record_id(row: Mapping[str, Any]) -> str:
     """How a files.csv row is named in Rejections: ``track_id/role/instrument:path``."""
-    return f"{row.get('track_id', '')}/{row.get('role', '')}/{row.get('instrument', '')}:{row.get('path', '')}"
+    return printable(f"{row.get('track_id', '')}/{row.get('role', '')}/{row.get('instrument', '')}:{row.get('path', '')}")
 
 
 def check_file_row(row: Mapping[str, Any], root: Path, stage: str = "ingest",
@@ -235,6 +253,8 @@ def check_file_row(row: Mapping[str, Any], root: Path, stage: str = "ingest",
         (absolute path, None) or (None, a Rejection).
     """
     record_id = file_record_id(row)
+    if problem := encoding_problem(row):
+        return None, rejection("audio_file", record_id, stage, RejectionReason.INVALID_ENCODING, problem, run_id)
     for required in ("track_id", "role", "path"):
         if not row.get(required):
             return None, rejection("audio_file", record_id, stage, RejectionReason.MISSING_FIELD,

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
-from cleaning.audio import AudioDecodeError, read_audio, write_audio
+from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_container, read_audio, write_audio
 from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD, fingerprint, fingerprint_similarity
 from cleaning.measure import measure_audio
 from cleaning.quality import check_stem_formats, measure_dc_offset, measure_stem_residual_db, measure_true_peak_dbtp
@@ -173,7 +173,8 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "2"
+MEASURE_VERSION = "3"
+MAX_CHANNELS = 2
 """Bump when decoding or measuring changes: it is part of every measurement cache key."""
 
 
@@ -205,6 +206,13 @@ def _measure_outcome(path: str) -> dict[str, Any]:
         return {"status": "rejected", "reason": reason.value, "detail": detail}
 
     try:
+        if os.path.getsize(path) == 0:
+            return rejected(RejectionReason.EMPTY_AUDIO, f"{path} is a zero-byte file")
+        expected = CONTAINER_BY_SUFFIX.get(Path(path).suffix.lower())
+        found = detect_container(path)
+        if expected is not None and found != expected:
+            return rejected(RejectionReason.FORMAT_MISMATCH,
+                            f"{Path(path).name} is named {Path(path).suffix} but holds {found} audio")
         audio, sample_rate_hz = read_audio(path)
     except FileNotFoundError:
         return rejected(RejectionReason.MISSING_FILE, f"{path} vanished before decoding")
@@ -212,6 +220,9 @@ def _measure_outcome(path: str) -> dict[str, Any]:
         return rejected(RejectionReason.DECODE_ERROR, str(err))
     if audio.shape[-1] == 0:
         return rejected(RejectionReason.EMPTY_AUDIO, "decoded to 0 samples")
+    if audio.shape[0] > MAX_CHANNELS:
+        return rejected(RejectionReason.TOO_MANY_CHANNELS,
+                        f"{audio.shape[0]} channels; linernotes takes mono or stereo files (deliver stems instead)")
     if not np.all(np.isfinite(audio)):
         bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
         return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
@@ -376,8 +387,13 @@ def _to_json_line(row: Mapping[str, Any]) -> str:
 
 def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mapping[str, Mapping[str, Any]],
                    config: IngestConfig, opt_outs: OptOutRegistry, mixtures_dir: Path, staging: Path,
-                   run_id: str, measure_cache_dir: Path | None = None) -> None:
-    """Wire the ingest graph into ``pipeline``; outputs go to JSON-lines files under ``staging``."""
+                   run_id: str, measure_cache_dir: Path | None = None,
+                   prerejected: Mapping[str, str] | None = None) -> None:
+    """Wire the ingest graph into ``pipeline``; outputs go to JSON-lines files under ``staging``.
+
+    ``prerejected`` ({track id: reason}) names tracks rejected before the pipeline (by the expectation
+    checks), so that their files are rejected ``track_rejected`` with that reason.
+    """
     run = config.run_purpose()
     decided = (
         pipeline
@@ -388,13 +404,19 @@ def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mappin
                                          delivery_id=delivery.delivery_id, run_id=run_id))
         .with_outputs("rejection", main="decision")
     )
+    early = (
+        pipeline
+        | "Prerejected" >> beam.Create(sorted((prerejected or {}).items()))
+        | "AsDecisions" >> beam.MapTuple(lambda track_id, reason: (track_id, {"status": "rejected", "reason": reason}))
+    )
+    decisions = (decided.decision, early) | "AllDecisions" >> beam.Flatten()
     files = (
         pipeline
         | "Files" >> beam.Create(delivery.files)
         | "KeyFiles" >> beam.Map(lambda r: (r.get("track_id", ""), r))
     )
     routed = (
-        {"decision": decided.decision, "rows": files}
+        {"decision": decisions, "rows": files}
         | "JoinFiles" >> beam.CoGroupByKey()
         | "Route" >> beam.ParDo(_Tagged(_route, "measure", root=delivery.root, run_id=run_id))
         .with_outputs("rejection", main="measure")
@@ -446,7 +468,8 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             return _reuse_run(store, workspace, reusable, run_id, delivery)
         say("checking the delivery tables (Great Expectations)")
         delivered = delivery  # every input row, for reconciliation
-        delivery, expectation_rejections, delivery_report = check_delivery_expectations(delivery, run_dir, run_id)
+        delivery, expectation_rejections, delivery_report, prerejected = check_delivery_expectations(
+            delivery, run_dir, run_id)
         licenses, license_rejections = _read_licenses(delivery, run_id)
         license_rejections += expectation_rejections
         license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
@@ -457,7 +480,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             options = PipelineOptions(["--runner=DirectRunner", *config.beam_options])
             with beam.Pipeline(options=options) as pipeline:
                 build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
-                               staging, run_id, workspace.root / "cache" / "measurements")
+                               staging, run_id, workspace.root / "cache" / "measurements", prerejected)
             tracks = _read_jsonl(staging, "tracks")
             audio_files = _read_jsonl(staging, "audio_files")
             rejections = license_rejections + _read_jsonl(staging, "rejections")
@@ -514,24 +537,51 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
 
 
 def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
-                                ) -> tuple[Delivery, list[dict[str, Any]], Any]:
-    """Run the delivery suite (``pipelines.expectations``) on the delivery's tables before any audio is read.
+                                ) -> tuple[Delivery, list[dict[str, Any]], Any, dict[str, str]]:
+    """Check the delivery's rows before any audio is read: text encoding, then the delivery suite
+    (``pipelines.expectations``, Great Expectations).
 
-    A table-level failure (a missing column) raises ``DeliveryError`` naming it; each failing row becomes a
-    Rejection (reason from the expectation: unique → ``duplicate_id``, not null → ``missing_field``, role →
-    ``invalid_role``, others → ``invalid_field``; detail = the expectations it failed) and is removed from the
-    delivery, so it has exactly one outcome. The HTML Data Docs go to ``run_dir/data_docs``.
+    A table-level failure (a missing column) raises ``DeliveryError`` naming it. A row holding bytes that
+    are not UTF-8 is rejected ``invalid_encoding``; a row failing expectations is rejected with a reason
+    from the expectation (unique → ``duplicate_id``, not null → ``missing_field``, role → ``invalid_role``,
+    others → ``invalid_field``) and the expectations it failed as detail. Rejected rows leave the delivery,
+    so each has exactly one outcome. The HTML Data Docs go to ``run_dir/data_docs``.
+
+    Returns:
+        (the delivery without the rejected rows, their Rejections, the GX report,
+        {track id: reason} for tracks none of whose rows is left, so their files say why).
     """
     import dataclasses
 
-    from pipelines.delivery import DeliveryError
+    from pipelines.delivery import DeliveryError, encoding_problem, printable
     from pipelines.expectations import delivery_frames, validate_delivery
 
+    kinds = {"tracks": "track", "files": "audio_file", "licenses": "license"}
+    ids = {"tracks": "track_id", "licenses": "license_id"}
+
+    def record_id(table: str, row: Mapping[str, Any]) -> str:
+        if table == "files":
+            return file_record_id(row)
+        return printable(row.get(ids[table]) or "") or f"{table}.csv row {row['_row']}"
+
+    rejections: list[dict[str, Any]] = []
+    rejected_tracks: dict[str, str] = {}
+    clean: dict[str, list[dict[str, Any]]] = {}
+    for table in ("tracks", "files", "licenses"):
+        clean[table] = []
+        for row in getattr(delivery, table):
+            problem = encoding_problem(row)
+            if problem is None:
+                clean[table].append(row)
+                continue
+            rejections.append(rejection(kinds[table], record_id(table, row), STAGE, RejectionReason.INVALID_ENCODING,
+                                        f"{table} row {row['_row']}: {problem}", run_id))
+            if table == "tracks":
+                rejected_tracks[row.get("track_id", "")] = RejectionReason.INVALID_ENCODING.value
+    delivery = dataclasses.replace(delivery, **clean)
     report = validate_delivery(delivery_frames(delivery), run_dir)
     if report.table_errors:
         raise DeliveryError("the delivery fails table-level expectations: " + "; ".join(report.table_errors))
-    kinds = {"tracks": "track", "files": "audio_file", "licenses": "license"}
-    rejections: list[dict[str, Any]] = []
     kept: dict[str, list[dict[str, Any]]] = {}
     for table in ("tracks", "files", "licenses"):
         rows = getattr(delivery, table)
@@ -539,14 +589,17 @@ def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
         kept[table] = [row for i, row in enumerate(rows) if i not in failed]
         for i, names in sorted(failed.items()):
             row = rows[i]
-            record_id = (file_record_id(row) if table == "files" else
-                         row.get("track_id" if table == "tracks" else "license_id") or f"{table}.csv row {row['_row']}")
             detail = f"{table} row {row['_row']} fails " + ", ".join(names)
             if row.get("_message") and any("(license_id)" in name for name in names):
                 detail += (" (DDEX deals do not grant AI training: name the licence agreement with "
                            "`--license ID`)")
-            rejections.append(rejection(kinds[table], record_id, STAGE, _expectation_reason(names), detail, run_id))
-    return dataclasses.replace(delivery, **kept), rejections, report
+            reason = _expectation_reason(names)
+            rejections.append(rejection(kinds[table], record_id(table, row), STAGE, reason, detail, run_id))
+            if table == "tracks":
+                rejected_tracks.setdefault(row.get("track_id", ""), reason.value)
+    left = {row.get("track_id") for row in kept["tracks"]}
+    rejected_tracks = {t: r for t, r in rejected_tracks.items() if t and t not in left}
+    return dataclasses.replace(delivery, **kept), rejections, report, rejected_tracks
 
 
 def _expectation_reason(names: list[str]) -> RejectionReason:

@@ -53,6 +53,7 @@ class RejectionReason(enum.StrEnum):
     # table rows
     MISSING_FIELD = "missing_field"
     INVALID_FIELD = "invalid_field"
+    INVALID_ENCODING = "invalid_encoding"
     DUPLICATE_ID = "duplicate_id"
     # rights policy
     UNKNOWN_LICENSE = "unknown_license"
@@ -71,6 +72,8 @@ class RejectionReason(enum.StrEnum):
     MISSING_FILE = "missing_file"
     DECODE_ERROR = "decode_error"
     EMPTY_AUDIO = "empty_audio"
+    FORMAT_MISMATCH = "format_mismatch"
+    TOO_MANY_CHANNELS = "too_many_channels"
     NON_FINITE_SAMPLES = "non_finite_samples"
     STEM_MISMATCH = "stem_mismatch"
     STEM_RESIDUAL = "stem_residual"
