@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -98,6 +97,3 @@ def add_opt_out(workspace: Workspace, kind: str, value: str, reason: str = "") -
     finally:
         store.close()
 
-
-def opt_out_path_hint(workspace: Workspace) -> Path:
-    return Path(workspace.store_url.removeprefix("sqlite:///"))

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from cleaning.audio import encode_flac, read_audio, resample, write_audio
+from cleaning.audio import encode_flac, read_audio, resample
 from cleaning.measure import (measure_audio, measure_clipped_fraction, measure_loudness_lufs, measure_pcm_sha256,
                               measure_peak_dbfs, measure_silent_fraction)
 from tests.conftest import sine
