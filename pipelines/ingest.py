@@ -7,17 +7,16 @@ Pipeline (DirectRunner by default; any Beam runner through ``beam_options``)::
         ─▶ reshuffle ─▶ decode + measure each file ─▶ co-group with decisions ─▶ finalize track
            (build the mixture from the stems when none was delivered; a track without usable audio is rejected)
 
-Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` ends in exactly one of: accepted, or a
-Rejection with its reason. The driver reads the three tables, fails before any audio is read on a
+The per-record steps are pure functions in ``pipelines.ingest_steps``; this module holds the config, the
+Beam adapters and the driver. Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` (or of
+the DDEX messages) ends in exactly one of: accepted, or a Rejection with its reason. The driver reads the three tables, fails before any audio is read on a
 table-level problem, and writes the catalog Parquet tables atomically when the pipeline is done.
 """
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import json
-import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -30,23 +29,19 @@ from pipelines import quiet_beam_import_warnings
 quiet_beam_import_warnings()
 
 import apache_beam as beam  # noqa: E402
-import numpy as np
 import pyarrow.parquet as pq
 from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
-from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_container, read_audio, write_audio
-from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD, fingerprint, fingerprint_similarity
-from cleaning.measure import measure_audio
-from cleaning.quality import check_stem_formats, measure_dc_offset, measure_stem_residual_db, measure_true_peak_dbtp
-from pipelines.delivery import Delivery, check_file_row, file_record_id, parse_license, parse_track, read_delivery
-from provenance.policy import OptOutRegistry, RunPurpose, decide
-from provenance.records import (AUDIO_FILE, DUPLICATE, LICENSE, REJECTION, TRACK, Purpose, RejectionReason, Role,
+from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
+from pipelines.delivery import Delivery, file_record_id, parse_license, read_delivery
+from pipelines.ingest_steps import (MEASURE_VERSION, STAGE, decide_tracks, finalize_track, link_duplicates,
+                                    measure_file, route_files)
+from provenance.policy import OptOutRegistry, RunPurpose
+from provenance.records import (AUDIO_FILE, DUPLICATE, LICENSE, REJECTION, TRACK, Purpose, RejectionReason,
                                 canonical_json, rejection, sha256_hex, to_table, write_table)
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
-
-STAGE = "ingest"
 
 
 class IngestConfig(BaseModel):
@@ -104,255 +99,6 @@ class IngestResult:
 
 
 # pure per-record steps --------------------------------------------------------------------------------
-
-def decide_tracks(track_id: str, rows: Iterable[Mapping[str, Any]], licenses: Mapping[str, Mapping[str, Any]],
-                  run: RunPurpose, opt_outs: OptOutRegistry, delivery_id: str, run_id: str
-                  ) -> Iterable[tuple[str, Any]]:
-    """All tracks.csv rows sharing one ``track_id`` → tagged outputs.
-
-    Yields ``("decision", (track_id, {"status": "accepted", "record": TRACK row}))``, or
-    ``("decision", (track_id, {"status": "rejected", "reason": ..}))`` plus ``("rejection", Rejection)``.
-    The first row (by row number) of a duplicated id is judged; later ones are ``duplicate_id``.
-    """
-    ordered = sorted(rows, key=lambda r: r["_row"])
-    if not track_id:
-        for row in ordered:
-            _, rej = parse_track(row, delivery_id, STAGE, run_id)
-            yield "rejection", rej
-        return
-    first, duplicates = ordered[0], ordered[1:]
-    for row in duplicates:
-        yield "rejection", rejection("track", track_id, STAGE, RejectionReason.DUPLICATE_ID,
-                                     f"tracks.csv row {row['_row']} repeats the id of row {first['_row']}", run_id)
-    record, rej = parse_track(first, delivery_id, STAGE, run_id)
-    if rej is None:
-        decision = decide(record, licenses, run, opt_outs)
-        if not decision.admitted:
-            rej = rejection("track", track_id, STAGE, decision.reason, decision.detail, run_id)
-    if rej is not None:
-        yield "rejection", rej
-        yield "decision", (track_id, {"status": "rejected", "reason": rej["reason"]})
-    else:
-        yield "decision", (track_id, {"status": "accepted", "record": record})
-
-
-def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Mapping[str, Any]], root: Path,
-                run_id: str) -> Iterable[tuple[str, Any]]:
-    """files.csv rows of one track → ``("measure", (track_id, task))`` or ``("rejection", Rejection)``.
-
-    Rows of unknown or rejected tracks, bad roles, unsafe or missing paths are rejected here, before any
-    decoding. Two stems with the same role and instrument but different paths keep both, the later one's
-    instrument suffixed `` #2``; the same path twice, or a second mixture, is ``duplicate_file``.
-    """
-    decision = decisions[0] if decisions else None
-    seen_paths: set[str] = set()
-    seen_keys: Counter[tuple[str, str]] = Counter()
-    for row in sorted(rows, key=lambda r: r["_row"]):
-        record_id = file_record_id(row)
-        if decision is None:
-            yield "rejection", rejection("audio_file", record_id, STAGE, RejectionReason.UNKNOWN_TRACK,
-                                         f"files.csv row {row['_row']}: no track {track_id!r} in tracks.csv", run_id)
-            continue
-        if decision["status"] != "accepted":
-            yield "rejection", rejection("audio_file", record_id, STAGE, RejectionReason.TRACK_REJECTED,
-                                         f"its track was rejected: {decision['reason']}", run_id)
-            continue
-        path, rej = check_file_row(row, root, STAGE, run_id)
-        if rej is not None:
-            yield "rejection", rej
-            continue
-        key = (row["role"], row.get("instrument", ""))
-        if str(path) in seen_paths or (row["role"] == Role.MIXTURE and seen_keys[key]):
-            yield "rejection", rejection("audio_file", record_id, STAGE, RejectionReason.DUPLICATE_FILE,
-                                         f"files.csv row {row['_row']} repeats a {row['role']} of this track", run_id)
-            continue
-        seen_paths.add(str(path))
-        seen_keys[key] += 1
-        instrument = key[1] if seen_keys[key] == 1 else f"{key[1]} #{seen_keys[key]}"
-        yield "measure", (track_id, {"record_id": record_id, "role": row["role"], "instrument": instrument,
-                                     "path": str(path)})
-
-
-MEASURE_VERSION = "3"
-MAX_CHANNELS = 2
-"""Bump when decoding or measuring changes: it is part of every measurement cache key."""
-
-
-def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
-                 cache_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
-    """Decode and measure one file → ``("accepted", AUDIO_FILE row)`` or ``("rejected", Rejection)``.
-
-    With ``cache_dir``, the outcome (measurements, or the reason the file is unusable) is cached under a
-    key of (``MEASURE_VERSION``, absolute path, size, mtime in ns): a re-run skips decoding unchanged files,
-    a changed file is measured again, and a killed run resumes with what it had measured. Rows carry
-    ``_cached`` (dropped before writing) so the run can count cache hits.
-    """
-    key = _measure_key(task["path"]) if cache_dir is not None else None
-    outcome = _read_cached(cache_dir, key)
-    cached = outcome is not None
-    if outcome is None:
-        outcome = _measure_outcome(task["path"])
-        _write_cached(cache_dir, key, outcome)
-    if outcome["status"] == "rejected":
-        return "rejected", {**rejection("audio_file", task["record_id"], STAGE, outcome["reason"],
-                                        outcome["detail"], run_id), "_cached": cached}
-    return "accepted", {"track_id": track_id, "role": task["role"], "instrument": task["instrument"],
-                        "uri": task["path"], "derived_from": "", "run_id": run_id,
-                        "_record_id": task["record_id"], "_cached": cached, **outcome["fields"]}
-
-
-def _measure_outcome(path: str) -> dict[str, Any]:
-    def rejected(reason: RejectionReason, detail: str) -> dict[str, Any]:
-        return {"status": "rejected", "reason": reason.value, "detail": detail}
-
-    try:
-        if os.path.getsize(path) == 0:
-            return rejected(RejectionReason.EMPTY_AUDIO, f"{path} is a zero-byte file")
-        expected = CONTAINER_BY_SUFFIX.get(Path(path).suffix.lower())
-        found = detect_container(path)
-        if expected is not None and found != expected:
-            return rejected(RejectionReason.FORMAT_MISMATCH,
-                            f"{Path(path).name} is named {Path(path).suffix} but holds {found} audio")
-        audio, sample_rate_hz = read_audio(path)
-    except FileNotFoundError:
-        return rejected(RejectionReason.MISSING_FILE, f"{path} vanished before decoding")
-    except AudioDecodeError as err:
-        return rejected(RejectionReason.DECODE_ERROR, str(err))
-    if audio.shape[-1] == 0:
-        return rejected(RejectionReason.EMPTY_AUDIO, "decoded to 0 samples")
-    if audio.shape[0] > MAX_CHANNELS:
-        return rejected(RejectionReason.TOO_MANY_CHANNELS,
-                        f"{audio.shape[0]} channels; linernotes takes mono or stereo files (deliver stems instead)")
-    if not np.all(np.isfinite(audio)):
-        bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
-        return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
-    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz)}
-
-
-def measure_all(audio: np.ndarray, sample_rate_hz: int) -> dict[str, Any]:
-    """The AudioFile measurements plus true peak, DC offset and the fingerprint (``_fingerprint``: base64 of
-    little-endian uint32 sub-fingerprints, used for near-duplicate detection and dropped before writing)."""
-    return {**measure_audio(audio, sample_rate_hz),
-            "true_peak_dbtp": measure_true_peak_dbtp(audio, sample_rate_hz),
-            "dc_offset": measure_dc_offset(audio),
-            "_fingerprint": base64.b64encode(fingerprint(audio, sample_rate_hz).astype("<u4").tobytes()).decode()}
-
-
-def _measure_key(path: str) -> str | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return sha256_hex(f"{MEASURE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}")
-
-
-def _read_cached(cache_dir: Path | None, key: str | None) -> dict[str, Any] | None:
-    if cache_dir is None or key is None:
-        return None
-    try:
-        return json.loads((cache_dir / f"{key}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _write_cached(cache_dir: Path | None, key: str | None, outcome: Mapping[str, Any]) -> None:
-    if cache_dir is None or key is None:
-        return
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=cache_dir)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(outcome, handle)
-    os.replace(tmp, cache_dir / f"{key}.json")
-
-
-def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: list[tuple[str, dict[str, Any]]],
-                   mixtures_dir: Path, run_id: str, stem_length_tolerance_samples: int = 0,
-                   max_stem_residual_db: float = -15.0) -> Iterable[tuple[str, dict[str, Any]]]:
-    """One accepted track and its measured files → ``("track"|"audio_file"|"rejection", row)``.
-
-    Builds the mixture as the sample-wise sum of the stems when no mixture file was delivered (stems
-    zero-padded to the longest; a float32 WAV, so a sum above full scale is kept, not clipped). Stems at
-    different sample rates cannot be summed: the track is rejected ``stem_mismatch``. A track left with no
-    usable audio is rejected ``no_audio``; its delivered files that did decode are then ``track_rejected``.
-    """
-    if decision is None or decision["status"] != "accepted":
-        return
-    files = [row for status, row in measured if status == "accepted"]
-    rejected_files = [row for status, row in measured if status == "rejected"]
-    for rej in rejected_files:
-        yield "rejection", rej
-    track = decision["record"]
-
-    def reject_track(reason: RejectionReason, detail: str) -> Iterable[tuple[str, dict[str, Any]]]:
-        yield "rejection", rejection("track", track_id, STAGE, reason, detail, run_id)
-        for row in files:
-            yield "rejection", rejection("audio_file", row["_record_id"], STAGE, RejectionReason.TRACK_REJECTED,
-                                         f"its track was rejected: {reason.value}", run_id)
-
-    if not files:
-        reasons = Counter(r["reason"] for r in rejected_files)
-        detail = ("no files in files.csv" if not measured else
-                  "no usable audio: " + ", ".join(f"{n}× {r}" for r, n in sorted(reasons.items())))
-        yield from reject_track(RejectionReason.NO_AUDIO, detail)
-        return
-    outputs = [dict(row) for row in files]
-    stems = [row for row in outputs if row["role"] != Role.MIXTURE]
-    mixtures = [row for row in outputs if row["role"] == Role.MIXTURE]
-    if stems:
-        check = check_stem_formats([r["sample_rate_hz"] for r in stems], [r["num_samples"] for r in stems],
-                                   [r["num_channels"] for r in stems], stem_length_tolerance_samples)
-        if not check.ok:
-            yield from reject_track(RejectionReason.STEM_MISMATCH, f"stems disagree: {check.detail}")
-            return
-    if not mixtures:
-        outputs.append(build_mixture(track_id, stems, mixtures_dir, run_id))
-    elif stems:
-        mixture_audio, _ = read_audio(mixtures[0]["uri"])
-        residual_db = measure_stem_residual_db(mixture_audio, [read_audio(r["uri"])[0] for r in stems])
-        mixtures[0]["stem_residual_db"] = residual_db
-        if residual_db > max_stem_residual_db:
-            yield from reject_track(RejectionReason.STEM_RESIDUAL,
-                                    f"the stems sum to the mixture with a residual of {residual_db:.1f} dB "
-                                    f"(limit {max_stem_residual_db:g} dB)")
-            return
-    yield "track", track
-    for row in outputs:
-        yield "audio_file", row  # keeps _record_id: the driver may still reject it as a duplicate's file
-
-
-def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str) -> dict[str, Any]:
-    """Sum the stems (float32 ``(channels, samples)``; mono stems broadcast to the widest channel count) into
-    a float32 WAV under ``mixtures_dir`` and return its measured AUDIO_FILE row.
-
-    Content-addressed: when the same stems (by decoded-PCM sha256) were summed before and the WAV is still
-    there, its recorded measurements are reused and nothing is decoded.
-    """
-    key = sha256_hex(canonical_json([MEASURE_VERSION, track_id, sorted(row["sha256"] for row in stems)]))
-    note = mixtures_dir / f".{key}.json"
-    try:
-        recorded = json.loads(note.read_text())
-        if Path(recorded["uri"]).is_file():
-            return {**recorded, "run_id": run_id, "_cached": True}
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        pass
-    decoded = [read_audio(row["uri"]) for row in sorted(stems, key=lambda r: r["uri"])]
-    sample_rate_hz = decoded[0][1]
-    num_channels = max(a.shape[0] for a, _ in decoded)
-    num_samples = max(a.shape[1] for a, _ in decoded)
-    mixture = np.zeros((num_channels, num_samples), dtype=np.float64)
-    for audio, _ in decoded:
-        mixture[:, : audio.shape[1]] += audio  # (1, n) broadcasts over channels
-    mixture32 = mixture.astype(np.float32)
-    safe = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "-_")) else "_" for ch in track_id)[:80]
-    path = mixtures_dir / f"{safe}-{sha256_hex(track_id)[:8]}.wav"
-    write_audio(path, mixture32, sample_rate_hz)
-    row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
-           "derived_from": "sum_of_stems", **measure_all(mixture32, sample_rate_hz)}
-    _write_cached(mixtures_dir, f".{key}", row)
-    return {**row, "run_id": run_id, "_cached": False}
-
-
-# Beam adapters ----------------------------------------------------------------------------------------
 
 class _Tagged(beam.DoFn):
     """Runs a pure generator of ``(tag, value)`` and routes values to tagged outputs."""
@@ -620,53 +366,6 @@ def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, An
 
     frame = pd.DataFrame(audio_files, columns=list(AUDIO_FILE_COLUMNS))
     return validate_curated(frame, counts, run_dir)
-
-
-def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, Any]], threshold: float, run_id: str
-                    ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """Find tracks whose mixture duplicates an earlier track's (by track id order): the same decoded PCM
-    (``exact``) or a fingerprint similarity ≥ ``threshold`` (``near``: another gain, sample rate or encoding).
-
-    The earlier track is kept; the later one is rejected ``duplicate_recording`` with the link in its
-    detail, its delivered files ``track_rejected``, and a ``records.DUPLICATE`` row says which it duplicates.
-
-    Returns:
-        (kept tracks, kept audio files, new rejections, duplicate rows).
-    """
-    mixtures = {row["track_id"]: row for row in audio_files if row["role"] == Role.MIXTURE}
-    prints = {t: np.frombuffer(base64.b64decode(row["_fingerprint"]), dtype="<u4")
-              for t, row in mixtures.items() if row.get("_fingerprint")}
-    kept: list[str] = []
-    duplicates: list[dict[str, Any]] = []
-    for track_id in sorted(mixtures):
-        match = None
-        for earlier in kept:
-            if mixtures[earlier]["sha256"] == mixtures[track_id]["sha256"]:
-                match = (earlier, "exact", 1.0)
-                break
-            if track_id in prints and earlier in prints:
-                similarity = fingerprint_similarity(prints[earlier], prints[track_id])
-                if similarity >= threshold:
-                    match = (earlier, "near", similarity)
-                    break
-        if match is None:
-            kept.append(track_id)
-        else:
-            duplicates.append({"track_id": track_id, "duplicate_of": match[0], "kind": match[1],
-                               "similarity": float(match[2]), "run_id": run_id})
-    dropped = {d["track_id"]: d for d in duplicates}
-    rejections = []
-    for dup in duplicates:
-        rejections.append(rejection("track", dup["track_id"], STAGE, RejectionReason.DUPLICATE_RECORDING,
-                                    f"{dup['kind']} duplicate of track {dup['duplicate_of']} "
-                                    f"(fingerprint similarity {dup['similarity']:.3f})", run_id))
-    for row in audio_files:
-        if row["track_id"] in dropped and row.get("_record_id"):
-            rejections.append(rejection("audio_file", row["_record_id"], STAGE, RejectionReason.TRACK_REJECTED,
-                                        f"its track was rejected: duplicate_recording of "
-                                        f"{dropped[row['track_id']]['duplicate_of']}", run_id))
-    return ([t for t in tracks if t["track_id"] not in dropped],
-            [f for f in audio_files if f["track_id"] not in dropped], rejections, duplicates)
 
 
 def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:

@@ -46,7 +46,7 @@ def _naive(path: str) -> float:
 
 
 def _ours(path: str) -> float:
-    from pipelines.ingest import _measure_outcome
+    from pipelines.ingest_steps import _measure_outcome
 
     start = time.process_time()
     outcome = _measure_outcome(path)
