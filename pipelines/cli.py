@@ -57,10 +57,9 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130) from err
 
 
-def _status(json_mode: bool) -> Callable[[str], None]:
-    def say(message: str) -> None:
-        err_console.print(f"[dim]›[/] {message}", highlight=False)
-    return say
+def _say(message: str) -> None:
+    """A status line on stderr (stdout stays free for ``--json``)."""
+    err_console.print(f"[dim]›[/] {message}", highlight=False)
 
 
 def _emit(payload: dict[str, Any], json_mode: bool, render: Callable[[dict[str, Any]], None]) -> None:
@@ -106,7 +105,7 @@ def ingest(
         cfg = load_config(IngestConfig, config, parse_overrides(overrides or []), purpose=purpose,
                           territory=territory, as_of=as_of, opt_out_csv=str(opt_out) if opt_out else None,
                           license_id=license_id)
-        result = run_ingest(delivery, _workspace(workdir), cfg, status=_status(json_mode))
+        result = run_ingest(delivery, _workspace(workdir), cfg, status=_say)
         _emit(result.to_json(), json_mode, _render_ingest)
 
 
@@ -172,7 +171,7 @@ def train(
         cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,
                           batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
         with _progress(json_mode) as progress:
-            result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_status(json_mode),
+            result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_say,
                                progress=progress)
         _emit(result.to_json(), json_mode, _render_generic("train"))
 
@@ -203,7 +202,7 @@ def generate(
         with _progress(json_mode) as progress:
             result = run_generate(_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
                                   num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
-                                  status=_status(json_mode), progress=progress)
+                                  status=_say, progress=progress)
         payload = result.to_json()
         _emit(payload, json_mode, _render_generation)
 
@@ -274,7 +273,7 @@ def demo(
 
         with _progress(json_mode) as progress:
             result = run_demo(_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
-                              steps=steps, status=_status(json_mode), progress=progress)
+                              steps=steps, status=_say, progress=progress)
         _emit(result, json_mode, _render_demo)
 
 

@@ -51,7 +51,7 @@ from typing import Any
 import pandas as pd
 
 from pipelines.delivery import FILE_COLUMNS, LICENSE_COLUMNS, TRACK_COLUMNS, Delivery
-from provenance.policy import normalize_isrc
+from provenance.policy import ISRC_PATTERN, normalize_isrc
 from provenance.records import Role
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")  # read when GX is imported; must precede the import
@@ -66,7 +66,6 @@ CURATED_SUITE = "linernotes.curated"
 DELIVERY_TABLES = ("tracks", "files", "licenses")
 CURATED_TABLES = ("audio_files", "counts")
 
-ISRC_PATTERN = r"^[A-Z]{2}[A-Z0-9]{3}[0-9]{7}$"  # ISO 3901, as provenance.policy.check_isrc
 ISO_DATE_PATTERN = r"^\d{4}-\d{2}-\d{2}$"
 ROLES = tuple(r.value for r in Role)
 AI_TRAINING_VALUES = ("allowed", "denied")

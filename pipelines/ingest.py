@@ -34,6 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
+from pipelines.config import config_dict, config_sha256
 from pipelines.delivery import Delivery, file_record_id, parse_license, read_delivery
 from pipelines.ingest_steps import (MEASURE_VERSION, STAGE, decide_tracks, finalize_track, link_duplicates,
                                     measure_file, route_files)
@@ -80,7 +81,7 @@ class IngestConfig(BaseModel):
         return RunPurpose(purpose=self.purpose, territory=self.territory, as_of=self.as_of)
 
     def to_dict(self) -> dict[str, Any]:
-        return json.loads(self.model_dump_json())
+        return config_dict(self)
 
 
 @dataclass
@@ -216,7 +217,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         delivered = delivery  # every input row, for reconciliation
         delivery, expectation_rejections, delivery_report, prerejected = check_delivery_expectations(
             delivery, run_dir, run_id)
-        licenses, license_rejections = _read_licenses(delivery, run_id)
+        licenses, license_rejections = read_licenses(delivery, run_id)
         license_rejections += expectation_rejections
         license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
                                          error["detail"], run_id) for error in delivery.message_errors]
@@ -270,7 +271,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         outputs["data_docs"] = str(curated_report.data_docs_index)
         outputs["fingerprint"] = fingerprint
         (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
-                                                             "config_sha256": sha256_hex(canonical_json(config.to_dict()))}))
+                                                             "config_sha256": config_sha256(config)}))
         (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id, "counts": counts, "outputs": outputs},
                                                          indent=2, default=str))
         store.finish_run(run_id, counts, outputs)
@@ -453,7 +454,8 @@ def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], r
     return counts
 
 
-def _read_licenses(delivery: Delivery, run_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+def read_licenses(delivery: Delivery, run_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """The delivery's licence rows → ({license_id: ``records.LICENSE`` row}, Rejections for bad or repeated rows)."""
     licenses: dict[str, dict[str, Any]] = {}
     rejections: list[dict[str, Any]] = []
     for row in delivery.licenses:

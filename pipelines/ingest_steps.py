@@ -25,7 +25,7 @@ from cleaning.measure import measure_audio
 from cleaning.quality import check_stem_formats, measure_dc_offset, measure_stem_residual_db, measure_true_peak_dbtp
 from pipelines.delivery import check_file_row, file_record_id, parse_track
 from provenance.policy import OptOutRegistry, RunPurpose, decide
-from provenance.records import RejectionReason, Role, canonical_json, rejection, sha256_hex
+from provenance.records import RejectionReason, Role, canonical_json, rejection, safe_name, sha256_hex
 
 STAGE = "ingest"
 
@@ -231,8 +231,7 @@ def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: 
     if not mixtures:
         outputs.append(build_mixture(track_id, stems, mixtures_dir, run_id))
     elif stems:
-        mixture_audio, _ = read_audio(mixtures[0]["uri"])
-        residual_db = measure_stem_residual_db(mixture_audio, [read_audio(r["uri"])[0] for r in stems])
+        residual_db = stem_residual_db(mixtures[0], stems, mixtures_dir)
         mixtures[0]["stem_residual_db"] = residual_db
         if residual_db > max_stem_residual_db:
             yield from reject_track(RejectionReason.STEM_RESIDUAL,
@@ -242,6 +241,21 @@ def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: 
     yield "track", track
     for row in outputs:
         yield "audio_file", row  # keeps _record_id: the driver may still reject it as a duplicate's file
+
+
+def stem_residual_db(mixture: Mapping[str, Any], stems: list[Mapping[str, Any]], cache_dir: Path) -> float:
+    """``cleaning.quality.measure_stem_residual_db`` of a delivered mixture against its delivered stems (rows
+    already measured). Content-addressed like ``build_mixture``: the same PCM (by sha256) is not decoded again.
+    """
+    key = ".residual-" + sha256_hex(canonical_json([MEASURE_VERSION, mixture["sha256"],
+                                                    sorted(row["sha256"] for row in stems)]))
+    cached = _read_cached(cache_dir, key)
+    if cached is not None:
+        return float(cached["stem_residual_db"])
+    mixture_audio, _ = read_audio(mixture["uri"])
+    residual_db = measure_stem_residual_db(mixture_audio, [read_audio(row["uri"])[0] for row in stems])
+    _write_cached(cache_dir, key, {"stem_residual_db": residual_db})
+    return residual_db
 
 
 def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str) -> dict[str, Any]:
@@ -267,8 +281,7 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     for audio, _ in decoded:
         mixture[:, : audio.shape[1]] += audio  # (1, n) broadcasts over channels
     mixture32 = mixture.astype(np.float32)
-    safe = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "-_")) else "_" for ch in track_id)[:80]
-    path = mixtures_dir / f"{safe}-{sha256_hex(track_id)[:8]}.wav"
+    path = mixtures_dir / f"{safe_name(track_id)}-{sha256_hex(track_id)[:8]}.wav"
     write_audio(path, mixture32, sample_rate_hz)
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
            "derived_from": "sum_of_stems", **measure_all(mixture32, sample_rate_hz)}

@@ -81,6 +81,7 @@ def resolve_dataset(store: LineageStore, workspace: Workspace, dataset_id: str |
 
 
 def resolve_checkpoint(store: LineageStore, workspace: Workspace, checkpoint_id: str | None) -> dict[str, Any]:
+    """The named checkpoint, or the newest one. Raises MissingInputError saying to run ``train``."""
     record = store.get_checkpoint(checkpoint_id) if checkpoint_id else store.latest_checkpoint()
     if record is None:
         what = f"checkpoint {checkpoint_id}" if checkpoint_id else "a checkpoint"
@@ -89,6 +90,11 @@ def resolve_checkpoint(store: LineageStore, workspace: Workspace, checkpoint_id:
 
 
 def read_dataset_manifest(workspace: Workspace, dataset_id: str) -> dict[str, Any]:
+    """A dataset's ``dataset.json`` (shards per split, shard config with its mel config).
+
+    Raises:
+        MissingInputError: the manifest is missing (re-run ``shard``).
+    """
     path = workspace.dataset_dir(dataset_id) / "dataset.json"
     if not path.is_file():
         raise MissingInputError(f"dataset {dataset_id} has no manifest at {path}: re-run `linernotes shard`")

@@ -31,7 +31,7 @@ def explain_track(workspace: Workspace, track_id: str, run_id: str | None = None
         ExplainError: no (such) ingest run, or the track is not in that run's delivery.
         pipelines.delivery.DeliveryError: the run's delivery can no longer be read.
     """
-    from pipelines.ingest import STAGE, _read_licenses
+    from pipelines.ingest import STAGE, read_licenses
 
     store = LineageStore(workspace.store_url)
     try:
@@ -54,7 +54,7 @@ def explain_track(workspace: Workspace, track_id: str, run_id: str | None = None
     else:
         raise ExplainError(f"track {track_id!r} is in no ingested delivery (runs: {', '.join(r['run_id'] for r in runs)})")
     purpose = RunPurpose(Purpose(config["purpose"]), config["territory"], dt.date.fromisoformat(config["as_of"]))
-    licenses, _ = _read_licenses(delivery, run["run_id"])
+    licenses, _ = read_licenses(delivery, run["run_id"])
     record, field_rejection = parse_track(rows[0], delivery.delivery_id)
     checks = [] if record is None else explain(record, licenses, purpose, registry)
     recorded = _recorded(workspace, run["run_id"], track_id)

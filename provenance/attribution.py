@@ -279,7 +279,7 @@ class AttributionResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per segment with exactly the fields of ``records.ATTRIBUTION`` (``generation_id`` is
-        the query id); fits ``LineageStore.add_attributions(query_id, method, run_id, dataset_id, rows)``
+        the query id); fits ``LineageStore.add_attributions(generation_id, method, run_id, dataset_id, rows)``
         and ``records.to_table(rows, records.ATTRIBUTION)``."""
         rights_holder = {t.track_id: t.rights_holder for t in self.tracks}
         return [

@@ -88,29 +88,59 @@ def covers_territory(territories: Iterable[str], territory: str) -> bool:
     return WORLDWIDE in granted or wanted in granted
 
 
+@dataclass(frozen=True)
+class Check:
+    """One step of the policy for one recording, as ``linernotes rights explain`` prints it."""
+
+    name: str
+    passed: bool
+    detail: str
+    reason: RejectionReason | None = None
+
+
+def license_checks(license_: Mapping[str, Any], run: RunPurpose) -> list[Check]:
+    """Every licence check for ``run``, in order, each passed or not: AI training, commercial use,
+    territory, valid from, valid until. The one implementation behind ``check_license`` and ``explain``."""
+    license_id = license_["license_id"]
+    training = str(license_.get("ai_training", "")).strip().lower() in {"allowed", "allow", "true", "yes"}
+    commercial_ok = run.purpose is not Purpose.COMMERCIAL or bool(license_.get("commercial_use"))
+    territories = license_.get("territories") or []
+    covered = covers_territory(territories, run.territory)
+    valid_from, valid_until = license_.get("valid_from"), license_.get("valid_until")
+    started = not valid_from or run.as_of >= valid_from
+    current = not valid_until or run.as_of <= valid_until
+    return [
+        Check("AI training", training,
+              f"licence {license_id}: ai_training={license_.get('ai_training')}" if training else
+              f"licence {license_id} has ai_training={license_.get('ai_training')!r}",
+              None if training else RejectionReason.LICENSE_DENIES_AI_TRAINING),
+        Check("commercial use", commercial_ok,
+              f"licence {license_id}: commercial_use={bool(license_.get('commercial_use'))}; "
+              f"the run is {run.purpose.value}" if commercial_ok else
+              f"licence {license_id} does not allow commercial use; the run is commercial",
+              None if commercial_ok else RejectionReason.LICENSE_NOT_COMMERCIAL),
+        Check("territory", covered,
+              f"licence {license_id} covers {';'.join(territories) or 'no territory'}"
+              + (f"; the run is for {run.territory}" if covered else f", not {run.territory}"),
+              None if covered else RejectionReason.LICENSE_TERRITORY),
+        Check("valid from", started,
+              f"licence {license_id} is valid from {valid_from or 'always'}; the run is as of {run.as_of}",
+              None if started else RejectionReason.LICENSE_NOT_YET_VALID),
+        Check("valid until", current,
+              f"licence {license_id} is valid until {valid_until or 'open-ended'}; the run is as of {run.as_of}"
+              if current else f"licence {license_id} expired on {valid_until}; the run is as of {run.as_of}",
+              None if current else RejectionReason.LICENSE_EXPIRED),
+    ]
+
+
 def check_license(license_: Mapping[str, Any] | None, run: RunPurpose) -> Decision:
-    """Judge one licence record (``records.LICENSE`` fields, dates as ``datetime.date``) for ``run``."""
+    """Judge one licence record (``records.LICENSE`` fields, dates as ``datetime.date``) for ``run``: the
+    first failing ``license_checks`` entry, or admitted."""
     if license_ is None:
         return Decision(False, RejectionReason.UNKNOWN_LICENSE, "no licence with that id in the delivery")
-    license_id = license_["license_id"]
-    if str(license_.get("ai_training", "")).strip().lower() not in {"allowed", "allow", "true", "yes"}:
-        return Decision(False, RejectionReason.LICENSE_DENIES_AI_TRAINING,
-                        f"licence {license_id} has ai_training={license_.get('ai_training')!r}")
-    if run.purpose is Purpose.COMMERCIAL and not license_.get("commercial_use"):
-        return Decision(False, RejectionReason.LICENSE_NOT_COMMERCIAL,
-                        f"licence {license_id} does not allow commercial use; the run is commercial")
-    territories = license_.get("territories") or []
-    if not covers_territory(territories, run.territory):
-        return Decision(False, RejectionReason.LICENSE_TERRITORY,
-                        f"licence {license_id} covers {';'.join(territories) or 'no territory'}, "
-                        f"not {run.territory}")
-    valid_from, valid_until = license_.get("valid_from"), license_.get("valid_until")
-    if valid_from and run.as_of < valid_from:
-        return Decision(False, RejectionReason.LICENSE_NOT_YET_VALID,
-                        f"licence {license_id} is valid from {valid_from}; the run is as of {run.as_of}")
-    if valid_until and run.as_of > valid_until:
-        return Decision(False, RejectionReason.LICENSE_EXPIRED,
-                        f"licence {license_id} expired on {valid_until}; the run is as of {run.as_of}")
+    for check in license_checks(license_, run):
+        if not check.passed:
+            return Decision(False, check.reason, check.detail)
     return ADMIT
 
 
@@ -163,7 +193,9 @@ def normalize_isrc(value: str) -> str:
     return value.replace("-", "").replace(" ", "").strip().upper()
 
 
-_ISRC = re.compile(r"^[A-Z]{2}[A-Z0-9]{3}[0-9]{7}$")
+ISRC_PATTERN = r"^[A-Z]{2}[A-Z0-9]{3}[0-9]{7}$"
+"""ISO 3901 in its normalised 12-character form: country, registrant, year, designation."""
+_ISRC = re.compile(ISRC_PATTERN)
 _ISWC = re.compile(r"^T-?(\d{3})\.?(\d{3})\.?(\d{3})-?(\d)$")
 
 
@@ -199,51 +231,18 @@ def check_iswc(value: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Check:
-    """One step of the policy for one recording, as ``linernotes rights explain`` prints it."""
-
-    name: str
-    passed: bool
-    detail: str
-    reason: RejectionReason | None = None
-
-
 def explain(track: Mapping[str, Any], licenses: Mapping[str, Mapping[str, Any]], run: RunPurpose,
             opt_outs: OptOutRegistry | None = None) -> list[Check]:
     """Every check of the policy for ``track`` in order, each passed or not (not only the first failure)."""
-    checks: list[Check] = []
-    registry = opt_outs or OptOutRegistry()
-    opted = registry.check(track)
-    checks.append(Check("opt-out registry", opted.admitted,
-                        "no opt-out names this track, its ISRC or its rights holder" if opted.admitted else opted.detail,
-                        opted.reason))
+    opted = (opt_outs or OptOutRegistry()).check(track)
+    checks = [Check("opt-out registry", opted.admitted,
+                    "no opt-out names this track, its ISRC or its rights holder" if opted.admitted else opted.detail,
+                    opted.reason)]
     license_ = licenses.get(track.get("license_id") or "")
     if license_ is None:
-        checks.append(Check("licence", False, f"no licence {track.get('license_id')!r} in the delivery",
-                            RejectionReason.UNKNOWN_LICENSE))
-        return checks
-    license_id = license_["license_id"]
-    training = str(license_.get("ai_training", "")).lower() in {"allowed", "allow", "true", "yes"}
-    checks.append(Check("AI training", training, f"licence {license_id}: ai_training={license_.get('ai_training')}",
-                        None if training else RejectionReason.LICENSE_DENIES_AI_TRAINING))
-    commercial_ok = run.purpose is not Purpose.COMMERCIAL or bool(license_.get("commercial_use"))
-    checks.append(Check("commercial use", commercial_ok,
-                        f"licence {license_id}: commercial_use={bool(license_.get('commercial_use'))}; "
-                        f"the run is {run.purpose.value}",
-                        None if commercial_ok else RejectionReason.LICENSE_NOT_COMMERCIAL))
-    territories = license_.get("territories") or []
-    covered = covers_territory(territories, run.territory)
-    checks.append(Check("territory", covered, f"licence covers {';'.join(territories) or 'nothing'}; "
-                        f"the run is for {run.territory}", None if covered else RejectionReason.LICENSE_TERRITORY))
-    valid_from, valid_until = license_.get("valid_from"), license_.get("valid_until")
-    started = not valid_from or run.as_of >= valid_from
-    checks.append(Check("valid from", started, f"licence valid from {valid_from or 'always'}; run as of {run.as_of}",
-                        None if started else RejectionReason.LICENSE_NOT_YET_VALID))
-    current = not valid_until or run.as_of <= valid_until
-    checks.append(Check("valid until", current, f"licence valid until {valid_until or 'open-ended'}; "
-                        f"run as of {run.as_of}", None if current else RejectionReason.LICENSE_EXPIRED))
-    return checks
+        return checks + [Check("licence", False, f"no licence {track.get('license_id')!r} in the delivery",
+                               RejectionReason.UNKNOWN_LICENSE)]
+    return checks + license_checks(license_, run)
 
 
 def decide(track: Mapping[str, Any], licenses: Mapping[str, Mapping[str, Any]], run: RunPurpose,

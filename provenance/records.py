@@ -373,14 +373,19 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def safe_name(text: str, max_chars: int = 80) -> str:
+    """``text`` as a file-name part: ASCII letters, digits, ``-`` and ``_`` kept, anything else ``_``,
+    cut to ``max_chars``. Not unique: callers add a hash of the original."""
+    return "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "-_")) else "_" for ch in text)[:max_chars]
+
+
 def sample_key(segment_id_: str) -> str:
     """WebDataset sample key of a segment: readable, dot-free, unique (a short hash disambiguates).
 
     ``"fma-Vibe_Ace@320000"`` → ``"fma-Vibe_Ace-0000320000-1a2b3c4d"``.
     """
     track_id, _, start = segment_id_.rpartition("@")
-    safe = "".join(ch if (ch.isascii() and (ch.isalnum() or ch in "-_")) else "_" for ch in track_id)[:80]
-    return f"{safe}-{int(start):010d}-{sha256_hex(segment_id_)[:8]}"
+    return f"{safe_name(track_id)}-{int(start):010d}-{sha256_hex(segment_id_)[:8]}"
 
 
 def conditioning_text(track: Mapping[str, Any]) -> str:

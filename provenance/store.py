@@ -84,7 +84,8 @@ generations = sa.Table(
 
 attributions = sa.Table(
     "attributions", metadata,
-    sa.Column("query_id", sa.String(64), primary_key=True),  # generation_id, or sha256 of a query file
+    # the Attribution record's key: a generation id, or for `linernotes attribute FILE` the query's PCM id
+    sa.Column("generation_id", sa.String(64), primary_key=True),
     sa.Column("method", sa.String(32), primary_key=True),
     sa.Column("segment_id", sa.String(300), primary_key=True),
     sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
@@ -216,21 +217,24 @@ class LineageStore:
         return self._one(generations, generations.c.generation_id == generation_id)
 
     # attributions -----------------------------------------------------------------------------------
-    def add_attributions(self, query_id: str, method: str, run_id: str, dataset_id: str,
+    def add_attributions(self, generation_id: str, method: str, run_id: str, dataset_id: str,
                          rows: list[Mapping[str, Any]]) -> None:
-        """Store one query's ranked segments, replacing an earlier result for the same query and method."""
+        """Store one query's ranked segments, replacing an earlier result for the same query and method.
+
+        ``generation_id`` is the Attribution key: a Generation's id, or the id of an attributed audio file.
+        """
         with self._begin() as c:
             c.execute(attributions.delete().where(
-                (attributions.c.query_id == query_id) & (attributions.c.method == method)))
+                (attributions.c.generation_id == generation_id) & (attributions.c.method == method)))
             if rows:
                 c.execute(attributions.insert(), [
-                    {"query_id": query_id, "method": method, "run_id": run_id, "dataset_id": dataset_id,
+                    {"generation_id": generation_id, "method": method, "run_id": run_id, "dataset_id": dataset_id,
                      **{k: row[k] for k in ("segment_id", "rank", "score", "track_id", "rights_holder", "share")}}
                     for row in rows
                 ])
 
-    def get_attributions(self, query_id: str, method: str | None = None) -> list[dict[str, Any]]:
-        query = sa.select(attributions).where(attributions.c.query_id == query_id)
+    def get_attributions(self, generation_id: str, method: str | None = None) -> list[dict[str, Any]]:
+        query = sa.select(attributions).where(attributions.c.generation_id == generation_id)
         if method:
             query = query.where(attributions.c.method == method)
         with self.engine.connect() as c:
