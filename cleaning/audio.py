@@ -16,8 +16,14 @@ class AudioDecodeError(ValueError):
     """The file exists but could not be decoded as audio (corrupt, truncated, or not audio at all)."""
 
 
-def read_audio(path: str | os.PathLike[str] | io.BytesIO) -> tuple[np.ndarray, int]:
+def read_audio(path: str | os.PathLike[str] | io.BytesIO, *, contiguous: bool = True) -> tuple[np.ndarray, int]:
     """Decode a WAV, FLAC, Ogg Vorbis/Opus or MP3 file with libsndfile (soundfile).
+
+    Args:
+        path: a file path or an in-memory file.
+        contiguous: ``True`` (default) returns C-contiguous channel-major memory; ``False`` returns the
+            transposed view of the decoded interleaved buffer (same values and shape, no 10 MB-per-30 s
+            copy), for callers that only read it, e.g. ingest's measurements.
 
     Returns:
         (audio, sample_rate_hz): audio is float32 ``(channels, samples)``.
@@ -38,7 +44,7 @@ def read_audio(path: str | os.PathLike[str] | io.BytesIO) -> tuple[np.ndarray, i
     if 0 < data.shape[0] < info.frames:
         raise AudioDecodeError(f"{path} is truncated: its header announces {info.frames} samples, "
                                f"{data.shape[0]} decode")
-    return np.ascontiguousarray(data.T), int(sample_rate_hz)
+    return (np.ascontiguousarray(data.T) if contiguous else data.T), int(sample_rate_hz)
 
 
 CONTAINER_BY_SUFFIX = {".wav": "WAV", ".wave": "WAV", ".flac": "FLAC", ".ogg": "OGG", ".oga": "OGG",

@@ -11,18 +11,19 @@ recording differ in few bits (bit error rate, BER, ≲ 0.1) while different reco
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
+from fractions import Fraction
 
 import numpy as np
 import scipy.fft
-import torch
+import scipy.signal
 
-from cleaning.audio import resample, to_mono
 from cleaning.measure import measure_pcm_sha256
 
-FINGERPRINT_SAMPLE_RATE_HZ = 11025
-FRAME_SAMPLES = 4096  # 0.372 s at 11025 Hz (Haitsma & Kalker: 2048 at 5512.5 Hz)
-HOP_SAMPLES = 128  # 11.6 ms at 11025 Hz: frame overlap 31/32
+FINGERPRINT_SAMPLE_RATE_HZ = 5512.5  # Haitsma & Kalker's rate: 44.1 kHz / 8
+FRAME_SAMPLES = 2048  # 0.372 s
+HOP_SAMPLES = 64  # 11.6 ms: frame overlap 31/32
 FRAME_HOP_S = HOP_SAMPLES / FINGERPRINT_SAMPLE_RATE_HZ  # 11.6 ms per sub-fingerprint
 NUM_BANDS = 33  # → 32 bits per sub-fingerprint
 BAND_LOW_HZ, BAND_HIGH_HZ = 300.0, 2000.0
@@ -30,7 +31,8 @@ SILENCE_FLOOR_DBFS = -70.0  # frames whose windowed RMS is below this carry no b
 NEAR_DUPLICATE_THRESHOLD = 0.8  # similarity, i.e. BER < 0.2 (Haitsma & Kalker match at BER < 0.35)
 DEFAULT_MAX_SHIFT_S = 10.0
 DEFAULT_MIN_OVERLAP_S = 5.0
-_FRAMES_PER_CHUNK = 2048  # STFT frames per chunk: a (2049, 2048) float32 power spectrogram, 17 MB
+_FRAMES_PER_CHUNK = 256  # STFT frames per chunk: 2 MB of windowed float32 frames, cache-sized
+_ANTIALIAS_STOP_HZ = FINGERPRINT_SAMPLE_RATE_HZ - BAND_HIGH_HZ  # lowest frequency that aliases into the bands
 
 __all__ = ["FINGERPRINT_SAMPLE_RATE_HZ", "FRAME_HOP_S", "NEAR_DUPLICATE_THRESHOLD", "find_exact_duplicates",
            "find_near_duplicates", "fingerprint", "fingerprint_similarity", "measure_pcm_sha256"]
@@ -39,20 +41,23 @@ __all__ = ["FINGERPRINT_SAMPLE_RATE_HZ", "FRAME_HOP_S", "NEAR_DUPLICATE_THRESHOL
 def fingerprint(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
     """Haitsma–Kalker fingerprint of a recording: one 32-bit sub-fingerprint per 11.6 ms frame.
 
-    Channels are averaged, the result resampled to 11025 Hz (torchaudio sinc), cut into 4096-sample Hann
-    frames every 128 samples, and the power spectrum summed into 33 bands with log-spaced edges from 300 to
-    2000 Hz. Bit ``m`` (value ``1 << m``) of frame ``n`` is
+    Channels are averaged and the result brought to 5512.5 Hz by a polyphase FIR (``scipy.signal.
+    resample_poly`` with a Kaiser-windowed low-pass that passes the 300–2000 Hz bands and stops everything
+    that would alias into them: 44.1 kHz is a plain decimation by 8). It is cut into 2048-sample Hann frames
+    every 64 samples, and each frame's power spectrum (float32 real FFT) summed into 33 bands with
+    log-spaced edges from 300 to 2000 Hz. Bit ``m`` (value ``1 << m``) of frame ``n`` is
     ``(E[n,m] − E[n,m+1]) − (E[n−1,m] − E[n−1,m+1]) > 0``. Frames whose windowed RMS is below
     ``SILENCE_FLOOR_DBFS`` are 0, meaning "no information": ``fingerprint_similarity`` skips them, so shared
     digital silence or leading silence of different lengths neither makes nor breaks a match.
 
     Args:
-        audio: float32 ``(channels, samples)``.
+        audio: float32 ``(channels, samples)``, any memory layout.
         sample_rate_hz: sample rate of ``audio``.
 
     Returns:
-        uint32 ``(frames,)`` with ``frames = max(0, (n − 4096) // 128)`` for ``n`` samples at 11025 Hz
-        (one fewer than the STFT frames: the first has no predecessor). Empty for audio under ~0.38 s.
+        uint32 ``(frames,)`` with ``frames = max(0, (n − 2048) // 64)`` for ``n = ceil(samples · 5512.5 /
+        sample_rate_hz)`` samples at 5512.5 Hz (one fewer than the STFT frames: the first has no
+        predecessor). Empty for audio under ~0.38 s.
 
     Raises:
         ValueError: ``audio`` is not 2-D or ``sample_rate_hz`` is not positive.
@@ -62,32 +67,29 @@ def fingerprint(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
         raise ValueError(f"audio must be (channels, samples), got shape {audio.shape}")
     if sample_rate_hz <= 0:
         raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
-    mono = resample(to_mono(audio), int(sample_rate_hz), FINGERPRINT_SAMPLE_RATE_HZ)[0]
+    mono = _fingerprint_rate(audio, int(sample_rate_hz))
     if mono.shape[0] < FRAME_SAMPLES + HOP_SAMPLES:
         return np.zeros(0, dtype=np.uint32)
-    num_frames = 1 + (mono.shape[0] - FRAME_SAMPLES) // HOP_SAMPLES  # STFT frames, before differencing
-    energies = np.empty((NUM_BANDS, num_frames))  # band energies E[m, n]
-    mean_square = np.empty(num_frames)  # windowed mean square per frame, for the silence floor
-    window = torch.hann_window(FRAME_SAMPLES, periodic=True, dtype=torch.float32)
-    # Parseval: Σ_k |X_k|² = N · Σ_t (w·x)², so the windowed mean square is Σ_k |X_k|² / (N · Σ w²)
-    power_to_mean_square = 1.0 / (FRAME_SAMPLES * float(np.sum(window.numpy().astype(np.float64) ** 2)))
+    frames = np.lib.stride_tricks.sliding_window_view(mono, FRAME_SAMPLES)[::HOP_SAMPLES]
+    num_frames = frames.shape[0]  # STFT frames, before differencing
+    window = scipy.signal.get_window("hann", FRAME_SAMPLES).astype(np.float32)  # periodic Hann
     first_bin, bands = _band_matrix()
     band_bins = slice(first_bin, first_bin + bands.shape[1])
-    # float32 FFT (half the time of float64): rounding can flip only bits whose differences are near zero
-    signal = torch.from_numpy(np.ascontiguousarray(mono, dtype=np.float32))
-    for first in range(0, num_frames, _FRAMES_PER_CHUNK):  # chunks bound the spectrogram's memory
-        count = min(_FRAMES_PER_CHUNK, num_frames - first)
-        segment = signal[first * HOP_SAMPLES:(first + count - 1) * HOP_SAMPLES + FRAME_SAMPLES]
-        with torch.no_grad():
-            spectrum = torch.stft(segment, n_fft=FRAME_SAMPLES, hop_length=HOP_SAMPLES, window=window,
-                                  center=False, return_complex=True)
-        power = (spectrum.real ** 2 + spectrum.imag ** 2).numpy()  # float32 (bins, count)
-        energies[:, first:first + count] = bands @ power[band_bins].astype(np.float64)
-        mean_square[first:first + count] = power.sum(axis=0, dtype=np.float64) * power_to_mean_square
-    difference = energies[:-1] - energies[1:]  # (32, frames): E[m] − E[m+1]
-    bits = (difference[:, 1:] - difference[:, :-1]) > 0  # (32, frames − 1)
+    bands32 = np.ascontiguousarray(bands.T, dtype=np.float32)  # (bins, 33)
+    energies = np.empty((num_frames, NUM_BANDS), dtype=np.float64)  # band energies E[n, m]
+    mean_square = np.empty(num_frames)  # windowed mean square per frame, for the silence floor
+    window_energy = float(np.sum(window.astype(np.float64) ** 2))
+    for first in range(0, num_frames, _FRAMES_PER_CHUNK):  # chunks keep the windowed frames in cache
+        windowed = frames[first:first + _FRAMES_PER_CHUNK] * window  # float32 (count, 2048)
+        mean_square[first:first + windowed.shape[0]] = np.einsum("ij,ij->i", windowed, windowed) / window_energy
+        # float32 FFT: rounding can flip only bits whose differences are near zero, as a codec does
+        spectrum = scipy.fft.rfft(windowed, axis=1)[:, band_bins]
+        power = spectrum.real ** 2 + spectrum.imag ** 2
+        energies[first:first + windowed.shape[0]] = power @ bands32
+    difference = energies[:, :-1] - energies[:, 1:]  # (frames, 32): E[m] − E[m+1]
+    bits = (difference[1:] - difference[:-1]) > 0  # (frames − 1, 32)
     weights = np.left_shift(np.uint32(1), np.arange(NUM_BANDS - 1, dtype=np.uint32))
-    packed = (bits.astype(np.uint32) * weights[:, None]).sum(axis=0, dtype=np.uint32)
+    packed = (bits.astype(np.uint32) * weights[None]).sum(axis=1, dtype=np.uint32)
     floor = 10.0 ** (SILENCE_FLOOR_DBFS / 10.0)
     packed[(mean_square[1:] < floor) | (mean_square[:-1] < floor)] = 0
     return packed
@@ -224,3 +226,63 @@ def _cross_correlate(x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
     circular = scipy.fft.irfft(spectrum, size, axis=1)
     len_x, len_y = x.shape[1], y.shape[1]
     return np.concatenate([circular[:, size - (len_y - 1):], circular[:, :len_x]], axis=1)
+
+
+def _fingerprint_rate(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
+    """Mono float32 ``(n,)`` at ``FINGERPRINT_SAMPLE_RATE_HZ``, ``n = ceil(samples · 5512.5 / rate)``.
+
+    The low-pass (at the up-sampled rate ``rate · up``) passes 0–2000 Hz and stops from 3512.5 Hz, the
+    lowest frequency that folds into the 300–2000 Hz bands at 5512.5 Hz; what folds elsewhere is never
+    looked at, so this filter is far shorter than a general resampler's.
+    """
+    mono = audio[0].astype(np.float32)  # a copy; summed channel by channel (fast in any memory layout)
+    for channel in audio[1:]:
+        mono += channel
+    mono /= np.float32(audio.shape[0])
+    ratio = Fraction(FINGERPRINT_SAMPLE_RATE_HZ).limit_denominator(1000) / sample_rate_hz
+    up, down = ratio.numerator, ratio.denominator
+    taps = _antialias_filter(sample_rate_hz, up)
+    if up == 1:  # 44.1 kHz, 88.2 kHz, 22.05 kHz: a plain decimation, as one matrix product per block
+        return _decimate(mono, taps, down)
+    return scipy.signal.resample_poly(mono, up, down, window=taps).astype(np.float32, copy=False)
+
+
+def _decimate(signal: np.ndarray, taps: np.ndarray, down: int, group: int = 32, rows_per_block: int = 2048
+              ) -> np.ndarray:
+    """``scipy.signal.resample_poly(signal, 1, down, window=taps)`` for an odd number of taps, computed as
+    matrix products: ``y[k] = Σ_j taps[j] · x[k·down + j − (len(taps) − 1) / 2]`` (zero outside), ``group``
+    outputs per row of input, ``rows_per_block`` rows at a time to bound memory.
+
+    Args:
+        signal: float32 ``(n,)``; taps: float32 ``(L,)``, L odd; down: decimation factor.
+
+    Returns:
+        float32 ``(ceil(n / down),)``.
+    """
+    num_taps = taps.shape[0]
+    half = (num_taps - 1) // 2
+    num_out = -(-signal.shape[0] // down)
+    width = (group - 1) * down + num_taps
+    matrix = np.zeros((width, group), dtype=np.float32)
+    for g in range(group):
+        matrix[g * down:g * down + num_taps, g] = taps
+    num_rows = -(-num_out // group)
+    padded = np.zeros(num_rows * group * down + width, dtype=np.float32)
+    padded[half:half + signal.shape[0]] = signal
+    rows = np.lib.stride_tricks.sliding_window_view(padded, width)[::group * down][:num_rows]
+    out = np.empty((num_rows, group), dtype=np.float32)
+    for first in range(0, num_rows, rows_per_block):
+        out[first:first + rows_per_block] = np.ascontiguousarray(rows[first:first + rows_per_block]) @ matrix
+    return out.ravel()[:num_out]
+
+
+@functools.lru_cache(maxsize=16)
+def _antialias_filter(sample_rate_hz: int, up: int) -> np.ndarray:
+    """float32 FIR taps at ``sample_rate_hz · up``: Kaiser window for 60 dB over the 2000–3512.5 Hz
+    transition, gain ``up`` (the zero-stuffing's loss), at least one tap per phase."""
+    rate = sample_rate_hz * up
+    cutoff = (BAND_HIGH_HZ + _ANTIALIAS_STOP_HZ) / 2.0
+    num_taps, beta = scipy.signal.kaiserord(60.0, (_ANTIALIAS_STOP_HZ - BAND_HIGH_HZ) / (rate / 2.0))
+    num_taps = max(num_taps, 2 * up + 1) | 1
+    taps = scipy.signal.firwin(num_taps, cutoff, window=("kaiser", beta), fs=rate) * up
+    return taps.astype(np.float32)

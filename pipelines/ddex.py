@@ -2,7 +2,8 @@
 
 A message becomes the rows a CSV delivery would have had (``pipelines.delivery``): one track row per
 ``SoundRecording`` (the ``TRACK_COLUMNS`` plus ``iswc``) and one ``mixture`` file row per delivered audio
-file, plus the releases and deals as plain dataclasses. ERN 4.1, 4.1.1, 4.2 and 4.3 are read; the version
+file, plus the releases and deals (dataclasses, and ``records.RELEASE`` / ``records.DEAL`` rows by
+``read_ern_records``). ERN 4.1, 4.1.1, 4.2 and 4.3 are read; the version
 comes from the root namespace (``http://ddex.net/xml/ern/411`` → ``4.1.1``). Only 4.1.1 is checked against
 its XSD: the 4.3 XSD is not in the corpus.
 
@@ -28,6 +29,7 @@ before parsing, and so are files over ``ErnLimits.max_bytes`` and elements neste
 from __future__ import annotations
 
 import codecs
+import datetime as dt
 import functools
 import io
 import os
@@ -126,6 +128,20 @@ class ErnMessage:
     files: list[dict[str, Any]] = field(default_factory=list)
     releases: list[Release] = field(default_factory=list)
     deals: list[Deal] = field(default_factory=list)
+    track_ids: dict[str, str] = field(default_factory=dict)  # SoundRecording ResourceReference → track_id
+
+
+@dataclass(frozen=True)
+class ErnDelivery:
+    """Every message of a delivery folder read: rows for ``Delivery`` (``_row`` numbered 1.. over each whole
+    table), ``records.RELEASE`` and ``records.DEAL`` rows (without ``delivery_id`` and ``run_id``), and an
+    error per message that could not be read (``{"message", "reason", "detail"}``; its rows are absent)."""
+
+    tracks: list[dict[str, Any]]
+    files: list[dict[str, Any]]
+    releases: list[dict[str, Any]]
+    deals: list[dict[str, Any]]
+    errors: list[dict[str, str]]
 
 
 def parse_ern(path: Path, delivery_root: Path, *, limits: ErnLimits = ErnLimits(), validate: bool = True,
@@ -182,6 +198,19 @@ def read_ern_delivery(root: Path, *, limits: ErnLimits = ErnLimits(), validate: 
         table; an error is ``{"message": path inside the delivery, "reason": ..., "detail": ...}`` for a
         message that could not be read; its rows are absent. Duplicate ``track_id``s (the same ISRC in two
         messages) are kept for ingest to reject as ``duplicate_id``: the first in path order wins there.
+        ``read_ern_records`` gives the releases and deals too.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a folder, or a 4.1.1 message is to be validated without the XSD.
+    """
+    records = read_ern_records(root, limits=limits, validate=validate, xsd_path=xsd_path)
+    return records.tracks, records.files, records.errors
+
+
+def read_ern_records(root: Path, *, limits: ErnLimits = ErnLimits(), validate: bool = True,
+                     xsd_path: Path | None = None) -> ErnDelivery:
+    """``read_ern_delivery`` plus every message's releases and deals as ``records.RELEASE`` and
+    ``records.DEAL`` rows (``release_rows``, ``deal_rows``), in path then document order.
 
     Raises:
         FileNotFoundError: ``root`` is not a folder, or a 4.1.1 message is to be validated without the XSD.
@@ -191,6 +220,8 @@ def read_ern_delivery(root: Path, *, limits: ErnLimits = ErnLimits(), validate: 
         raise FileNotFoundError(f"delivery folder {root} does not exist")
     tracks: list[dict[str, Any]] = []
     files: list[dict[str, Any]] = []
+    releases: list[dict[str, Any]] = []
+    deals: list[dict[str, Any]] = []
     errors: list[dict[str, str]] = []
     for path in sorted(root.rglob("*.xml")):
         try:
@@ -200,10 +231,77 @@ def read_ern_delivery(root: Path, *, limits: ErnLimits = ErnLimits(), validate: 
             continue
         tracks.extend(message.tracks)
         files.extend(message.files)
+        releases.extend(release_rows(message, root))
+        deals.extend(deal_rows(message, root))
     for table in (tracks, files):
         for number, row in enumerate(table, start=1):
             row["_row"] = number
-    return tracks, files, errors
+    return ErnDelivery(tracks, files, releases, deals, errors)
+
+
+def release_rows(message: ErnMessage, delivery_root: Path) -> list[dict[str, Any]]:
+    """A message's releases as ``records.RELEASE`` rows (``delivery_id`` and ``run_id`` left to the caller).
+
+    ``release_id`` is ``{message path inside the delivery}#{ReleaseReference}``: unique in a delivery even
+    when two messages describe the same release (the same ICPN in an ERN 4.1.1 and a 4.3 message).
+    ``track_ids`` are the Tracks of the SoundRecordings it lists; other resources (images, videos) are
+    only in ``resource_references``.
+    """
+    name = _message_name(message.path, delivery_root)
+    return [{
+        "release_id": f"{name}#{release.reference}",
+        "release_reference": release.reference,
+        "kind": release.kind,
+        "release_type": release.release_type,
+        "icpn": release.icpn,
+        "grid": release.grid,
+        "proprietary_ids": list(release.proprietary_ids),
+        "title": release.title,
+        "display_artist": release.artist,
+        "genre": release.genre,
+        "resource_references": list(release.resource_references),
+        "track_ids": [message.track_ids[r] for r in release.resource_references if r in message.track_ids],
+        "message": name,
+        "message_id": message.message_id,
+    } for release in message.releases]
+
+
+def deal_rows(message: ErnMessage, delivery_root: Path) -> list[dict[str, Any]]:
+    """A message's deals (one per ``DealTerms``) as ``records.DEAL`` rows (``delivery_id`` and ``run_id``
+    left to the caller). Dates keep their date part (``2017-04-25T00:00:00`` → 2017-04-25); a date that is
+    not ISO 8601 is null. ``grants_ai_training`` is ``deal_grants_training``: False for streaming and
+    download deals, which is every deal of the real samples."""
+    name = _message_name(message.path, delivery_root)
+    releases = {release.reference for release in message.releases}
+    return [{
+        "deal_id": f"{name}#deal-{number}",
+        "release_references": list(deal.release_references),
+        "release_ids": [f"{name}#{r}" for r in deal.release_references if r in releases],
+        "commercial_model_types": list(deal.commercial_model_types),
+        "use_types": list(deal.use_types),
+        "user_defined_use_types": list(deal.user_defined_use_types),
+        "territories": list(deal.territories),
+        "excluded_territories": list(deal.excluded_territories),
+        "valid_from": _iso_date(deal.valid_from),
+        "valid_until": _iso_date(deal.valid_until),
+        "grants_ai_training": deal_grants_training(deal),
+        "message": name,
+        "message_id": message.message_id,
+    } for number, deal in enumerate(message.deals, start=1)]
+
+
+def _message_name(path: Path, delivery_root: Path) -> str:
+    try:
+        return path.resolve().relative_to(delivery_root.resolve()).as_posix()
+    except ValueError:
+        return path.name
+
+
+def _iso_date(text: str) -> dt.date | None:
+    try:
+        return dt.date.fromisoformat(text.strip()[:10]) if text.strip() else None
+    except ValueError:
+        return None
 
 
 def deal_grants_training(deal: Deal) -> bool:
@@ -323,12 +421,8 @@ def _schema_errors(root: etree._Element, schema: etree.XMLSchema) -> list[str]:
 
 def _map_message(root: etree._Element, path: Path, delivery_root: Path, version: str,
                  schema_checked: bool) -> ErnMessage:
-    try:
-        relative = path.resolve().relative_to(delivery_root.resolve())
-    except ValueError:
-        relative = Path(path.name)
-    message_name = relative.as_posix()
-    folder = relative.parent.as_posix()
+    message_name = _message_name(path, delivery_root)
+    folder = Path(message_name).parent.as_posix()
     parties = {_text(_child(p, "PartyReference")): _party_name(p) for p in _path(root, "PartyList", "Party")}
     release_elements = [r for r in _path(root, "ReleaseList", "*") if _local(r) in {"Release", "TrackRelease"}]
     releases = [_release(r) for r in release_elements]
@@ -343,6 +437,7 @@ def _map_message(root: etree._Element, path: Path, delivery_root: Path, version:
             if pline:
                 pline_of.setdefault(reference, pline)
     tracks, files = [], []
+    track_ids: dict[str, str] = {}
     for recording in _path(root, "ResourceList", "SoundRecording"):
         reference = _text(_child(recording, "ResourceReference"))
         editions = [recording, *_children(recording, "SoundRecordingEdition")]  # 4.1.1 shape, 4.3 shape
@@ -352,6 +447,7 @@ def _map_message(root: etree._Element, path: Path, delivery_root: Path, version:
             track_id = f"isrc-{normalized}"
         else:
             track_id = f"ddex-{message_name.removesuffix('.xml').replace('/', '_')}-{reference}"
+        track_ids.setdefault(reference, track_id)
         artist = _default_text(_children(recording, "DisplayArtistName")) or next(
             (parties.get(_text(r), "") for r in _path(recording, "DisplayArtist", "ArtistPartyReference")), "")
         tracks.append({
@@ -378,6 +474,7 @@ def _map_message(root: etree._Element, path: Path, delivery_root: Path, version:
         path=path, message_id=_first_text(_path(root, "MessageHeader", "MessageId")), version=version,
         profile=root.get("ReleaseProfileVersionId", ""), schema_checked=schema_checked, tracks=tracks,
         files=files, releases=releases, deals=[d for rd in _path(root, "DealList", "ReleaseDeal") for d in _deals(rd)],
+        track_ids=track_ids,
     )
 
 

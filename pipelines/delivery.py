@@ -36,7 +36,8 @@ class Delivery:
 
     ``format`` is ``csv`` (tracks.csv + files.csv) or ``ddex`` (ERN 4.x messages, ``*.xml``); either way the
     licence agreements come from ``licenses.csv``. ``messages`` lists the DDEX messages read and
-    ``message_errors`` those that could not be (``{"message", "reason", "detail"}``).
+    ``message_errors`` those that could not be (``{"message", "reason", "detail"}``); ``releases`` and
+    ``deals`` hold the readable messages' releases and deals (``records.RELEASE``, ``records.DEAL`` rows).
     """
 
     root: Path
@@ -47,6 +48,8 @@ class Delivery:
     format: str = "csv"
     messages: list[str] = field(default_factory=list)
     message_errors: list[dict[str, str]] = field(default_factory=list)
+    releases: list[dict[str, Any]] = field(default_factory=list)  # DDEX: records.RELEASE rows (no run_id)
+    deals: list[dict[str, Any]] = field(default_factory=list)  # DDEX: records.DEAL rows (no run_id)
 
 
 def read_delivery(root: str | os.PathLike[str], default_license_id: str | None = None) -> Delivery:
@@ -75,7 +78,7 @@ def read_delivery(root: str | os.PathLike[str], default_license_id: str | None =
 
 
 def _read_ddex_delivery(root: Path) -> Delivery:
-    from pipelines.ddex import read_ern_delivery
+    from pipelines.ddex import read_ern_records
 
     licenses_path = root / "licenses.csv"
     if not licenses_path.is_file():
@@ -85,12 +88,15 @@ def _read_ddex_delivery(root: Path) -> Delivery:
     messages = sorted(root.rglob("*.xml"))
     digest = sha256_hex(b"".join([licenses_blob, *(p.read_bytes() for p in messages)]))[:12]
     try:
-        tracks, files, errors = read_ern_delivery(root)
+        records = read_ern_records(root)
     except FileNotFoundError as err:
         raise DeliveryError(str(err)) from err
-    return Delivery(root=root, delivery_id=f"{root.name}-{digest}", tracks=tracks, files=files,
+    delivery_id = f"{root.name}-{digest}"
+    return Delivery(root=root, delivery_id=delivery_id, tracks=records.tracks, files=records.files,
                     licenses=_parse_csv("licenses.csv", licenses_blob, LICENSE_COLUMNS), format="ddex",
-                    messages=[p.relative_to(root).as_posix() for p in messages], message_errors=errors)
+                    messages=[p.relative_to(root).as_posix() for p in messages], message_errors=records.errors,
+                    releases=[{**row, "delivery_id": delivery_id} for row in records.releases],
+                    deals=[{**row, "delivery_id": delivery_id} for row in records.deals])
 
 
 def _read_csv_delivery(root: Path) -> Delivery:

@@ -39,10 +39,14 @@ from pipelines.delivery import Delivery, file_record_id, parse_license, read_del
 from pipelines.ingest_steps import (MEASURE_VERSION, STAGE, decide_tracks, finalize_track, link_duplicates,
                                     measure_file, route_files)
 from provenance.policy import OptOutRegistry, RunPurpose
-from provenance.records import (AUDIO_FILE, DUPLICATE, LICENSE, REJECTION, TRACK, Purpose, RejectionReason,
-                                canonical_json, rejection, sha256_hex, to_table, write_table)
+from provenance.records import (AUDIO_FILE, DEAL, DUPLICATE, LICENSE, REJECTION, RELEASE, TRACK, Purpose,
+                                RejectionReason, canonical_json, rejection, sha256_hex, to_table, write_table)
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
+
+
+CATALOG_TABLES = ("licenses", "tracks", "audio_files", "rejections", "duplicates", "releases", "deals")
+"""The Parquet tables every ingest run writes into its run folder and the catalog."""
 
 
 class IngestConfig(BaseModel):
@@ -251,6 +255,10 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
             "rejections": to_table(rejections, REJECTION),
             "duplicates": to_table(sorted(duplicates, key=lambda d: d["track_id"]), DUPLICATE),
         }
+        # DDEX: the releases and deals of the messages that could be read (empty tables for a CSV delivery,
+        # so that the catalog never shows an earlier delivery's)
+        tables["releases"] = to_table([{**row, "run_id": run_id} for row in delivered.releases], RELEASE)
+        tables["deals"] = to_table([{**row, "run_id": run_id} for row in delivered.deals], DEAL)
         outputs = {}
         for name, table in tables.items():
             write_table(table, run_dir / f"{name}.parquet")
@@ -259,6 +267,9 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
         # files and built mixtures that were decoded and measured by this run, or taken from the cache
         counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
         counts["duplicates"] = dict(sorted(Counter(d["kind"] for d in duplicates).items()))
+        if delivered.format == "ddex":
+            counts["ddex"] = {"releases": len(delivered.releases), "deals": len(delivered.deals),
+                              "deals_granting_ai_training": sum(d["grants_ai_training"] for d in delivered.deals)}
         say("checking the curated catalog (Great Expectations)")
         curated_report = _validate_curated(audio_files, counts, run_dir)
         counts["expectations"] = {
@@ -394,8 +405,7 @@ def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: s
         if run["status"] != "succeeded" or outputs.get("fingerprint") != fingerprint:
             continue
         run_dir = workspace.run_dir(run["run_id"])
-        tables = [run_dir / f"{name}.parquet" for name in ("licenses", "tracks", "audio_files", "rejections",
-                                                           "duplicates")]
+        tables = [run_dir / f"{name}.parquet" for name in CATALOG_TABLES]
         if not all(path.is_file() for path in tables):
             continue
         uris = pq.read_table(run_dir / "audio_files.parquet", columns=["uri"])["uri"].to_pylist()
@@ -409,7 +419,7 @@ def _reuse_run(store: LineageStore, workspace: Workspace, previous: Mapping[str,
     """Point the catalog at an identical earlier run's tables; register this run as a reuse of it."""
     source = workspace.run_dir(previous["run_id"])
     outputs: dict[str, str] = {}
-    for name in ("licenses", "tracks", "audio_files", "rejections", "duplicates"):
+    for name in CATALOG_TABLES:
         outputs[name] = str(write_table(pq.read_table(source / f"{name}.parquet"), workspace.catalog_table(name)))
     counts = {**previous["counts"], "work": {"audio_measured": 0, "audio_from_cache": 0},
               "reused_from": previous["run_id"]}

@@ -9,7 +9,9 @@ driver). Each takes records and returns records or Rejections; none knows about 
 from __future__ import annotations
 
 import base64
+import functools
 import json
+import math
 import os
 import tempfile
 from collections import Counter
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_container, read_audio, write_audio
 from cleaning.fingerprint import fingerprint, fingerprint_similarity
@@ -97,25 +100,28 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "3"
-MAX_CHANNELS = 2
+MEASURE_VERSION = "4"
 """Bump when decoding or measuring changes: it is part of every measurement cache key."""
+MAX_CHANNELS = 2
 
 
 def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
                  cache_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
     """Decode and measure one file → ``("accepted", AUDIO_FILE row)`` or ``("rejected", Rejection)``.
 
-    With ``cache_dir``, the outcome (measurements, or the reason the file is unusable) is cached under a
-    key of (``MEASURE_VERSION``, absolute path, size, mtime in ns): a re-run skips decoding unchanged files,
+    Only mixtures are fingerprinted: duplicate detection compares tracks by their mixture (delivered, or
+    built from the stems by ``finalize_track``). With ``cache_dir``, the outcome (measurements, or the reason
+    the file is unusable) is cached under a key of (``MEASURE_VERSION``, whether it is fingerprinted,
+    absolute path, size, mtime in ns): a re-run skips decoding unchanged files,
     a changed file is measured again, and a killed run resumes with what it had measured. Rows carry
     ``_cached`` (dropped before writing) so the run can count cache hits.
     """
-    key = _measure_key(task["path"]) if cache_dir is not None else None
+    needs_fingerprint = task["role"] == Role.MIXTURE
+    key = _measure_key(task["path"], needs_fingerprint) if cache_dir is not None else None
     outcome = _read_cached(cache_dir, key)
     cached = outcome is not None
     if outcome is None:
-        outcome = _measure_outcome(task["path"])
+        outcome = _measure_outcome(task["path"], needs_fingerprint)
         _write_cached(cache_dir, key, outcome)
     if outcome["status"] == "rejected":
         return "rejected", {**rejection("audio_file", task["record_id"], STAGE, outcome["reason"],
@@ -125,7 +131,20 @@ def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
                         "_record_id": task["record_id"], "_cached": cached, **outcome["fields"]}
 
 
-def _measure_outcome(path: str) -> dict[str, Any]:
+def _measure_outcome(path: str, with_fingerprint: bool = True) -> dict[str, Any]:
+    """Decode and measure one file: ``{"status": "accepted", "fields": ...}`` or ``{"status": "rejected",
+    "reason": ..., "detail": ...}``. BLAS runs on one thread here: the engine already runs one file per
+    core, and idle BLAS threads spinning would only cost CPU time."""
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        return _measure_outcome_unlimited(path, with_fingerprint)
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    return ThreadpoolController()
+
+
+def _measure_outcome_unlimited(path: str, with_fingerprint: bool) -> dict[str, Any]:
     def rejected(reason: RejectionReason, detail: str) -> dict[str, Any]:
         return {"status": "rejected", "reason": reason.value, "detail": detail}
 
@@ -137,7 +156,7 @@ def _measure_outcome(path: str) -> dict[str, Any]:
         if expected is not None and found != expected:
             return rejected(RejectionReason.FORMAT_MISMATCH,
                             f"{Path(path).name} is named {Path(path).suffix} but holds {found} audio")
-        audio, sample_rate_hz = read_audio(path)
+        audio, sample_rate_hz = read_audio(path, contiguous=False)  # the interleaved buffer, not copied
     except FileNotFoundError:
         return rejected(RejectionReason.MISSING_FILE, f"{path} vanished before decoding")
     except AudioDecodeError as err:
@@ -147,27 +166,31 @@ def _measure_outcome(path: str) -> dict[str, Any]:
     if audio.shape[0] > MAX_CHANNELS:
         return rejected(RejectionReason.TOO_MANY_CHANNELS,
                         f"{audio.shape[0]} channels; linernotes takes mono or stereo files (deliver stems instead)")
-    if not np.all(np.isfinite(audio)):
+    # a float64 sum of float32 samples cannot overflow, so it is finite exactly when every sample is
+    if not math.isfinite(float(audio.sum(dtype=np.float64))):
         bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
         return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
-    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz)}
+    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz, with_fingerprint)}
 
 
-def measure_all(audio: np.ndarray, sample_rate_hz: int) -> dict[str, Any]:
-    """The AudioFile measurements plus true peak, DC offset and the fingerprint (``_fingerprint``: base64 of
-    little-endian uint32 sub-fingerprints, used for near-duplicate detection and dropped before writing)."""
+def measure_all(audio: np.ndarray, sample_rate_hz: int, with_fingerprint: bool = True) -> dict[str, Any]:
+    """The AudioFile measurements plus true peak, DC offset and, ``with_fingerprint``, the fingerprint
+    (``_fingerprint``: base64 of little-endian uint32 sub-fingerprints, used for near-duplicate detection and
+    dropped before writing; ``""`` without)."""
+    prints = fingerprint(audio, sample_rate_hz).astype("<u4").tobytes() if with_fingerprint else b""
     return {**measure_audio(audio, sample_rate_hz),
             "true_peak_dbtp": measure_true_peak_dbtp(audio, sample_rate_hz),
             "dc_offset": measure_dc_offset(audio),
-            "_fingerprint": base64.b64encode(fingerprint(audio, sample_rate_hz).astype("<u4").tobytes()).decode()}
+            "_fingerprint": base64.b64encode(prints).decode()}
 
 
-def _measure_key(path: str) -> str | None:
+def _measure_key(path: str, with_fingerprint: bool) -> str | None:
     try:
         stat = os.stat(path)
     except OSError:
         return None
-    return sha256_hex(f"{MEASURE_VERSION}|{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}")
+    return sha256_hex(f"{MEASURE_VERSION}|{int(with_fingerprint)}|{os.path.abspath(path)}|{stat.st_size}|"
+                      f"{stat.st_mtime_ns}")
 
 
 def _read_cached(cache_dir: Path | None, key: str | None) -> dict[str, Any] | None:
@@ -284,7 +307,9 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     path = mixtures_dir / f"{safe_name(track_id)}-{sha256_hex(track_id)[:8]}.wav"
     write_audio(path, mixture32, sample_rate_hz)
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
-           "derived_from": "sum_of_stems", **measure_all(mixture32, sample_rate_hz)}
+           "derived_from": "sum_of_stems"}
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        row.update(measure_all(mixture32, sample_rate_hz))
     _write_cached(mixtures_dir, f".{key}", row)
     return {**row, "run_id": run_id, "_cached": False}
 

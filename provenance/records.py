@@ -398,3 +398,52 @@ def conditioning_text(track: Mapping[str, Any]) -> str:
         tags = [t for t in tags.split(";")]
     parts = [track.get("title"), track.get("artist"), track.get("genre"), *tags, track.get("description")]
     return " ".join(str(p).strip() for p in parts if p and str(p).strip()).lower()
+
+
+# DDEX ERN releases and deals, kept by ingest of a DDEX delivery (``releases.parquet``, ``deals.parquet``) ----
+
+RELEASE = _schema(
+    [
+        pa.field("release_id", pa.string(), nullable=False),  # "{message path}#{ReleaseReference}"
+        pa.field("release_reference", pa.string()),  # ReleaseReference, e.g. "R0"
+        pa.field("kind", pa.string()),  # "Release" | "TrackRelease"
+        pa.field("release_type", pa.string()),  # ReleaseType, e.g. "Album", "SingleResourceRelease", "DjMix"
+        pa.field("icpn", pa.string()),  # ICPN (UPC/EAN) as written; "" when none
+        pa.field("grid", pa.string()),  # GRid; "" when none
+        pa.field("proprietary_ids", pa.list_(pa.string())),
+        pa.field("title", pa.string()),
+        pa.field("display_artist", pa.string()),
+        pa.field("genre", pa.string()),
+        pa.field("resource_references", pa.list_(pa.string())),  # every resource listed, in document order
+        pa.field("track_ids", pa.list_(pa.string())),  # the Tracks of its SoundRecordings, in document order
+        pa.field("message", pa.string()),  # the message's path inside the delivery
+        pa.field("message_id", pa.string()),  # MessageHeader/MessageId as written ("" when empty)
+        pa.field("delivery_id", pa.string()),
+        pa.field("run_id", pa.string()),
+    ],
+    "Release",
+)
+
+DEAL = _schema(
+    [
+        pa.field("deal_id", pa.string(), nullable=False),  # "{message path}#deal-{n}", n from 1 in document order
+        pa.field("release_references", pa.list_(pa.string())),  # DealReleaseReference
+        pa.field("release_ids", pa.list_(pa.string())),  # the RELEASE rows they name
+        pa.field("commercial_model_types", pa.list_(pa.string())),
+        pa.field("use_types", pa.list_(pa.string())),  # as written; UserDefined ones also in the next field
+        pa.field("user_defined_use_types", pa.list_(pa.string())),
+        pa.field("territories", pa.list_(pa.string())),  # TerritoryCode (ISO 3166-1 alpha-2 or "Worldwide")
+        pa.field("excluded_territories", pa.list_(pa.string())),
+        pa.field("valid_from", pa.date32()),  # ValidityPeriod StartDate (date part of StartDateTime)
+        pa.field("valid_until", pa.date32()),  # null when open-ended
+        pa.field("grants_ai_training", pa.bool_()),  # False for streaming/download deals: only a use type
+        # that names AI training would grant it (pipelines.ddex.deal_grants_training)
+        pa.field("message", pa.string()),
+        pa.field("message_id", pa.string()),
+        pa.field("delivery_id", pa.string()),
+        pa.field("run_id", pa.string()),
+    ],
+    "Deal",
+)
+
+SCHEMAS.update({"Release": RELEASE, "Deal": DEAL})

@@ -6,8 +6,8 @@ import pytest
 import soundfile as sf
 
 from cleaning.audio import read_audio, resample
-from cleaning.fingerprint import (FINGERPRINT_SAMPLE_RATE_HZ, NEAR_DUPLICATE_THRESHOLD, find_exact_duplicates,
-                                  find_near_duplicates, fingerprint, fingerprint_similarity)
+from cleaning.fingerprint import (FINGERPRINT_SAMPLE_RATE_HZ, FRAME_SAMPLES, HOP_SAMPLES, NEAR_DUPLICATE_THRESHOLD,
+                                  find_exact_duplicates, find_near_duplicates, fingerprint, fingerprint_similarity)
 from cleaning.measure import measure_pcm_sha256
 
 AUDIO = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "audio"
@@ -42,7 +42,7 @@ def original():
 def test_fingerprint_shape_and_dtype(original):
     audio, print_ = original
     assert print_.dtype == np.uint32
-    expected = (int(np.ceil(audio.shape[1] * FINGERPRINT_SAMPLE_RATE_HZ / RATE)) - 4096) // 128
+    expected = (int(np.ceil(audio.shape[1] * FINGERPRINT_SAMPLE_RATE_HZ / RATE)) - FRAME_SAMPLES) // HOP_SAMPLES
     assert print_.shape == (expected,)
     bits = (print_[None] >> np.arange(32, dtype=np.uint32)[:, None]) & 1
     assert 0.3 < bits.mean() < 0.7  # about half the bits set: not a constant or degenerate print
@@ -123,3 +123,18 @@ def test_real_recordings():
     assert fingerprint_similarity(print_1, print_2) < 0.7
     copy = resample(first * 10 ** (-9 / 20), rate_1, 32000)
     assert fingerprint_similarity(print_1, fingerprint(copy, 32000)) > 0.95
+
+
+def test_decimation_by_matrix_products_equals_resample_poly():
+    """The 44.1 kHz path (a matrix product per block of rows) computes what scipy's polyphase resampler
+    computes with the same anti-aliasing filter, edges included."""
+    import scipy.signal
+
+    from cleaning.fingerprint import _antialias_filter, _decimate
+
+    signal = np.random.default_rng(5).standard_normal(100_003).astype(np.float32)
+    taps = _antialias_filter(44100, 1)
+    ours = _decimate(signal, taps, 8, rows_per_block=7)  # many blocks
+    reference = scipy.signal.resample_poly(signal, 1, 8, window=taps)
+    assert ours.shape == reference.shape == (12_501,)
+    np.testing.assert_allclose(ours, reference, atol=1e-5)

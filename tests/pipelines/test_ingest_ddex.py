@@ -4,6 +4,7 @@ synthetic audio for some of the files they name, a licence agreement, and one ho
 import shutil
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
@@ -44,6 +45,19 @@ def test_ddex_delivery_with_a_licence_agreement(ddex_delivery, tmp_path):
         assert counts[table]["accepted"] + counts[table]["rejected"] == counts[table]["input"]
     bomb = [r for r in result.rejections if r["record_kind"] == "message"]
     assert bomb[0]["record_id"] == "zz-bomb.xml" and bomb[0]["detail"]
+    # the album's releases (1 Album + 21 TrackReleases) and its 3 deals are kept, in the run and the catalog
+    assert counts["ddex"] == {"releases": 22, "deals": 3, "deals_granting_ai_training": 0}
+    run_dir = Workspace.at(tmp_path / "w").run_dir(result.run_id)
+    for name in ("releases", "deals"):
+        assert pq.read_table(run_dir / f"{name}.parquet").equals(pq.read_table(result.outputs[name]))
+    releases = pq.read_table(result.outputs["releases"]).to_pylist()
+    album = next(r for r in releases if r["kind"] == "Release")
+    assert (album["icpn"], album["release_type"], len(album["track_ids"])) == ("00094631432057", "Album", 21)
+    assert {r["delivery_id"] for r in releases} == {result.delivery_id}
+    assert {r["run_id"] for r in releases} == {result.run_id}
+    deals = pq.read_table(result.outputs["deals"]).to_pylist()
+    assert len(deals) == 3 and not any(d["grants_ai_training"] for d in deals)
+    assert all(set(d["release_ids"]) <= {r["release_id"] for r in releases} for d in deals)
 
 
 def test_ddex_deals_alone_admit_nothing(ddex_delivery, tmp_path):
