@@ -91,6 +91,9 @@ def run_takedown(workspace: Workspace, kind: str, value: str, reason: str = "", 
     try:
         run_id = store.start_run(STAGE, {"kind": kind, "value": value, "reason": reason, "rebuild": rebuild})
         try:
+            if kind == "rights_holder":  # the registry matches names case-insensitively: reuse the spelling on file
+                value = next((o["value"] for o in store.list_opt_outs() if o["kind"] == kind
+                              and o["value"].casefold() == value.casefold()), value)
             added = store.add_opt_out(kind, value, reason or f"takedown {run_id}")
             result = _affected(workspace, store, run_id, kind, value, added)
             say(f"{kind}={value} names {len(result.tracks)} track(s) in {len(result.datasets)} dataset(s), "
