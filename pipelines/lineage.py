@@ -221,6 +221,7 @@ def summarize_attribution(rows: Iterable[Mapping[str, Any]],
         "tracks": [{"track_id": t, "share": s, "title": tracks.get(t, {}).get("title"),
                     "rights_holder": tracks.get(t, {}).get("rights_holder"),
                     "license_id": tracks.get(t, {}).get("license_id"),
+                    "license_name": tracks.get(t, {}).get("license_name"),
                     "attribution": tracks.get(t, {}).get("attribution")}
                    for t, s in sorted(track_share.items(), key=lambda kv: (-kv[1], kv[0]))],
         "rights_holders": [{"rights_holder": h, "share": s}
