@@ -12,7 +12,7 @@ Endpoints:
     GET  /generations/{id}/attribution?method=     stored attribution of a generation
     GET  /attributions/{query_id}?method=          stored attribution of any query (``pcm-...`` for files)
     GET  /opt-outs                                 the opt-out registry
-    GET  /generations/{id}/report                  the HTML report (built on first request)
+    GET  /generations/{id}/report                  the HTML report (built on first request; a redirect)
     GET  /files/generations/{id}/...               generation folders (WAV, report files)
     POST /attribute                                multipart ``file`` (+ ``top_k``, ``dataset_id``, ``method``)
     POST /opt-outs                                 JSON ``{kind, value, reason}``
@@ -23,10 +23,11 @@ Endpoints:
 import inspect
 import io
 import secrets
+from urllib.parse import quote
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile, status
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -130,20 +131,21 @@ def create_app(workspace: Workspace, token: str | None = None,
         finally:
             store.close()
 
-    @app.get("/generations/{generation_id}/report", tags=["attribution"], response_class=FileResponse)
+    @app.get("/generations/{generation_id}/report", tags=["attribution"], response_class=RedirectResponse,
+             status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     def get_report(generation_id: str, method: Annotated[str, Query(pattern=METHOD_PATTERN)] = "embedding",
-                   top_k: Annotated[int, Query(ge=1, le=50)] = 5) -> FileResponse:
-        """The generation's HTML report (players, mel images, shares chart); built when missing. Its files
-        load from ``/files/generations/{id}/`` through relative links."""
+                   top_k: Annotated[int, Query(ge=1, le=50)] = 5, rebuild: bool = False) -> RedirectResponse:
+        """The generation's HTML report (players, mel images, shares chart), built when missing (or with
+        ``rebuild``): redirects to ``/files/generations/{id}/report.html``, where its relative links resolve."""
         from pipelines.report import ReportError, build_report, report_path
 
-        path = report_path(workspace, generation_id)
-        if not path.is_file():
+        if rebuild or not report_path(workspace, generation_id).is_file():
             try:
                 build_report(workspace, generation_id, method=method, top_k=top_k)
             except ReportError as err:
                 raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from err
-        return FileResponse(path, media_type="text/html")
+        return RedirectResponse(f"/files/generations/{quote(generation_id)}/report.html",
+                                status_code=status.HTTP_307_TEMPORARY_REDIRECT)
 
     app.mount("/files/generations", StaticFiles(directory=workspace.generations_dir, check_dir=False),
               name="generation-files")

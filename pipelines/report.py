@@ -187,6 +187,7 @@ TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
+<link rel="icon" href="data:,">
 <title>linernotes · {{ generation.generation_id }}</title>
 <style>
  body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 72rem; color: #1a202c; }

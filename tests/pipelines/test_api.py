@@ -156,6 +156,9 @@ def test_upload_attribution_round_trip_and_bad_uploads(client, attributed, tmp_p
 
 
 def test_report_and_its_files_are_served(client, attributed):
+    redirect = client.get(f"/generations/{attributed.generation_id}/report", follow_redirects=False)
+    assert redirect.status_code == 307
+    assert redirect.headers["location"] == f"/files/generations/{attributed.generation_id}/report.html"
     page = client.get(f"/generations/{attributed.generation_id}/report")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "report_files/segment-001.wav" in page.text
