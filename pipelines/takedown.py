@@ -126,6 +126,32 @@ def run_takedown(workspace: Workspace, kind: str, value: str, reason: str = "", 
         store.close()
 
 
+class OptedOutDataError(ValueError):
+    """A dataset holds recordings the opt-out registry names; a run must not train on it."""
+
+
+def check_dataset_cleared(workspace: Workspace, store: LineageStore, dataset_id: str) -> None:
+    """Refuse a dataset that holds opted-out recordings (a takedown came after it was built).
+
+    Raises:
+        OptedOutDataError: naming the tracks and the dataset version built without them, if any.
+    """
+    rows = store.list_opt_outs()
+    if not rows:
+        return
+    registry = OptOutRegistry.from_rows(rows)
+    in_dataset = store.dataset_track_segments(dataset_id)
+    tracks = known_tracks(workspace, store)
+    named = sorted(t for t in in_dataset if not registry.check(tracks.get(t, {"track_id": t})).admitted)
+    if not named:
+        return
+    versions = [c["dataset_id"] for c in store.dataset_children(dataset_id)]
+    fix = (f"train on dataset {versions[-1]} (built without them)" if versions
+           else "run `linernotes shard` for a dataset without them")
+    shown = ", ".join(named[:5]) + (" …" if len(named) > 5 else "")
+    raise OptedOutDataError(f"dataset {dataset_id} holds {len(named)} opted-out track(s) ({shown}): {fix}")
+
+
 def _affected(workspace: Workspace, store: LineageStore, run_id: str, kind: str, value: str,
               added: bool) -> TakedownResult:
     """Everything one opt-out reaches: its tracks, datasets, checkpoints, generations, attributions."""

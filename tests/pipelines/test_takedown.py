@@ -100,6 +100,12 @@ def test_takedown_loop(ray_local, store_url, tmp_path, monkeypatch):
     reshard = cli("shard", *SHARD_ARGS, "--workdir", str(work))
     assert reshard["dataset_id"] == new_id and reshard["reused"] is True
 
+    # training refuses the old dataset, before any work, and names the version without the recordings
+    refused = runner.invoke(app, ["train", "--dataset", first["dataset_id"], "--steps", "1", "--workdir", str(work)])
+    assert refused.exit_code == 2 and f"train on dataset {new_id}" in refused.output
+    assert "2 opted-out track(s) (a, b)" in refused.output
+    assert len(LineageStore(workspace.store_url).list_runs("train")) == 1, "no train run may start (1: ckpt-x)"
+
     # a second takedown of the same holder registers nothing new and affects both versions' history only
     repeat = cli("takedown", "--rights-holder", "Holder A", "--no-rebuild", "--workdir", str(work))
     assert repeat["added"] is False and repeat["rebuilt"] == []
