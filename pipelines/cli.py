@@ -406,6 +406,11 @@ def _progress(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+from pipelines.cli_lineage import register as _register_lineage  # noqa: E402  (lineage, takedown, report, serve)
+
+_register_lineage(app)
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 

@@ -116,6 +116,9 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
     store = LineageStore(workspace.store_url)
     try:
         dataset = resolve_dataset(store, workspace, dataset_id)
+        from pipelines.takedown import check_dataset_cleared
+
+        check_dataset_cleared(workspace, store, dataset["dataset_id"])  # no training on taken-down recordings
         manifest = read_dataset_manifest(workspace, dataset["dataset_id"])
         dataset_dir = workspace.dataset_dir(dataset["dataset_id"])
         shard_paths = [str(dataset_dir / name) for name in manifest["shards"]["train"]]

@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from cleaning.audio import encode_flac, read_audio, resample, to_mono
 from cleaning.mel import MelConfig, log_mel
 from provenance import records
+from provenance.policy import OptOutRegistry
 from provenance.records import RejectionReason, Split
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -159,7 +160,7 @@ def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | No
     tracks, audio_files, license_ids = read_catalog(workspace)
     workspace.ensure()
     missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
-    plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris)
+    plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris, read_opt_outs(workspace))
     plan_sha256 = _plan_sha256(plan, config)
 
     store = LineageStore(workspace.store_url)
@@ -191,6 +192,15 @@ def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | No
     except BaseException as err:
         store.finish_run(run_id, {}, status="failed", error=f"{type(err).__name__}: {err}")
         raise
+    finally:
+        store.close()
+
+
+def read_opt_outs(workspace: Workspace) -> OptOutRegistry:
+    """The opt-out registry of the workspace's lineage store: a shard run leaves out what it names."""
+    store = LineageStore(workspace.store_url)
+    try:
+        return OptOutRegistry.from_rows(store.list_opt_outs())
     finally:
         store.close()
 
@@ -243,7 +253,8 @@ def shard_name(split: str, index: int) -> str:
 
 
 def plan_shards(tracks: Sequence[Mapping[str, Any]], audio_files: Sequence[Mapping[str, Any]],
-                license_ids: set[str], config: ShardConfig, missing_uris: set[str] = frozenset()) -> ShardPlan:
+                license_ids: set[str], config: ShardConfig, missing_uris: set[str] = frozenset(),
+                opt_outs: OptOutRegistry | None = None) -> ShardPlan:
     """Plan segments and shards for every track; each track is planned or rejected, never dropped.
 
     Args:
@@ -252,6 +263,7 @@ def plan_shards(tracks: Sequence[Mapping[str, Any]], audio_files: Sequence[Mappi
         license_ids: ids in the licence table; a track whose licence is not there is rejected.
         config: the stage config.
         missing_uris: mixture URIs known not to exist (checked by the caller, so this stays pure).
+        opt_outs: tracks it names are rejected ``opted_out`` (a takedown after the catalog was curated).
     """
     mixtures: dict[str, list[Mapping[str, Any]]] = defaultdict(list)
     for row in audio_files:
@@ -269,6 +281,10 @@ def plan_shards(tracks: Sequence[Mapping[str, Any]], audio_files: Sequence[Mappi
                                                 "track_id appears more than once in tracks.parquet"))
             continue
         seen.add(track_id)
+        decision = opt_outs.check(track) if opt_outs is not None else None
+        if decision is not None and not decision.admitted:
+            rejections.append(records.rejection("track", track_id, STAGE, decision.reason, decision.detail))
+            continue
         reason, detail, starts = _check_track(track, mixtures.get(track_id, []), license_ids, config, missing_uris)
         if reason is not None:
             rejections.append(records.rejection("track", track_id, STAGE, reason, detail))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -107,6 +107,16 @@ opt_outs = sa.Table(
 )
 
 OPT_OUT_KINDS = ("rights_holder", "track_id", "isrc")
+
+dataset_parents = sa.Table(
+    "dataset_parents", metadata,
+    # a dataset version derived from another one (a takedown re-shard): child ← parent, by which run and why
+    sa.Column("dataset_id", sa.String(64), sa.ForeignKey("datasets.dataset_id"), primary_key=True),
+    sa.Column("parent_dataset_id", sa.String(64), sa.ForeignKey("datasets.dataset_id"), primary_key=True),
+    sa.Column("run_id", sa.String(64), sa.ForeignKey("runs.run_id"), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("created_at", sa.String(32), nullable=False),
+)
 
 
 def utc_now() -> str:
@@ -263,6 +273,90 @@ class LineageStore:
             return [dict(r._mapping) for r in c.execute(sa.select(opt_outs).order_by(opt_outs.c.kind,
                                                                                       opt_outs.c.value))]
 
+    # lineage walks ----------------------------------------------------------------------------------
+    def list_datasets(self) -> list[dict[str, Any]]:
+        """Every Dataset, oldest first."""
+        return self._all(sa.select(datasets).order_by(datasets.c.created_at, datasets.c.dataset_id))
+
+    def dataset_track_segments(self, dataset_id: str) -> dict[str, int]:
+        """``{track_id: num_segments}`` of one dataset (empty for an unknown id)."""
+        query = (sa.select(dataset_tracks.c.track_id, dataset_tracks.c.num_segments)
+                 .where(dataset_tracks.c.dataset_id == dataset_id).order_by(dataset_tracks.c.track_id))
+        with self.engine.connect() as c:
+            return {r[0]: int(r[1]) for r in c.execute(query)}
+
+    def datasets_with_tracks(self, track_ids: Iterable[str]) -> dict[str, list[str]]:
+        """``{dataset_id: [track_id, ...]}`` for the datasets holding any of ``track_ids`` (ids sorted)."""
+        wanted = sorted(set(track_ids))
+        found: dict[str, list[str]] = {}
+        with self.engine.connect() as c:
+            for chunk in _chunks(wanted):
+                query = (sa.select(dataset_tracks.c.dataset_id, dataset_tracks.c.track_id)
+                         .where(dataset_tracks.c.track_id.in_(chunk)))
+                for dataset_id, track_id in c.execute(query):
+                    found.setdefault(dataset_id, []).append(track_id)
+        return {d: sorted(t) for d, t in sorted(found.items())}
+
+    def checkpoints_of_datasets(self, dataset_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Checkpoints trained on any of ``dataset_ids``, oldest first."""
+        ids = sorted(set(dataset_ids))
+        return self._all(sa.select(checkpoints).where(checkpoints.c.dataset_id.in_(ids))
+                         .order_by(checkpoints.c.created_at, checkpoints.c.checkpoint_id)) if ids else []
+
+    def generations_of_checkpoints(self, checkpoint_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Generations sampled from any of ``checkpoint_ids``, oldest first."""
+        ids = sorted(set(checkpoint_ids))
+        return self._all(sa.select(generations).where(generations.c.checkpoint_id.in_(ids))
+                         .order_by(generations.c.created_at, generations.c.generation_id)) if ids else []
+
+    def list_generations(self) -> list[dict[str, Any]]:
+        """Every Generation, oldest first."""
+        return self._all(sa.select(generations).order_by(generations.c.created_at, generations.c.generation_id))
+
+    def attributions_to_tracks(self, track_ids: Iterable[str]) -> list[dict[str, Any]]:
+        """Stored attribution results that name any of ``track_ids``, aggregated per (query, method, track).
+
+        Returns rows with ``generation_id`` (the Attribution key: a generation or an attributed file),
+        ``method``, ``track_id``, ``rights_holder``, ``share`` (the track's summed segment shares, in [0, 1]),
+        ``best_rank`` (its best segment's rank, 1 = first) and ``segments`` (how many of its segments ranked).
+        """
+        wanted = sorted(set(track_ids))
+        rows: list[dict[str, Any]] = []
+        a = attributions.c
+        with self.engine.connect() as c:
+            for chunk in _chunks(wanted):
+                query = (sa.select(a.generation_id, a.method, a.track_id, sa.func.max(a.rights_holder),
+                                   sa.func.sum(a.share), sa.func.min(a.rank), sa.func.count())
+                         .where(a.track_id.in_(chunk)).group_by(a.generation_id, a.method, a.track_id))
+                rows.extend({"generation_id": r[0], "method": r[1], "track_id": r[2], "rights_holder": r[3],
+                             "share": float(r[4]), "best_rank": int(r[5]), "segments": int(r[6])}
+                            for r in c.execute(query))
+        return sorted(rows, key=lambda r: (r["generation_id"], r["method"], -r["share"], r["track_id"]))
+
+    def add_dataset_parent(self, dataset_id: str, parent_dataset_id: str, run_id: str, reason: str) -> None:
+        """Record that ``dataset_id`` was derived from ``parent_dataset_id`` (idempotent)."""
+        with self._begin() as c:
+            key = ((dataset_parents.c.dataset_id == dataset_id)
+                   & (dataset_parents.c.parent_dataset_id == parent_dataset_id))
+            if c.execute(sa.select(dataset_parents.c.dataset_id).where(key)).first():
+                return
+            c.execute(dataset_parents.insert().values(dataset_id=dataset_id, parent_dataset_id=parent_dataset_id,
+                                                      run_id=run_id, reason=reason, created_at=utc_now()))
+
+    def dataset_parents(self, dataset_id: str) -> list[dict[str, Any]]:
+        """The datasets ``dataset_id`` was derived from (with the run and reason)."""
+        return self._all(sa.select(dataset_parents).where(dataset_parents.c.dataset_id == dataset_id)
+                         .order_by(dataset_parents.c.created_at))
+
+    def dataset_children(self, dataset_id: str) -> list[dict[str, Any]]:
+        """The dataset versions derived from ``dataset_id``."""
+        return self._all(sa.select(dataset_parents).where(dataset_parents.c.parent_dataset_id == dataset_id)
+                         .order_by(dataset_parents.c.created_at))
+
+    def _all(self, query: Any) -> list[dict[str, Any]]:
+        with self.engine.connect() as c:
+            return [dict(r._mapping) for r in c.execute(query)]
+
     # helpers ----------------------------------------------------------------------------------------
     def _one(self, table: sa.Table, where: Any, json_fields: tuple[str, ...] = ()) -> dict[str, Any] | None:
         with self.engine.connect() as c:
@@ -280,6 +374,12 @@ class LineageStore:
             if row.get(name):
                 row[name] = json.loads(row[name])
         return row
+
+
+def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:
+    """Slices of at most ``size`` values, so an ``IN (...)`` stays under SQLite's parameter limit."""
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
 
 
 def _pick(table: sa.Table, record: Mapping[str, Any]) -> dict[str, Any]:

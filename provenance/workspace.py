@@ -2,14 +2,15 @@
 
 Layout (all under ``root``)::
 
-    lineage.sqlite                 SQLite lineage store (runs, datasets, checkpoints, generations, attributions)
+    lineage.sqlite                 SQLite lineage store (runs, datasets, checkpoints, generations, attributions),
+                                   unless a store URL names another database (PostgreSQL)
     catalog/                       the curated catalog of the latest ingest (Parquet)
         licenses.parquet tracks.parquet audio_files.parquet rejections.parquet
     audio/mixtures/                mixtures built by summing stems (float32 WAV)
     runs/<run_id>/                 per-run outputs: resolved config, summary.json, rejections
     datasets/<dataset_id>/         WebDataset tars, index.parquet, dataset.json
     checkpoints/<checkpoint_id>/   checkpoint.pt, config.json
-    generations/<generation_id>/   generated WAV, generation.json
+    generations/<generation_id>/   generated WAV, generation.json, report.html + report_files/
     indexes/<dataset_id>/          attribution indexes (embedding vectors, FAISS)
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_WORKDIR = "./linernotes-work"
+STORE_URL_ENV = "LINERNOTES_STORE_URL"
 
 
 @dataclass(frozen=True)
@@ -27,10 +29,15 @@ class Workspace:
     """Paths inside a workspace folder. Creating the object touches nothing; ``ensure()`` makes folders."""
 
     root: Path
+    #: SQLAlchemy URL of the lineage store when it is not the workspace's SQLite file (e.g. PostgreSQL).
+    lineage_url: str | None = None
 
     @classmethod
-    def at(cls, root: str | os.PathLike[str]) -> "Workspace":
-        return cls(Path(root).expanduser().resolve())
+    def at(cls, root: str | os.PathLike[str], store_url: str | None = None) -> "Workspace":
+        """A workspace at ``root``; its lineage store is ``store_url``, else ``$LINERNOTES_STORE_URL``, else
+        ``root/lineage.sqlite``."""
+        url = store_url or os.environ.get(STORE_URL_ENV) or None
+        return cls(Path(root).expanduser().resolve(), url)
 
     def ensure(self) -> "Workspace":
         for path in (self.catalog_dir, self.mixtures_dir, self.runs_dir, self.datasets_dir,
@@ -40,7 +47,7 @@ class Workspace:
 
     @property
     def store_url(self) -> str:
-        return f"sqlite:///{self.root / 'lineage.sqlite'}"
+        return self.lineage_url or f"sqlite:///{self.root / 'lineage.sqlite'}"
 
     @property
     def catalog_dir(self) -> Path:

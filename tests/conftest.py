@@ -41,3 +41,6 @@ def sine(frequency_hz: float, duration_s: float, sample_rate_hz: int, amplitude:
     t = np.arange(int(round(duration_s * sample_rate_hz))) / sample_rate_hz
     wave = (amplitude * np.sin(2 * np.pi * frequency_hz * t)).astype(np.float32)
     return np.repeat(wave[None], num_channels, axis=0)
+
+
+pytest_plugins = ("tests.postgres",)  # postgres_server, postgres_url, store_url (SQLite and PostgreSQL)

@@ -1,0 +1,245 @@
+"""``linernotes lineage ID``: walk the lineage store both ways from a track, dataset, checkpoint or generation.
+
+Downstream, a track reaches the datasets that hold its segments, the checkpoints trained on those datasets
+and the generations sampled from those checkpoints, plus every stored attribution that names it. Upstream,
+a generation comes from a checkpoint, trained on a dataset, cut from tracks under licences held by rights
+holders; its stored attributions say which of those tracks it draws on most.
+
+Track metadata (title, rights holder, licence, ISRC) comes from the curated catalog and from the tracks
+tables of every ingest run in the workspace (the newest run wins), so a track a later ingest dropped is
+still described.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipelines.attribution_index import read_catalog_licenses
+from provenance.policy import OptOutRegistry
+from provenance.store import LineageStore
+from provenance.workspace import Workspace
+
+KINDS = ("track", "dataset", "checkpoint", "generation")
+TRACK_FIELDS = ("track_id", "isrc", "title", "artist", "rights_holder", "license_id", "attribution")
+
+
+class LineageError(ValueError):
+    """No record with the asked id (or one of the asked kind) in the lineage store."""
+
+
+def known_tracks(workspace: Workspace, store: LineageStore) -> dict[str, dict[str, Any]]:
+    """``track_id`` → ``TRACK_FIELDS`` plus ``license_name``, from every ingest run's ``tracks.parquet``
+    (oldest first, so the newest wins) and the curated catalog (wins over all)."""
+    paths = [workspace.run_dir(run["run_id"]) / "tracks.parquet" for run in store.list_runs("ingest")]
+    paths.append(workspace.catalog_table("tracks"))
+    tracks: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        if not path.is_file():
+            continue
+        table = pq.read_table(path)
+        columns = [c for c in TRACK_FIELDS if c in table.column_names]
+        for row in table.select(columns).to_pylist():
+            tracks[row["track_id"]] = row
+    licenses = read_catalog_licenses(workspace)
+    for row in tracks.values():
+        row["license_name"] = licenses.get(row.get("license_id") or "", {}).get("license_name")
+    return tracks
+
+
+def matching_tracks(tracks: Mapping[str, Mapping[str, Any]], registry: OptOutRegistry) -> list[str]:
+    """Ids of the tracks an opt-out registry names (by track id, ISRC or rights holder), sorted."""
+    return sorted(track_id for track_id, row in tracks.items() if not registry.check(row).admitted)
+
+
+def lineage(workspace: Workspace, entity_id: str, kind: str | None = None) -> dict[str, Any]:
+    """The lineage of one record, both ways, as one JSON-able dict with ``kind`` and ``id``.
+
+    Args:
+        entity_id: a generation, checkpoint, dataset or track id.
+        kind: restrict the lookup to one of ``KINDS``; by default the first kind that has the id, in the
+            order generation, checkpoint, dataset, track.
+
+    Raises:
+        LineageError: no record has the id (the message lists the kinds looked in).
+        ValueError: an unknown ``kind``.
+    """
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"kind {kind!r} is not one of {', '.join(KINDS)}")
+    store = LineageStore(workspace.store_url)
+    try:
+        walk = _Walk(workspace, store)
+        for candidate in (kind,) if kind else ("generation", "checkpoint", "dataset", "track"):
+            found = getattr(walk, candidate)(entity_id)
+            if found is not None:
+                return {"kind": candidate, "id": entity_id, **found}
+        looked = kind or "generation, checkpoint, dataset or track"
+        raise LineageError(f"no {looked} with id {entity_id!r} in the lineage store {_safe_url(workspace)}")
+    finally:
+        store.close()
+
+
+class _Walk:
+    """One lineage query's lookups (tracks metadata read once)."""
+
+    def __init__(self, workspace: Workspace, store: LineageStore) -> None:
+        self.workspace, self.store = workspace, store
+        self._tracks: dict[str, dict[str, Any]] | None = None
+
+    @property
+    def tracks(self) -> dict[str, dict[str, Any]]:
+        if self._tracks is None:
+            self._tracks = known_tracks(self.workspace, self.store)
+        return self._tracks
+
+    # one function per kind: None when the id is not of that kind ---------------------------------------
+    def track(self, track_id: str) -> dict[str, Any] | None:
+        in_datasets = self.store.datasets_with_tracks([track_id])
+        attributed = self.store.attributions_to_tracks([track_id])
+        if not in_datasets and not attributed and track_id not in self.tracks:
+            return None
+        datasets = [self._dataset_brief(d, segments=self.store.dataset_track_segments(d).get(track_id, 0))
+                    for d in in_datasets]
+        checkpoints = self.store.checkpoints_of_datasets(in_datasets)
+        generations = self.store.generations_of_checkpoints(c["checkpoint_id"] for c in checkpoints)
+        registry = OptOutRegistry.from_rows(self.store.list_opt_outs())
+        meta = self.tracks.get(track_id, {"track_id": track_id})
+        decision = registry.check(meta)
+        return {
+            "track": meta,
+            "opted_out": None if decision.admitted else decision.detail,
+            "datasets": datasets,
+            "checkpoints": [_checkpoint_brief(c) for c in checkpoints],
+            "generations": [_generation_brief(g) for g in generations],
+            "attributions": attributed,
+        }
+
+    def dataset(self, dataset_id: str) -> dict[str, Any] | None:
+        record = self.store.get_dataset(dataset_id)
+        if record is None:
+            return None
+        checkpoints = self.store.checkpoints_of_datasets([dataset_id])
+        generations = self.store.generations_of_checkpoints(c["checkpoint_id"] for c in checkpoints)
+        return {
+            "dataset": record,
+            "run": self._run_brief(record["run_id"]),
+            "derived_from": self.store.dataset_parents(dataset_id),
+            "versions": self.store.dataset_children(dataset_id),
+            **self._contents(dataset_id),
+            "checkpoints": [_checkpoint_brief(c) for c in checkpoints],
+            "generations": [_generation_brief(g) for g in generations],
+        }
+
+    def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
+        record = self.store.get_checkpoint(checkpoint_id)
+        if record is None:
+            return None
+        return {
+            "checkpoint": record,
+            "run": self._run_brief(record["run_id"]),
+            "dataset": self._dataset_brief(record["dataset_id"]),
+            **self._contents(record["dataset_id"]),
+            "generations": [_generation_brief(g) for g in self.store.generations_of_checkpoints([checkpoint_id])],
+        }
+
+    def generation(self, generation_id: str) -> dict[str, Any] | None:
+        record = self.store.get_generation(generation_id)
+        if record is None:
+            return None
+        checkpoint = self.store.get_checkpoint(record["checkpoint_id"]) or {}
+        dataset_id = checkpoint.get("dataset_id")
+        return {
+            "generation": record,
+            "run": self._run_brief(record["run_id"]),
+            "checkpoint": _checkpoint_brief(checkpoint) if checkpoint else None,
+            "dataset": self._dataset_brief(dataset_id) if dataset_id else None,
+            **(self._contents(dataset_id) if dataset_id else {"tracks": [], "rights_holders": [], "licenses": []}),
+            "attributions": self.attributions(generation_id),
+        }
+
+    # pieces ---------------------------------------------------------------------------------------------
+    def attributions(self, query_id: str) -> dict[str, dict[str, Any]]:
+        """Stored attribution of a query per method: ranked segments, and shares per track and rights holder."""
+        by_method: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for row in self.store.get_attributions(query_id):
+            by_method[row["method"]].append(row)
+        return {method: summarize_attribution(rows, self.tracks) for method, rows in sorted(by_method.items())}
+
+    def _contents(self, dataset_id: str) -> dict[str, list[dict[str, Any]]]:
+        """A dataset's tracks (with metadata), and its rights holders and licences with track counts."""
+        segments = self.store.dataset_track_segments(dataset_id)
+        tracks = [{**{f: self.tracks.get(t, {}).get(f) for f in (*TRACK_FIELDS, "license_name")},
+                   "track_id": t, "num_segments": n} for t, n in segments.items()]
+        holders: Counter[str] = Counter()
+        holder_segments: Counter[str] = Counter()
+        licenses: dict[str, dict[str, Any]] = {}
+        for track in tracks:
+            holder = track["rights_holder"] or "(unknown)"
+            holders[holder] += 1
+            holder_segments[holder] += track["num_segments"]
+            license_id = track["license_id"] or "(unknown)"
+            entry = licenses.setdefault(license_id, {"license_id": license_id,
+                                                     "license_name": track["license_name"], "tracks": 0})
+            entry["tracks"] += 1
+        return {
+            "tracks": tracks,
+            "rights_holders": [{"rights_holder": h, "tracks": holders[h], "segments": holder_segments[h]}
+                               for h in sorted(holders)],
+            "licenses": [licenses[k] for k in sorted(licenses)],
+        }
+
+    def _dataset_brief(self, dataset_id: str, **extra: Any) -> dict[str, Any]:
+        record = self.store.get_dataset(dataset_id) or {}
+        keep = ("dataset_id", "run_id", "num_tracks", "num_segments", "created_at", "uri")
+        return {"dataset_id": dataset_id, **{k: record.get(k) for k in keep if k in record}, **extra}
+
+    def _run_brief(self, run_id: str) -> dict[str, Any] | None:
+        run = self.store.get_run(run_id)
+        if run is None:
+            return None
+        return {k: run.get(k) for k in ("run_id", "kind", "status", "started_at", "finished_at")}
+
+
+def summarize_attribution(rows: Iterable[Mapping[str, Any]],
+                          tracks: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """Stored Attribution rows of one query and method → ``segments`` (by rank), ``tracks`` and
+    ``rights_holders`` (summed shares, largest first), with each track's title and licence."""
+    rows = sorted(rows, key=lambda r: r["rank"])
+    track_share: dict[str, float] = defaultdict(float)
+    holder_share: dict[str, float] = defaultdict(float)
+    for row in rows:
+        track_share[row["track_id"]] += row["share"]
+        holder_share[row["rights_holder"]] += row["share"]
+    return {
+        "dataset_id": rows[0]["dataset_id"] if rows else None,
+        "run_id": rows[0]["run_id"] if rows else None,
+        "segments": [{k: row[k] for k in ("rank", "segment_id", "track_id", "rights_holder", "score", "share")}
+                     for row in rows],
+        "tracks": [{"track_id": t, "share": s, "title": tracks.get(t, {}).get("title"),
+                    "rights_holder": tracks.get(t, {}).get("rights_holder"),
+                    "license_id": tracks.get(t, {}).get("license_id"),
+                    "license_name": tracks.get(t, {}).get("license_name"),
+                    "attribution": tracks.get(t, {}).get("attribution")}
+                   for t, s in sorted(track_share.items(), key=lambda kv: (-kv[1], kv[0]))],
+        "rights_holders": [{"rights_holder": h, "share": s}
+                           for h, s in sorted(holder_share.items(), key=lambda kv: (-kv[1], kv[0]))],
+    }
+
+
+def _checkpoint_brief(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in ("checkpoint_id", "dataset_id", "step", "run_id", "created_at", "uri")}
+
+
+def _generation_brief(record: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in ("generation_id", "checkpoint_id", "prompt", "seed", "duration_s",
+                                       "created_at", "uri")}
+
+
+def _safe_url(workspace: Workspace) -> str:
+    """The store URL without a password."""
+    import sqlalchemy as sa
+
+    return sa.make_url(workspace.store_url).render_as_string(hide_password=True)
