@@ -44,7 +44,7 @@ def write_run(dataset_dir: Path, run_dir: Path, prediction: str = "v", steps: in
         loss.backward()
         optimizer.step()
         update_ema(ema, model, 0.5)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if step in checkpoint_steps:
             folder = run_dir / (f"checkpoint_{len(paths):05d}")
             folder.mkdir(parents=True, exist_ok=True)
