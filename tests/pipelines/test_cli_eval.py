@@ -15,7 +15,7 @@ from pipelines.cli import app
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 from tests.training.checkpoints import write_run
-from tests.training.conftest import MEL_CONFIG, tiny_dataset  # noqa: F401  (the fixture)
+from tests.training.conftest import MEL_CONFIG, write_tiny_dataset
 from training.data import read_dataset_info
 
 runner = CliRunner()
@@ -31,8 +31,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def workspace(tiny_dataset, tmp_path_factory):
+def workspace(tmp_path_factory):
     """A workspace with the tiny dataset, a succeeded train run with two checkpoints, and its final checkpoint."""
+    tiny_dataset = write_tiny_dataset(tmp_path_factory.mktemp("tiny_dataset"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     workspace = Workspace.at(tmp_path_factory.mktemp("ws")).ensure()
