@@ -185,24 +185,39 @@ def generate(
     duration_s: Annotated[float, typer.Option("--duration-s", help="Length of the generated track in seconds.")] = 5.0,
     out: Annotated[Optional[Path], typer.Option(help="Also write the WAV here.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id; default the newest.")] = None,
-    steps: Annotated[int, typer.Option(help="DDIM steps.")] = 50,
-    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 3.0,
+    steps: Annotated[Optional[int], typer.Option(help="Sampler steps; default the checkpoint config's.")] = None,
+    guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; default the "
+                                                                 "checkpoint config's.")] = None,
     top_k: Annotated[int, typer.Option(help="Training segments to attribute.")] = 10,
+    sampler: Annotated[Optional[str], typer.Option(help="ddim/ddpm (ε, v) or euler/heun (flow).")] = None,
+    bpm: Annotated[Optional[float], typer.Option(help="Tempo condition (beats per minute).")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Key condition, e.g. 'A minor', 'F#'.")] = None,
+    instrument: Annotated[Optional[str], typer.Option(help="Instrument condition, e.g. 'piano'.")] = None,
+    context: Annotated[Optional[Path], typer.Option(help="Audio to continue (or inpaint with --regenerate-s).")]
+    = None,
+    regenerate_s: Annotated[Optional[tuple[float, float]], typer.Option(
+        "--regenerate-s", help="START END seconds of --context to regenerate (inpainting).")] = None,
+    vocoder: Annotated[Optional[Path], typer.Option(help="Local HiFi-GAN generator checkpoint; default "
+                                                         "Griffin-Lim.")] = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
 ) -> None:
-    """Generate a track (DDIM + Griffin-Lim), register it, and attribute it to training recordings."""
+    """Generate a track (sampler + vocoder), register it, and attribute it to training recordings."""
     with _errors():
         from pipelines.jobs import run_generate
 
         if duration_s <= 0 or duration_s > 600:
             raise CliError(f"--duration-s must be in (0, 600] seconds, got {duration_s}")
-        if steps < 1:
+        if steps is not None and steps < 1:
             raise CliError(f"--steps must be ≥ 1, got {steps}")
+        if context is not None and not context.is_file():
+            raise CliError(f"no audio file at --context {context}")
+        conditions = {k: v for k, v in {"bpm": bpm, "key": key, "instrument": instrument}.items() if v is not None}
         with _progress(json_mode) as progress:
             result = run_generate(_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
                                   num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
-                                  status=_say, progress=progress)
+                                  status=_say, progress=progress, sampler=sampler, conditions=conditions or None,
+                                  context_path=context, regenerate_s=regenerate_s, vocoder=vocoder)
         payload = result.to_json()
         _emit(payload, json_mode, _render_generation)
 
@@ -409,6 +424,9 @@ def _progress(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
 from pipelines.cli_lineage import register as _register_lineage  # noqa: E402  (lineage, takedown, report, serve)
 
 _register_lineage(app)
+from pipelines.cli_eval import evaluate, variations  # noqa: E402  (issue 5a: evaluate and variations)
+app.command()(evaluate)
+app.command()(variations)
 
 
 def main() -> None:  # pragma: no cover - console entry

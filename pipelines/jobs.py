@@ -204,13 +204,20 @@ def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str |
 
 
 def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float, out: str | Path | None = None,
-                 checkpoint_id: str | None = None, num_steps: int = 50, guidance_scale: float = 3.0,
+                 checkpoint_id: str | None = None, num_steps: int | None = 50, guidance_scale: float | None = 3.0,
                  top_k: int = 10, status: Callable[[str], None] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None) -> GenerateJobResult:
-    """DDIM-sample a mel, vocode it with Griffin-Lim, write the WAV, register the Generation and attribute it.
+                 progress: Callable[[str, int, int], None] | None = None, *, sampler: str | None = None,
+                 conditions: dict[str, Any] | None = None, context_path: str | Path | None = None,
+                 regenerate_s: tuple[float, float] | None = None,
+                 vocoder: str | Path | None = None) -> GenerateJobResult:
+    """Sample a mel (the checkpoint's sampler), vocode it (Griffin-Lim, or a local HiFi-GAN generator), write
+    the WAV, register the Generation and attribute it.
 
-    The generation id is ``gen-`` + 16 hex of the sha256 of (checkpoint, prompt, seed, duration, sampler):
-    the same request gives the same id and the same audio.
+    ``num_steps``/``guidance_scale`` None take the checkpoint config's defaults; ``conditions`` are musical
+    conditions (bpm, key, instrument); ``context_path`` an audio file to continue (or, with ``regenerate_s``,
+    to inpaint). The generation id is ``gen-`` + 16 hex of the sha256 of the request (checkpoint, prompt,
+    seed, duration, steps, guidance, and the options that are set) and the sampler: the same request gives
+    the same id and the same audio.
     """
     from training.generate import generate
 
@@ -220,11 +227,19 @@ def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float
         checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
         request = {"checkpoint_id": checkpoint["checkpoint_id"], "prompt": prompt, "seed": seed,
                    "duration_s": duration_s, "num_steps": num_steps, "guidance_scale": guidance_scale}
+        options = {"sampler": sampler, "conditions": conditions or None,
+                   "context_sha256": sha256_hex(Path(context_path).read_bytes()) if context_path else None,
+                   "regenerate_s": list(regenerate_s) if regenerate_s else None,
+                   "vocoder": str(vocoder) if vocoder else None}
+        request.update({key: value for key, value in options.items() if value is not None})
+        context_audio, context_rate = read_audio(context_path) if context_path else (None, None)
         run_id = store.start_run("generate", request)
         try:
-            say(f"sampling {duration_s:g} s from {checkpoint['checkpoint_id']} ({num_steps} DDIM steps)")
+            say(f"sampling {duration_s:g} s from {checkpoint['checkpoint_id']}")
             result = generate(checkpoint["uri"], prompt=prompt, seed=seed, duration_s=duration_s,
-                              num_steps=num_steps, guidance_scale=guidance_scale)
+                              num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
+                              conditions=conditions, context_audio=context_audio,
+                              context_sample_rate_hz=context_rate, regenerate_s=regenerate_s, vocoder=vocoder)
             generation_id = "gen-" + sha256_hex(canonical_json({**request, "sampler": result.sampler}))[:16]
             gen_dir = workspace.generation_dir(generation_id)
             wav = write_audio(gen_dir / "generation.wav", result.audio, result.sample_rate_hz, subtype="PCM_16")
@@ -234,7 +249,8 @@ def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float
                 path.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(wav, path)
             record = {"generation_id": generation_id, "checkpoint_id": checkpoint["checkpoint_id"], "run_id": run_id,
-                      "prompt": prompt, "conditioning": canonical_json({"text": prompt, "guidance_scale": guidance_scale}),
+                      "prompt": prompt, "conditioning": canonical_json({"text": prompt, "guidance_scale": guidance_scale,
+                                                      **({"musical": conditions} if conditions else {})}),
                       "seed": seed, "sampler": result.sampler, "duration_s": duration_s, "uri": str(wav)}
             (gen_dir / "generation.json").write_text(json.dumps(record, indent=2))
             if store.get_generation(generation_id) is None:

@@ -47,8 +47,9 @@ class TrainConfig(BaseModel):
     beta_schedule: Literal["linear", "cosine"] = Field("cosine", description="noise schedule")
     beta_start: float = Field(1e-4, description="first beta of the linear schedule")
     beta_end: float = Field(0.02, description="last beta of the linear schedule")
-    prediction: Literal["epsilon", "v"] = Field(
-        "v", description="network target: the noise ε (Ho et al. 2020) or v (Salimans & Ho 2022); see diffusion.py")
+    prediction: Literal["epsilon", "v", "flow"] = Field(
+        "v", description="network target: the noise ε (Ho et al. 2020), v (Salimans & Ho 2022), or the "
+                         "rectified-flow velocity (Liu et al. 2023); see training/parameterization.py")
     cond_dropout: float = Field(0.1, description="probability of training on the null (empty) text")
     # resources and logging
     num_workers: int = Field(1, description="Ray Train workers (data-parallel ranks)")
@@ -56,6 +57,21 @@ class TrainConfig(BaseModel):
     num_loader_workers: int = Field(0, description="torch DataLoader worker processes per rank")
     log_every: int = Field(20, description="report the mean loss every this many steps")
     checkpoint_every: int = Field(0, description="also checkpoint every this many steps; 0: only at the end")
+    # model, conditioning and sampling (issue 5a)
+    attention_levels: tuple[int, ...] = Field(
+        (-1,), description="U-Net levels with self-attention (negative: from the lowest resolution); "
+                           "non-empty also attends in the middle; [] disables attention")
+    attention_heads: int = Field(4, description="heads per attention block (must divide the attended widths)")
+    musical_conditioning: bool = Field(True, description="condition on BPM, key, instrument and duration "
+                                                         "from the sample json (training/conditioning.py)")
+    text_encoder: Literal["hashed", "pretrained"] = Field(
+        "hashed", description="'hashed': bag-of-words trained with the model; 'pretrained': a frozen "
+                              "transformers encoder (T5, CLAP) from the local folder text_encoder_path")
+    text_encoder_path: str | None = Field(None, description="local folder of the pretrained text encoder")
+    sampler: Literal["ddim", "ddpm", "euler", "heun"] | None = Field(
+        None, description="default sampler of generate/evaluate; None: ddim for epsilon/v, heun for flow")
+    sample_steps: int = Field(50, description="default sampler steps of generate/evaluate")
+    guidance_scale: float = Field(3.0, description="default classifier-free guidance scale (1: none)")
 
     @field_validator("steps", "batch_size", "crop_frames", "base_channels", "text_dim", "text_buckets",
                      "diffusion_steps", "num_workers", "log_every", "shuffle_buffer")
@@ -119,10 +135,36 @@ class TrainConfig(BaseModel):
         if self.beta_schedule == "linear" and not self.beta_start < self.beta_end < 1.0:
             raise ValueError(f"linear schedule needs beta_start < beta_end < 1, got beta_start="
                              f"{self.beta_start}, beta_end={self.beta_end}")
+        levels = len(self.channel_mults)
+        if any(not -levels <= level < levels for level in self.attention_levels):
+            raise ValueError(f"attention_levels {list(self.attention_levels)} must index the {levels} levels of "
+                             f"channel_mults (0..{levels - 1} or negative)")
+        for level in {level % levels for level in self.attention_levels}:
+            width = self.base_channels * self.channel_mults[level]
+            if self.attention_heads < 1 or width % self.attention_heads:
+                raise ValueError(f"attention_heads ({self.attention_heads}) must divide the width {width} of "
+                                 f"attended level {level}: change attention_heads or attention_levels")
+        if self.text_encoder == "pretrained" and not self.text_encoder_path:
+            raise ValueError("text_encoder='pretrained' needs text_encoder_path: a local folder with the model "
+                             "and tokenizer saved by transformers' save_pretrained")
+        sampler_ok = {"epsilon": ("ddim", "ddpm"), "v": ("ddim", "ddpm"), "flow": ("euler", "heun")}[self.prediction]
+        if self.sampler is not None and self.sampler not in sampler_ok:
+            raise ValueError(f"sampler {self.sampler!r} does not fit prediction={self.prediction!r}: use one of "
+                             f"{list(sampler_ok)}")
+        if self.sample_steps < 1 or (self.prediction != "flow" and self.sample_steps > self.diffusion_steps):
+            raise ValueError(f"sample_steps must be in [1, diffusion_steps={self.diffusion_steps}], "
+                             f"got {self.sample_steps}")
+        if not (self.guidance_scale >= 0 and self.guidance_scale < float("inf")):
+            raise ValueError(f"guidance_scale must be finite and >= 0, got {self.guidance_scale}")
         if self.base_channels % 8:
             raise ValueError(f"base_channels must be a multiple of 8 (GroupNorm with 8 groups), "
                              f"got {self.base_channels}")
         return self
+
+    @property
+    def default_sampler(self) -> str:
+        """``sampler``, or the default for the prediction: ``ddim`` for epsilon/v, ``heun`` for flow."""
+        return self.sampler or ("heun" if self.prediction == "flow" else "ddim")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); ``TrainConfig(**d)`` restores it."""

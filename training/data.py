@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from training.conditioning import encode_conditions
 import webdataset as wds
 
 from cleaning.mel import MelConfig
@@ -173,6 +175,8 @@ class MelTextStream(torch.utils.data.IterableDataset):
         seed: the run's seed.
         rank, world_size: this reader's data-parallel rank and the number of ranks.
         shuffle_buffer: samples held by the shuffle buffer (1 disables shuffling within shards).
+        with_conditions: yield ``(mel, text, conditions)`` with the float32 ``(K,)`` musical-condition
+            vector of the sample's json (``training.conditioning.encode_conditions``).
 
     Raises:
         ValueError: no shards, ``mel_std <= 0``, or a bad rank (at construction); a reader that finds no
@@ -181,8 +185,9 @@ class MelTextStream(torch.utils.data.IterableDataset):
 
     def __init__(self, shard_paths: Sequence[str | os.PathLike[str]], mel_mean: float, mel_std: float,
                  crop_frames: int, log_floor: float, seed: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = 256) -> None:
+                 shuffle_buffer: int = 256, with_conditions: bool = False) -> None:
         super().__init__()
+        self.with_conditions = with_conditions
         if not shard_paths:
             raise ValueError("shard_paths is empty: pass the dataset's train shards")
         if not mel_std > 0:
@@ -211,7 +216,8 @@ class MelTextStream(torch.utils.data.IterableDataset):
             num_yielded = 0
             for sample in _shuffled(samples, self.shuffle_buffer, rng):
                 mel = (sample["mel"] - self.mel_mean) / self.mel_std
-                yield crop_or_pad(mel, self.crop_frames, rng, self.pad_value), str(sample["meta"].get("text", ""))
+                item = crop_or_pad(mel, self.crop_frames, rng, self.pad_value), str(sample["meta"].get("text", ""))
+                yield (*item, encode_conditions(sample["meta"])) if self.with_conditions else item
                 num_yielded += 1
             if num_yielded == 0:
                 raise ValueError(f"reader {reader} of {num_readers} got no samples from {len(shards)} shard(s): "

@@ -7,27 +7,30 @@
   turns a small ε error at high noise into a huge x_0 error (× √((1 − ᾱ)/ᾱ), ≈ 2·10⁴ at the last cosine
   step): on the tiny-data CPU demo ε-prediction sampled saturated noise while v-prediction followed the
   prompt's pitch. Both are ``prediction`` values of one class.
-- Sampler: Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM; ``eta = 0`` is deterministic).
+- Samplers: Song et al. 2021, "Denoising Diffusion Implicit Models" (DDIM; ``eta = 0`` is deterministic),
+  and DDPM ancestral sampling (Ho et al. 2020, eq. 6-7) on a respaced sub-sequence of steps (Nichol &
+  Dhariwal 2021, section 4), both through ``Parameterization.sample``.
 - Guidance: Ho & Salimans 2022, "Classifier-Free Diffusion Guidance": the model is trained with the text
   dropped to the null condition with probability ``cond_dropout`` and sampled with
   ``out = out(x, ∅) + s · (out(x, c) − out(x, ∅))``; ε̂ and x̂_0 are affine in the network output, so
   guiding the output is guiding ε.
 
 The model is any callable ``model(x_t, timesteps, texts) -> output`` (``training.model.MelUNet``) whose
-output is ε or v. All randomness comes from an explicit ``torch.Generator``.
+output is ε or v. All randomness comes from an explicit ``torch.Generator``. Flow matching, the third
+parameterization, lives in ``training.flow``; the interface all three share is
+``training.parameterization.Parameterization``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
-DenoiserModel = Callable[[torch.Tensor, torch.Tensor, Sequence[str]], torch.Tensor]
-"""``(x_t float32 (batch, n_mels, frames), timesteps int64 (batch,), texts) -> ε or v, shaped as x_t``."""
+from training.parameterization import DenoiserModel, Parameterization
 
 Prediction = Literal["epsilon", "v"]
 
@@ -59,8 +62,8 @@ def make_betas(num_steps: int, schedule: Literal["linear", "cosine"] = "cosine",
     raise ValueError(f"beta schedule must be 'linear' or 'cosine', got {schedule!r}")
 
 
-class GaussianDiffusion:
-    """The DDPM forward process, the denoising loss and a DDIM sampler.
+class GaussianDiffusion(Parameterization):
+    """The DDPM forward process, the denoising loss (``Parameterization.per_example_loss``), DDPM and DDIM samplers.
 
     Args:
         num_steps: T, the number of diffusion steps; timesteps index ``0 .. T-1``.
@@ -82,6 +85,7 @@ class GaussianDiffusion:
             raise ValueError(f"prediction must be 'epsilon' or 'v', got {prediction!r}")
         self.num_steps = num_steps
         self.prediction = prediction
+        self.samplers = ("ddim", "ddpm")
         self.betas = make_betas(num_steps, schedule, beta_start, beta_end)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
 
@@ -124,42 +128,14 @@ class GaussianDiffusion:
         return ((1 - alpha_bar).sqrt() * x_t + alpha_bar.sqrt() * output,
                 alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * output)
 
-    def per_example_loss(self, model: DenoiserModel, x0: torch.Tensor, texts: Sequence[str],
-                         generator: torch.Generator | None = None, cond_dropout: float = 0.0,
-                         timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoising MSE per example: ``mean ‖target − model(x_t, t, c)‖²`` with t uniform in ``[0, T)``.
-
-        For ``prediction="epsilon"`` this is Ho et al. 2020's "L_simple" (eq. 14); for ``"v"`` the same
-        with the v target, which equals the ε-MSE plus the x_0-MSE of the implied estimates.
-
-        Args:
-            model: the denoising network.
-            x0: float32 ``(batch, n_mels, frames)`` clean normalised log-mel.
-            texts: ``batch`` conditioning texts.
-            generator: source of timesteps, noise and the dropout mask (on ``x0``'s device); None uses
-                the global RNG.
-            cond_dropout: probability of replacing a text by ``""`` (Ho & Salimans 2022).
-            timesteps: int64 ``(batch,)`` to use instead of uniform draws from ``[0, T)``.
-            noise: ε to use instead of a standard-normal draw.
-
-        Returns:
-            float32 ``(batch,)``: the MSE of each example, averaged over mel bins and frames.
-        """
-        batch = x0.shape[0]
-        if timesteps is None:
-            timesteps = torch.randint(0, self.num_steps, (batch,), generator=generator, device=x0.device)
-        if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        if cond_dropout > 0:
-            dropped = torch.rand(batch, generator=generator, device=x0.device) < cond_dropout
-            texts = ["" if drop else text for text, drop in zip(texts, dropped.tolist(), strict=True)]
-        output = model(self.q_sample(x0, timesteps, noise), timesteps, texts)
-        return ((output - self.target(x0, timesteps, noise)) ** 2).mean(dim=tuple(range(1, x0.ndim)))
-
-    def loss(self, model: DenoiserModel, x0: torch.Tensor, texts: Sequence[str],
-             generator: torch.Generator | None = None, cond_dropout: float = 0.0) -> torch.Tensor:
-        """Batch-mean of ``per_example_loss``: a float32 scalar to back-propagate."""
-        return self.per_example_loss(model, x0, texts, generator=generator, cond_dropout=cond_dropout).mean()
+    def noise_path(self, x0: torch.Tensor, timesteps: torch.Tensor,
+                   noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_t, timesteps, target)``: ``q_sample`` and ε or v. With ``Parameterization.per_example_loss``
+        this is Ho et al. 2020's "L_simple" (eq. 14) for ε; for v the same with the v target, which equals
+        the ε-MSE plus the x_0-MSE of the implied estimates. ``timesteps``: int64 ``(batch,)`` in ``[0, T)``."""
+        if timesteps.is_floating_point():
+            raise ValueError("GaussianDiffusion timesteps must be integers in [0, T)")
+        return self.q_sample(x0, timesteps, noise), timesteps, self.target(x0, timesteps, noise)
 
     def ddim_timesteps(self, num_steps: int) -> list[int]:
         """The DDIM sub-sequence τ: ``num_steps`` evenly spaced steps of ``[0, T)``, descending from T − 1
@@ -172,63 +148,72 @@ class GaussianDiffusion:
             raise ValueError(f"num_steps must be in [1, {self.num_steps}] (the diffusion steps), got {num_steps}")
         return sorted({int(t) for t in np.linspace(self.num_steps - 1, 0, num_steps).round()}, reverse=True)
 
-    @torch.no_grad()
     def ddim_sample(self, model: DenoiserModel, shape: tuple[int, int, int], texts: Sequence[str],
                     generator: torch.Generator, num_steps: int = 50, guidance_scale: float = 1.0,
                     eta: float = 0.0, x0_clip: float | None = None,
                     device: torch.device | str = "cpu") -> torch.Tensor:
-        """Sample clean normalised log-mels with DDIM (Song et al. 2021, eq. 12) and classifier-free guidance.
+        """DDIM (Song et al. 2021, eq. 12) with classifier-free guidance: ``sample(sampler="ddim")`` with ``eta``.
 
-        Each step evaluates the network (guided: ``out_∅ + s · (out_c − out_∅)``, one batched forward pass
-        for both), converts its output to ``(ε̂, x̂_0)`` (``to_eps_and_x0``), optionally clips x̂_0 to
-        ``±x0_clip`` (as Ho et al. 2020 clip to the data range) and recomputes ε̂ from it, and steps to
-        ``x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ z`` with
-        ``σ = eta · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)``; ᾱ_prev = 1 after the last
-        step.
-
-        Args:
-            model: the denoising network (put it in eval mode first).
-            shape: ``(batch, n_mels, frames)``.
-            texts: ``batch`` prompts; ``""`` samples unconditionally.
-            generator: a CPU ``torch.Generator``; the initial noise and every σ z come from it, so the
-                result is a function of its seed (on a given device and torch build).
-            num_steps: DDIM steps, in ``[1, T]``.
-            guidance_scale: s; 1 is plain conditional sampling, 0 unconditional; must be finite, >= 0.
-            eta: 0 for deterministic DDIM, 1 for DDPM-like ancestral noise.
-            x0_clip: clip x̂_0 to ``[-x0_clip, x0_clip]`` (normalised units); None does not clip.
-            device: where the model runs.
-
-        Returns:
-            float32 ``(batch, n_mels, frames)`` on ``device``.
+        ``eta`` = 0 is deterministic DDIM, 1 adds DDPM-like ancestral noise; see ``sample`` for the rest.
 
         Raises:
             ValueError: bad ``num_steps``, ``guidance_scale``, ``eta``, or ``len(texts) != batch``.
         """
-        if not (math.isfinite(guidance_scale) and guidance_scale >= 0):
-            raise ValueError(f"guidance_scale must be finite and >= 0, got {guidance_scale}")
+        return self.sample(model, shape, texts, generator, sampler="ddim", num_steps=num_steps,
+                           guidance_scale=guidance_scale, x0_clip=x0_clip, device=device, eta=eta)
+
+    @torch.no_grad()
+    def sample(self, model: DenoiserModel, shape: tuple[int, int, int], texts: Sequence[str],
+               generator: torch.Generator, *, sampler: str | None = None, num_steps: int = 50,
+               guidance_scale: float = 1.0, conditions: torch.Tensor | None = None,
+               known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+               x0_clip: float | None = None, device: torch.device | str = "cpu", eta: float = 0.0) -> torch.Tensor:
+        """DDIM or DDPM ancestral sampling over ``ddim_timesteps(num_steps)`` (see ``Parameterization.sample``).
+
+        Each step evaluates the (guided) network, converts its output to ``(ε̂, x̂_0)`` (``to_eps_and_x0``),
+        optionally clips x̂_0 to ``±x0_clip`` (as Ho et al. 2020 clip to the data range) and recomputes ε̂,
+        then steps from ᾱ_t to ᾱ_prev (1 after the last step):
+
+        - ``ddim``: ``x_prev = √ᾱ_prev · x̂_0 + √(1 − ᾱ_prev − σ²) · ε̂ + σ z`` with
+          ``σ = eta · √((1 − ᾱ_prev)/(1 − ᾱ_t)) · √(1 − ᾱ_t/ᾱ_prev)`` (Song et al. 2021, eq. 12, 16);
+        - ``ddpm``: the posterior q(x_prev | x_t, x̂_0) of the respaced chain, β' = 1 − ᾱ_t/ᾱ_prev:
+          mean ``√ᾱ_prev β'/(1 − ᾱ_t) · x̂_0 + √(1 − β') (1 − ᾱ_prev)/(1 − ᾱ_t) · x_t``, variance
+          ``β' (1 − ᾱ_prev)/(1 − ᾱ_t)`` (Ho et al. 2020, eq. 6-7; ``eta`` is ignored).
+
+        Raises:
+            ValueError: see ``Parameterization.sample``; ``eta`` outside ``[0, 1]``.
+        """
+        sampler, known, mask = self._check_sample_args(shape, texts, sampler, guidance_scale, known, known_mask,
+                                                       device)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta must be in [0, 1], got {eta}")
-        if len(texts) != shape[0]:
-            raise ValueError(f"{len(texts)} texts for a batch of {shape[0]}")
         steps = self.ddim_timesteps(num_steps)
         x = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-        guided = guidance_scale != 1.0
+        if known is not None:
+            alpha_bar_first = float(self.alphas_cumprod[steps[0]])
+            x = self._replace_known(x, known, mask, math.sqrt(alpha_bar_first) * known
+                                    + math.sqrt(1 - alpha_bar_first) * x)
         for index, t in enumerate(steps):
             t_batch = torch.full((shape[0],), t, dtype=torch.int64, device=device)
-            if guided:
-                both = model(torch.cat([x, x]), torch.cat([t_batch, t_batch]), [*texts, *([""] * shape[0])])
-                output_cond, output_null = both.chunk(2)
-                output = output_null + guidance_scale * (output_cond - output_null)
-            else:
-                output = model(x, t_batch, texts)
+            output = self._guided(model, x, t_batch, texts, conditions, guidance_scale)
             eps, x0 = self.to_eps_and_x0(output, x, t_batch)
             alpha_bar = float(self.alphas_cumprod[t])
             alpha_bar_prev = float(self.alphas_cumprod[steps[index + 1]]) if index + 1 < len(steps) else 1.0
             if x0_clip is not None:
                 x0 = x0.clamp(-x0_clip, x0_clip)
                 eps = (x - math.sqrt(alpha_bar) * x0) / math.sqrt(1 - alpha_bar)
-            sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
-            x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
+            if sampler == "ddim":
+                sigma = eta * math.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar) * (1 - alpha_bar / alpha_bar_prev))
+                x = math.sqrt(alpha_bar_prev) * x0 + math.sqrt(max(1 - alpha_bar_prev - sigma**2, 0.0)) * eps
+            else:
+                beta = 1 - alpha_bar / alpha_bar_prev
+                x = (math.sqrt(alpha_bar_prev) * beta / (1 - alpha_bar) * x0
+                     + math.sqrt(1 - beta) * (1 - alpha_bar_prev) / (1 - alpha_bar) * x)
+                sigma = math.sqrt(max(beta * (1 - alpha_bar_prev) / (1 - alpha_bar), 0.0))
             if sigma > 0:
                 x = x + sigma * torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+            if known is not None:
+                z = torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+                x = self._replace_known(x, known, mask, math.sqrt(alpha_bar_prev) * known
+                                        + math.sqrt(1 - alpha_bar_prev) * z)
         return x

@@ -1,15 +1,19 @@
-"""Generation: checkpoint + prompt + seed → audio, with DDIM, classifier-free guidance and Griffin-Lim.
+"""Generation: checkpoint + prompt + seed → audio, with a sampler, classifier-free guidance and a vocoder.
 
-``generate`` samples a normalised log-mel with the EMA weights (Song et al. 2021 DDIM; Ho & Salimans
-2022 guidance), undoes the dataset normalisation stored in the checkpoint, vocodes it
-(``training.vocoder.GriffinLimVocoder``, Griffin & Lim 1984), fixes the length to exactly
-``round(duration_s · sample_rate_hz)`` samples and peak-normalises to −1 dBFS.
+``generate`` samples a normalised log-mel with the EMA weights (the checkpoint's parameterization and
+sampler: DDIM, Song et al. 2021; DDPM; Euler/Heun for flow matching; Ho & Salimans 2022 guidance),
+optionally keeping the known frames of a context for continuation and inpainting (RePaint, Lugmayr et
+al. 2022), undoes the dataset normalisation stored in the checkpoint, vocodes it (Griffin-Lim by
+default, Griffin & Lim 1984; a local HiFi-GAN generator when given, ``training.vocoder``), fixes the
+length to exactly ``round(duration_s · sample_rate_hz)`` samples and peak-normalises to −1 dBFS.
+``generate_variations`` makes a batch over seeds, guidance scales and durations.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,12 +21,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from cleaning.mel import MelConfig
+from cleaning.audio import resample, to_mono
+from cleaning.mel import MelConfig, log_mel
+from training.conditioning import stack_conditions
 from training.config import TrainConfig
-from training.diffusion import GaussianDiffusion
 from training.model import MelUNet
+from training.parameterization import Parameterization, build_parameterization
 from training.text import TextEncoder
-from training.vocoder import GriffinLimVocoder
+from training.vocoder import load_vocoder
+
+Vocoder = Callable[..., np.ndarray]
+"""``vocoder(log_mel float32 (n_mels, frames), num_samples=int) -> float32 (1, samples)``."""
 
 PEAK_DBFS = -1.0
 """Every generated waveform is scaled so that its peak is at this level (dBFS)."""
@@ -39,7 +48,8 @@ class LoadedCheckpoint:
 
     Attributes:
         model: ``MelUNet`` holding the EMA weights, in eval mode, on the CPU.
-        diffusion: the noise schedule it was trained with.
+        diffusion: the parameterization it was trained with (``GaussianDiffusion`` for ε/v,
+            ``FlowMatching`` for flow): ``per_example_loss``, ``loss`` and ``sample``.
         mel_config: log-mel parameters of its training data.
         config: its ``TrainConfig``.
         mel_mean, mel_std: log-mel normalisation statistics (natural-log magnitude units).
@@ -50,7 +60,7 @@ class LoadedCheckpoint:
     """
 
     model: MelUNet
-    diffusion: GaussianDiffusion
+    diffusion: Parameterization
     mel_config: MelConfig
     config: TrainConfig
     mel_mean: float
@@ -110,36 +120,53 @@ def load_checkpoint(path: str | os.PathLike[str]) -> LoadedCheckpoint:
     model.eval().requires_grad_(False)
     return LoadedCheckpoint(
         model=model,
-        diffusion=GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end,
-                                    config.prediction),
+        diffusion=build_parameterization(config),
         mel_config=MelConfig(**state["mel_config"]), config=config, mel_mean=float(state["mel_mean"]),
         mel_std=float(state["mel_std"]), dataset_id=str(state["dataset_id"]), step=int(state["step"]),
-        config_sha256=config.sha256(), path=path,
+        config_sha256=str(state.get("config_sha256") or config.sha256()), path=path,
     )
 
 
 def generate(checkpoint_path: str | os.PathLike[str] | LoadedCheckpoint, prompt: str, seed: int, duration_s: float,
-             num_steps: int = 50, guidance_scale: float = 3.0) -> GenerationResult:
-    """Generate ``duration_s`` seconds of audio for a text prompt.
+             num_steps: int | None = None, guidance_scale: float | None = None, *, sampler: str | None = None,
+             conditions: Mapping[str, Any] | None = None, context_audio: np.ndarray | None = None,
+             context_sample_rate_hz: int | None = None, regenerate_s: tuple[float, float] | None = None,
+             vocoder: str | os.PathLike[str] | Vocoder | None = None) -> GenerationResult:
+    """Generate ``duration_s`` seconds of audio for a text prompt (and musical conditions).
 
-    Deterministic: the same checkpoint, prompt, seed, duration and sampler settings give the same samples
-    (on the same torch build; sampling runs on the CPU).
+    Deterministic: the same checkpoint, prompt, seed, duration, conditions, context and sampler settings
+    give the same samples (on the same torch build; sampling runs on the CPU).
+
+    Continuation and inpainting (RePaint replacement, Lugmayr et al. 2022): with ``context_audio`` the
+    mel frames of the context outside ``regenerate_s`` are kept and the others generated. Continuation:
+    a context shorter than ``duration_s`` and no ``regenerate_s`` regenerates from the end of the context
+    to ``duration_s``. Inpainting: a context of (at least) ``duration_s`` and ``regenerate_s=(start, end)``.
+    The whole mel is vocoded, so the kept part is re-synthesised too.
 
     Args:
         checkpoint_path: a ``checkpoint.pt`` path, or a ``LoadedCheckpoint`` to reuse across calls.
         prompt: conditioning text (lower-cased words as in training); ``""`` samples unconditionally.
-        seed: seed of the initial noise.
+        seed: seed of the initial noise and of every later random draw.
         duration_s: length of the output, > 0 and <= ``MAX_DURATION_S``.
-        num_steps: DDIM steps, in ``[1, diffusion_steps]``.
-        guidance_scale: classifier-free guidance scale s >= 0 (1: no guidance).
+        num_steps: sampler steps (DDIM/DDPM: in ``[1, diffusion_steps]``); None: the config's ``sample_steps``.
+        guidance_scale: classifier-free guidance scale s >= 0 (1: no guidance); None: the config's.
+        sampler: ``ddim``/``ddpm`` (ε, v) or ``euler``/``heun`` (flow); None: the config's default.
+        conditions: musical conditions (``bpm``, ``key``, ``instrument``; ``duration_s`` defaults to the
+            output's), used when the checkpoint's model was trained with ``musical_conditioning``.
+        context_audio: float32 ``(channels, samples)`` known audio (mixed to mono).
+        context_sample_rate_hz: its rate; resampled to the checkpoint's. Required with ``context_audio``.
+        regenerate_s: ``(start_s, end_s)`` of the output to generate; the rest comes from the context.
+        vocoder: None or ``"griffin-lim"`` (default), a local HiFi-GAN generator checkpoint path
+            (``training.vocoder.load_vocoder``), or a vocoder object ``(log_mel, num_samples) → (1, samples)``.
 
     Returns:
         The audio (float32 ``(1, round(duration_s · sample_rate_hz))``, peak −1 dBFS), its sample rate,
-        the sampled log-mel and the sampler's name.
+        the sampled log-mel and the sampler's name (e.g. ``"ddim-50-cfg3.0"``, ``"heun-32-cfg3.0-inpaint"``).
 
     Raises:
         ValueError: bad ``duration_s`` (not finite, <= 0, > ``MAX_DURATION_S``, or under one hop),
-            ``num_steps`` or ``guidance_scale``; a prompt that is not a string.
+            ``num_steps``, ``guidance_scale``, ``sampler``, ``regenerate_s`` (empty, outside the output, or
+            covering everything/no context); a prompt that is not a string; context without its rate.
         RuntimeError: the vocoded audio is silent or not finite.
     """
     if not isinstance(prompt, str):
@@ -147,30 +174,97 @@ def generate(checkpoint_path: str | os.PathLike[str] | LoadedCheckpoint, prompt:
     if not (isinstance(duration_s, (int, float)) and math.isfinite(duration_s) and 0 < duration_s <= MAX_DURATION_S):
         raise ValueError(f"duration_s must be a finite number in (0, {MAX_DURATION_S}], got {duration_s!r}")
     checkpoint = checkpoint_path if isinstance(checkpoint_path, LoadedCheckpoint) else load_checkpoint(checkpoint_path)
-    mel_config = checkpoint.mel_config
+    config, mel_config = checkpoint.config, checkpoint.mel_config
+    num_steps = config.sample_steps if num_steps is None else int(num_steps)
+    guidance_scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
+    sampler = sampler or (config.default_sampler if config.default_sampler in checkpoint.diffusion.samplers
+                          else checkpoint.diffusion.samplers[0])
     num_samples = round(duration_s * mel_config.sample_rate_hz)
     if num_samples < mel_config.hop_length:
         raise ValueError(f"duration_s={duration_s} is shorter than one mel hop "
                          f"({mel_config.hop_length / mel_config.sample_rate_hz} s)")
     frames = mel_config.num_frames(num_samples)
+    known, known_mask, mode = _context(checkpoint, frames, duration_s, context_audio, context_sample_rate_hz,
+                                       regenerate_s)
 
+    condition_tensor = None
+    if checkpoint.model.model_kwargs.get("musical_conditioning"):
+        condition_tensor = stack_conditions([{"duration_s": duration_s, **(conditions or {})}])
     generator = torch.Generator().manual_seed(int(seed))
-    normalised = checkpoint.diffusion.ddim_sample(
-        checkpoint.model, (1, mel_config.n_mels, frames), [prompt], generator, num_steps=num_steps,
-        guidance_scale=guidance_scale, eta=0.0, x0_clip=X0_CLIP,
+    normalised = checkpoint.diffusion.sample(
+        checkpoint.model, (1, mel_config.n_mels, frames), [prompt], generator, sampler=sampler, num_steps=num_steps,
+        guidance_scale=guidance_scale, conditions=condition_tensor, known=known, known_mask=known_mask,
+        x0_clip=X0_CLIP,
     )[0]
     log_floor = math.log(mel_config.log_floor)
     mel = (normalised * checkpoint.mel_std + checkpoint.mel_mean).clamp(min=log_floor).numpy().astype(np.float32)
 
-    audio = GriffinLimVocoder(mel_config, seed=int(seed))(mel, num_samples=num_samples)
-    audio = _fit_length(audio, num_samples)
+    if vocoder is None or isinstance(vocoder, (str, os.PathLike)):
+        vocoder = load_vocoder(vocoder, mel_config, seed=int(seed))
+    audio = _fit_length(vocoder(mel, num_samples=num_samples), num_samples)
     peak = float(np.max(np.abs(audio))) if audio.size else 0.0
     if not (np.isfinite(audio).all() and peak > 0.0):
         raise RuntimeError(f"vocoded audio is silent or not finite (peak {peak}) for prompt {prompt!r}, seed {seed}")
     audio = (audio * (10.0 ** (PEAK_DBFS / 20.0) / peak)).astype(np.float32)
-    return GenerationResult(audio=audio, sample_rate_hz=mel_config.sample_rate_hz, mel=mel,
-                            sampler=f"ddim-{num_steps}-cfg{float(guidance_scale)}", prompt=prompt, seed=int(seed),
-                            duration_s=float(duration_s))
+    name = f"{sampler}-{num_steps}-cfg{float(guidance_scale)}" + (f"-{mode}" if mode else "")
+    return GenerationResult(audio=audio, sample_rate_hz=mel_config.sample_rate_hz, mel=mel, sampler=name,
+                            prompt=prompt, seed=int(seed), duration_s=float(duration_s))
+
+
+def generate_variations(checkpoint_path: str | os.PathLike[str] | LoadedCheckpoint, prompt: str,
+                        seeds: Sequence[int], guidance_scales: Sequence[float | None] = (None,),
+                        durations_s: Sequence[float] = (5.0,), **options: Any) -> list[GenerationResult]:
+    """A batch of variations: every combination of ``seeds`` × ``guidance_scales`` × ``durations_s``.
+
+    The checkpoint is loaded once; each result equals ``generate(checkpoint, prompt, seed, duration_s,
+    guidance_scale=scale, **options)`` (so a variation is reproducible alone by its seed). Order: durations,
+    then guidance scales, then seeds.
+
+    Raises:
+        ValueError: an empty ``seeds``, ``guidance_scales`` or ``durations_s``; see ``generate``.
+    """
+    if not seeds or not guidance_scales or not durations_s:
+        raise ValueError("seeds, guidance_scales and durations_s must each hold at least one value")
+    checkpoint = checkpoint_path if isinstance(checkpoint_path, LoadedCheckpoint) else load_checkpoint(checkpoint_path)
+    if isinstance(options.get("vocoder"), (str, os.PathLike)) and str(options["vocoder"]) != "griffin-lim":
+        options = {**options, "vocoder": load_vocoder(options["vocoder"], checkpoint.mel_config)}
+    return [generate(checkpoint, prompt, int(seed), float(duration_s), guidance_scale=scale, **options)
+            for duration_s in durations_s for scale in guidance_scales for seed in seeds]
+
+
+def _context(checkpoint: LoadedCheckpoint, frames: int, duration_s: float, context_audio: np.ndarray | None,
+             context_sample_rate_hz: int | None, regenerate_s: tuple[float, float] | None
+             ) -> tuple[torch.Tensor | None, torch.Tensor | None, str]:
+    """``(known normalised mel (1, n_mels, frames), known mask (frames,), mode)`` from the context audio."""
+    if context_audio is None:
+        if regenerate_s is not None:
+            raise ValueError("regenerate_s needs context_audio: the frames outside it come from the context")
+        return None, None, ""
+    if context_sample_rate_hz is None:
+        raise ValueError("context_audio needs context_sample_rate_hz")
+    mel_config = checkpoint.mel_config
+    audio = to_mono(np.asarray(context_audio, dtype=np.float32).reshape(-1, np.shape(context_audio)[-1]))
+    audio = resample(audio, int(context_sample_rate_hz), mel_config.sample_rate_hz)
+    context_s = audio.shape[-1] / mel_config.sample_rate_hz
+    mode = "inpaint" if regenerate_s is not None else "continue"
+    start_s, end_s = regenerate_s if regenerate_s is not None else (context_s, duration_s)
+    if not (0 <= start_s < end_s <= duration_s + 1e-9):
+        raise ValueError(f"the regenerated interval ({start_s:g}, {end_s:g}) s must be non-empty and within the "
+                         f"output's (0, {duration_s:g}) s; a continuation's context ({context_s:g} s) must be "
+                         "shorter than duration_s")
+    log_floor = math.log(mel_config.log_floor)
+    context_mel = log_mel(audio, mel_config)[:, :frames]
+    full = np.full((mel_config.n_mels, frames), log_floor, dtype=np.float32)
+    full[:, :context_mel.shape[1]] = context_mel
+    frame_s = mel_config.hop_length / mel_config.sample_rate_hz
+    times = np.arange(frames) * frame_s
+    have_context = np.arange(frames) < context_mel.shape[1]
+    # a frame is regenerated when its centre lies in the interval; frames without context are always generated
+    mask = have_context & ~((times >= start_s - frame_s / 2) & (times < end_s - frame_s / 2))
+    if not mask.any():
+        raise ValueError(f"nothing of the context is kept: regenerate_s=({start_s:g}, {end_s:g}) s covers it all")
+    known = torch.from_numpy((full - checkpoint.mel_mean) / checkpoint.mel_std)[None]
+    return known, torch.from_numpy(mask), mode
 
 
 def _fit_length(audio: np.ndarray, num_samples: int) -> np.ndarray:

@@ -41,8 +41,8 @@ from torch import nn
 from cleaning.mel import MelConfig
 from training.config import TrainConfig
 from training.data import MelTextStream, measure_mel_stats
-from training.diffusion import GaussianDiffusion
-from training.model import MelUNet
+from training.model import build_model
+from training.parameterization import build_parameterization
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
@@ -157,12 +157,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     # model (identical initial weights on every rank), its EMA copy, the diffusion process
     torch.manual_seed(config.seed)
-    raw_model = MelUNet(n_mels=mel_config.n_mels, base_channels=config.base_channels,
-                        channel_mults=config.channel_mults, text_dim=config.text_dim,
-                        text_buckets=config.text_buckets)
+    raw_model = build_model(config, mel_config.n_mels)
     ema_model = copy.deepcopy(raw_model).requires_grad_(False)
-    diffusion = GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end,
-                                  config.prediction)
+    diffusion = build_parameterization(config)
 
     # resume from the latest checkpoint Ray Train hands over (a re-run, or a restart after a failure)
     step, losses, optimizer_state = 0, [], None
@@ -187,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     data_seed = int(np.random.SeedSequence([config.seed, step]).generate_state(1)[0])
     stream = MelTextStream(loop_config["shard_paths"], mel_mean, mel_std, config.crop_frames,
                            mel_config.log_floor, seed=data_seed, rank=rank, world_size=world_size,
-                           shuffle_buffer=config.shuffle_buffer)
+                           shuffle_buffer=config.shuffle_buffer, with_conditions=config.musical_conditioning)
     batches = iter(torch.utils.data.DataLoader(stream, batch_size=config.batch_size,
                                                num_workers=config.num_loader_workers))
     generator = torch.Generator(device=device).manual_seed(
@@ -223,9 +220,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         learning_rate = learning_rate_at(step, config)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate
-        mel, texts = next(batches)
+        mel, texts, *conditions = next(batches)
         loss = diffusion.loss(model, mel.to(device), list(texts), generator=generator,
-                              cond_dropout=config.cond_dropout)
+                              cond_dropout=config.cond_dropout, conditions=conditions[0] if conditions else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
