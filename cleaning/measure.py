@@ -126,8 +126,11 @@ def measure_silent_fraction(audio: np.ndarray, sample_rate_hz: int, floor_dbfs: 
     num_windows = audio.shape[-1] // window
     if num_windows == 0:
         return 1.0 if not np.any(audio) else 0.0
-    frames = audio[:, : num_windows * window].reshape(audio.shape[0], num_windows, window)
-    rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=(0, 2)))
+    energy = np.zeros(num_windows)
+    for channel in np.asarray(audio):  # channel by channel: no copy of an interleaved file's transposed view
+        frames = channel[: num_windows * window].reshape(num_windows, window)
+        energy += np.einsum("ij,ij->i", frames, frames)  # float32 sums of squares per window
+    rms = np.sqrt(energy / (audio.shape[0] * window))
     floor = 10.0 ** (floor_dbfs / 20.0)
     return float(np.mean(rms < floor))
 
