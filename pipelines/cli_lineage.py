@@ -149,11 +149,16 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
                  f"{a['best_rank']}")
     if kind == "generation":
         for method, result in payload["attributions"].items():
-            branch = tree.add(f"attribution ({method})")
+            branch = tree.add(f"attribution ({method}, top {len(result['segments'])} segments)")
+            holders = branch.add("rights holders")
             for holder in result["rights_holders"]:
-                branch.add(f"{holder['share']:6.1%}  {holder['rights_holder']}")
+                holders.add(f"{holder['share']:6.1%}  {holder['rights_holder']}")
+            tracks = branch.add("tracks")
             for track in result["tracks"][:10]:
-                branch.add(f"{track['share']:6.1%}  {track['track_id']} {track.get('title') or ''}")
+                tracks.add(f"{track['share']:6.1%}  {track['track_id']} {track.get('title') or ''}")
+    if kind != "generation" and not down.children:
+        down.add("nothing yet")
+    tree.children = [child for child in tree.children if child.children or child not in (up, down)]
     return tree
 
 

@@ -201,3 +201,43 @@ def test_lineage_endpoint_on_both_backends(store_url, tmp_path):
         assert client.get("/generations/gen-1/attribution").json()["tracks"][0]["track_id"] == "t1"
         assert client.post("/opt-outs", json={"kind": "track_id", "value": "t4"}, headers=AUTH).status_code == 201
         assert client.get("/lineage/t4").json()["opted_out"] == "track t4 is opted out"
+
+
+def test_linernotes_serve_starts_the_api(tmp_path):
+    """`linernotes serve` as a process: it answers reads, and refuses writes without the token."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LINERNOTES_API_TOKEN": TOKEN}
+    env.pop("LINERNOTES_STORE_URL", None)
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port),
+                                "--workdir", str(tmp_path / "work")], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            assert time.monotonic() < deadline, "linernotes serve did not answer within 180 s"
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+                break
+            except httpx.TransportError:
+                time.sleep(0.5)
+        assert health.json()["status"] == "ok"
+        refused = httpx.post(f"http://127.0.0.1:{port}/takedown", json={"kind": "track_id", "value": "t"}, timeout=60)
+        assert refused.status_code == 401
+        allowed = httpx.post(f"http://127.0.0.1:{port}/opt-outs", json={"kind": "track_id", "value": "t"},
+                             headers=AUTH, timeout=60)
+        assert allowed.status_code == 201
+        assert httpx.get(f"http://127.0.0.1:{port}/opt-outs", timeout=60).json()["opt_outs"][0]["value"] == "t"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -9,6 +9,7 @@ import shutil
 import socket
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -54,8 +55,11 @@ def attributed(tmp_path_factory):
 def browser():
     from playwright.sync_api import sync_playwright
 
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"the report test needs Debian's chromium at {CHROMIUM}: apt-get install -y chromium (.ci/run does)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        browser = playwright.chromium.launch(executable_path=CHROMIUM,
+                                             args=["--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"])
         yield browser
         browser.close()
 
