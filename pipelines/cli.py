@@ -161,19 +161,32 @@ def train(
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest interrupted train run (its own "
+                                         "config and dataset) from its latest checkpoint.")] = False,
+    resume_run: Annotated[Optional[str], typer.Option("--resume-run", help="Continue this train run id.")] = None,
+    stop_after_steps: Annotated[Optional[int], typer.Option(help="Checkpoint and stop at this step "
+                                                            "(continue with --resume).")] = None,
 ) -> None:
     """Train the mel-spectrogram diffusion model on a dataset's train shards (Ray Train, TorchTrainer)."""
     with _errors():
+        from pipelines.cli_train import check_resume_options
         from pipelines.config import load_config, parse_overrides
         from pipelines.jobs import run_train
         from training.config import TrainConfig
 
+        check_resume_options(resume or bool(resume_run), steps, batch_size, num_workers, use_gpu, dataset, config,
+                             overrides)
         cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,
                           batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
         with _progress(json_mode) as progress:
             result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_say,
-                               progress=progress)
+                               progress=progress, resume=resume_run or resume, stop_after_steps=stop_after_steps)
         _emit(result.to_json(), json_mode, _render_generic("train"))
+
+
+from pipelines.cli_train import submit as _submit  # noqa: E402  (linernotes submit, issue 5b)
+
+app.command(name="submit")(_submit)
 
 
 # generate ---------------------------------------------------------------------------------------------

@@ -101,20 +101,62 @@ def read_dataset_manifest(workspace: Workspace, dataset_id: str) -> dict[str, An
     return json.loads(path.read_text())
 
 
+def find_resumable_train_run(store: LineageStore, run_id: str | None = None) -> dict[str, Any]:
+    """The train run ``--resume`` continues: ``run_id``, or the newest train run that did not succeed
+    (failed, stopped, or still marked running after a kill) whose Ray Train run no later run finished.
+
+    Raises:
+        MissingInputError: no such run, or nothing to resume.
+    """
+    runs = store.list_runs("train")
+    if run_id is not None:
+        match = [run for run in runs if run["run_id"] == run_id]
+        if not match:
+            raise MissingInputError(f"no train run {run_id} in the lineage store: see `linernotes runs`")
+        return match[0]
+    finished = {_ray_run_name(run) for run in runs if run["status"] == "succeeded"}
+    candidates = [run for run in runs if run["status"] != "succeeded" and _ray_run_name(run) not in finished]
+    if not candidates:
+        raise MissingInputError("no interrupted train run to resume: start one with `linernotes train`")
+    return candidates[-1]
+
+
+def _ray_run_name(run: dict[str, Any]) -> str:
+    return str((run.get("config") or {}).get("ray_run_name") or run["run_id"])
+
+
 def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
               status: Callable[[str], None] | None = None,
-              progress: Callable[[str, int, int], None] | None = None) -> TrainJobResult:
+              progress: Callable[[str, int, int], None] | None = None,
+              resume: bool | str = False, stop_after_steps: int | None = None) -> TrainJobResult:
     """Train on a dataset's train shards with Ray Train; register the Run and the Checkpoint.
 
-    ``config`` is a ``training.config.TrainConfig``. The checkpoint id is ``ckpt-`` + 16 hex of the sha256 of
-    the checkpoint file.
+    ``config`` is a ``training.config.TrainConfig`` (ignored when resuming: the resumed run's own config is
+    used). Ray Train's run folder is ``config.storage_path`` (default ``WORKDIR/ray_results``) / the first
+    run id. ``resume`` (True, or a run id) continues an interrupted run from its newest checkpoint under a
+    new Run that records ``resumes``; ``stop_after_steps`` checkpoints and stops early (the Run ends
+    ``stopped``; ``--resume`` continues it). The checkpoint id is ``ckpt-`` + 16 hex of the sha256 of the
+    checkpoint file; only a finished run registers one.
+
+    Raises:
+        MissingInputError: no dataset, or nothing to resume.
     """
     from pipelines.ray_runtime import ensure_ray
+    from provenance.store import new_run_id
+    from training.config import TrainConfig
     from training.train import train
 
     say = status or (lambda message: None)
     store = LineageStore(workspace.store_url)
     try:
+        run_id = new_run_id("train")
+        extra: dict[str, Any] = {"ray_run_name": run_id}
+        if resume:
+            previous = find_resumable_train_run(store, resume if isinstance(resume, str) else None)
+            stored = dict(previous["config"])
+            extra = {"ray_run_name": _ray_run_name(previous), "resumes": previous["run_id"]}
+            dataset_id = stored.get("dataset_id")
+            config = TrainConfig(**{k: v for k, v in stored.items() if k in TrainConfig.model_fields})
         dataset = resolve_dataset(store, workspace, dataset_id)
         from pipelines.takedown import check_dataset_cleared
 
@@ -125,12 +167,24 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
         if not shard_paths:
             raise MissingInputError(f"dataset {dataset['dataset_id']} has no train shards")
         mel_config = MelConfig(**manifest["config"]["mel"])
-        run_id = store.start_run("train", {**config_dict(config), "dataset_id": dataset["dataset_id"]})
+        storage_path = config.storage_path or str(workspace.root / "ray_results")
+        store.start_run("train", {**config_dict(config), "dataset_id": dataset["dataset_id"], **extra}, run_id=run_id)
         try:
             ensure_ray()
-            say(f"training {config.steps} steps on {len(shard_paths)} shard(s) of {dataset['dataset_id']}")
-            result = train(shard_paths, dataset["dataset_id"], mel_config, config,
-                           storage_path=str(workspace.root / "ray_results"), run_name=run_id, progress=progress)
+            verb = f"resuming {extra['resumes']}:" if "resumes" in extra else "training"
+            say(f"{verb} {config.steps} steps on {len(shard_paths)} shard(s) of {dataset['dataset_id']} "
+                f"(run folder {storage_path}/{extra['ray_run_name']})")
+            result = train(shard_paths, dataset["dataset_id"], mel_config, config, storage_path=storage_path,
+                           run_name=extra["ray_run_name"], progress=progress, stop_after_steps=stop_after_steps)
+            losses = [float(x) for x in result.losses]
+            if not result.finished:
+                job = TrainJobResult(run_id, "", dataset["dataset_id"], result.step, Path(result.checkpoint_path),
+                                     losses)
+                store.finish_run(run_id, {"steps": result.step, **{f"loss_{k}": v for k, v in
+                                                                   job.to_json()["loss"].items()}},
+                                 {"checkpoint_uri": result.checkpoint_uri, "ray_run_name": extra["ray_run_name"]},
+                                 status="stopped")
+                return job
             checkpoint_id = "ckpt-" + sha256_hex(Path(result.checkpoint_path).read_bytes())[:16]
             target_dir = workspace.checkpoint_dir(checkpoint_id)
             target_dir.mkdir(parents=True, exist_ok=True)
@@ -141,13 +195,14 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
             (target_dir / "config.json").write_text(json.dumps(
                 {"train": config_dict(config), "config_sha256": config_sha256(config),
                  "dataset_id": dataset["dataset_id"], "step": result.step, "run_id": run_id}, indent=2))
-            store.add_checkpoint({"checkpoint_id": checkpoint_id, "dataset_id": dataset["dataset_id"],
-                                  "run_id": run_id, "step": result.step, "config_sha256": config_sha256(config),
-                                  "uri": str(target)})
-            job = TrainJobResult(run_id, checkpoint_id, dataset["dataset_id"], result.step, target,
-                                 [float(x) for x in result.losses])
+            if store.get_checkpoint(checkpoint_id) is None:
+                store.add_checkpoint({"checkpoint_id": checkpoint_id, "dataset_id": dataset["dataset_id"],
+                                      "run_id": run_id, "step": result.step, "config_sha256": config_sha256(config),
+                                      "uri": str(target)})
+            job = TrainJobResult(run_id, checkpoint_id, dataset["dataset_id"], result.step, target, losses)
             store.finish_run(run_id, {"steps": result.step, **{f"loss_{k}": v for k, v in job.to_json()["loss"].items()}},
-                             {"checkpoint": str(target), "checkpoint_id": checkpoint_id})
+                             {"checkpoint": str(target), "checkpoint_id": checkpoint_id,
+                              "checkpoint_uri": result.checkpoint_uri, "ray_run_name": extra["ray_run_name"]})
             return job
         except BaseException as err:
             store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")

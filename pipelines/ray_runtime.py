@@ -27,7 +27,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     """Initialize Ray unless it already is; returns True when this call started (or joined) it.
 
     Args:
-        address: a cluster to join (``ray://HEAD:10001`` or ``auto``); None starts a local Ray.
+        address: a cluster to join (``ray://HEAD:10001`` or ``auto``); None: ``$RAY_ADDRESS`` when set (as in a
+            Ray Job's entrypoint), else a local Ray.
         num_cpus: CPUs a local Ray may use; None means ``os.cpu_count()``. Ignored with ``address``.
         object_store_memory_bytes: object store size of a local Ray, in bytes. Ignored with ``address``.
 
@@ -37,6 +38,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None,
     """
     if ray.is_initialized():
         return False
+    address = address or os.environ.get("RAY_ADDRESS")  # set for a Ray Job's entrypoint (`linernotes submit`)
     if address:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
         return True

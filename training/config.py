@@ -72,16 +72,28 @@ class TrainConfig(BaseModel):
         None, description="default sampler of generate/evaluate; None: ddim for epsilon/v, heun for flow")
     sample_steps: int = Field(50, description="default sampler steps of generate/evaluate")
     guidance_scale: float = Field(3.0, description="default classifier-free guidance scale (1: none)")
+    # trainer: storage, resume, data epochs, precision, logging (issue 5b)
+    storage_path: str | None = Field(
+        None, description="where Ray Train keeps run state and checkpoints: a local folder or a pyarrow "
+                          "filesystem URI (s3://bucket/runs, gs://bucket/runs, file:///abs/path); None: the "
+                          "workspace's ray_results")
+    samples_per_epoch: int = Field(0, description="samples of one data epoch over all readers; 0: the train "
+                                                  "shards' sample count (epochs bound reshuffling and resume cost)")
+    num_checkpoints_kept: int = Field(2, description="Ray Train checkpoints kept in storage (the newest)")
+    max_failures: int = Field(0, description="worker-group restarts from the latest checkpoint after a failure")
+    bf16: bool = Field(True, description="bfloat16 autocast of the forward pass on GPU (ignored on CPU)")
+    tensorboard: bool = Field(True, description="rank 0 writes TensorBoard logs to <storage>/<run>/tensorboard")
 
     @field_validator("steps", "batch_size", "crop_frames", "base_channels", "text_dim", "text_buckets",
-                     "diffusion_steps", "num_workers", "log_every", "shuffle_buffer")
+                     "diffusion_steps", "num_workers", "log_every", "shuffle_buffer", "num_checkpoints_kept")
     @classmethod
     def _positive_int(cls, value: int, info: Any) -> int:
         if value < 1:
             raise ValueError(f"{info.field_name} must be >= 1, got {value}")
         return value
 
-    @field_validator("warmup_steps", "num_loader_workers", "seed", "checkpoint_every")
+    @field_validator("warmup_steps", "num_loader_workers", "seed", "checkpoint_every", "samples_per_epoch",
+                     "max_failures")
     @classmethod
     def _non_negative_int(cls, value: int, info: Any) -> int:
         if value < 0:
@@ -114,6 +126,15 @@ class TrainConfig(BaseModel):
     def _channel_mults(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value or any(m < 1 for m in value):
             raise ValueError(f"channel_mults must be a non-empty list of integers >= 1, got {list(value)}")
+        return value
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_path(cls, value: str | None) -> str | None:
+        if value is not None and "://" in value and value.split("://", 1)[0] not in ("s3", "gs", "gcs", "file", "hdfs",
+                                                                                     "abfs", "abfss"):
+            raise ValueError(f"storage_path {value!r}: the scheme must be one pyarrow.fs opens (s3, gs, file, hdfs, "
+                             "abfs) or none for a local folder")
         return value
 
     @model_validator(mode="before")

@@ -368,10 +368,19 @@ class MelBatchStream(torch.utils.data.IterableDataset):
                 if index < offset:
                     continue
                 rng = np.random.default_rng([self.seed, reader, epoch, index])
-                mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False).astype(np.float32)
-                mel = (mel - self.mel_mean) / self.mel_std
-                yield (sample["__key__"], crop_or_pad(mel, self.crop_frames, rng, self.pad_value),
-                       json.loads(sample["json"].decode("utf-8")))
+                mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False)  # float16, whole segment
+                yield sample["__key__"], self._crop(mel, rng), json.loads(sample["json"].decode("utf-8"))
+
+    def _crop(self, mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``crop_or_pad`` of the normalised mel, converting and normalising only the window's frames."""
+        frames = mel.shape[-1]
+        if frames >= self.crop_frames:
+            start = int(rng.integers(0, frames - self.crop_frames + 1))
+            window = mel[:, start:start + self.crop_frames].astype(np.float32)
+            return (window - np.float32(self.mel_mean)) / np.float32(self.mel_std)
+        out = np.full((mel.shape[0], self.crop_frames), self.pad_value, dtype=np.float32)
+        out[:, :frames] = (mel.astype(np.float32) - np.float32(self.mel_mean)) / np.float32(self.mel_std)
+        return out
 
     def _passes(self, reader: int, num_readers: int, epoch: int) -> Iterator[dict[str, Any]]:
         """Raw samples (``__key__``, ``mel.npy`` and ``json`` bytes) of passes 0, 1, ... of ``epoch``."""

@@ -70,8 +70,10 @@ def test_bad_inputs_fail_before_any_cluster_work(tmp_path, tiny_dataset):
     config = TrainConfig(steps=1, warmup_steps=0)
     with pytest.raises(FileNotFoundError, match="do not exist"):
         train([str(tmp_path / "nope.tar")], "ds", info.mel_config, config, str(tmp_path), "run")
-    with pytest.raises(ValueError, match="local folder"):
-        train(info.shards["train"], "ds", info.mel_config, config, "s3://bucket/runs", "run")
+    with pytest.raises(ValueError, match="cannot be opened by pyarrow.fs"):
+        train(info.shards["train"], "ds", info.mel_config, config, "nosuchscheme://bucket/runs", "run")
+    with pytest.raises(ValueError, match="stop_after_steps"):
+        train(info.shards["train"], "ds", info.mel_config, config, str(tmp_path), "run", stop_after_steps=0)
     with pytest.raises(ValueError, match="empty"):
         train([], "ds", info.mel_config, config, str(tmp_path), "run")
 
