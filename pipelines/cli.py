@@ -406,6 +406,11 @@ def _progress(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+from pipelines.cli_clean import clean_app  # noqa: E402  (clean, separate, evaluate: their own module)
+
+app.add_typer(clean_app, name="clean")
+
+
 def main() -> None:  # pragma: no cover - console entry
     app()
 
