@@ -150,3 +150,42 @@ def per_item_fad(item_embeddings: np.ndarray, reference: GaussianStats, *,
         raise ValueError(f"per_item_fad: shrinkage must be in [0, 1], got {alpha}")
     shrunk = GaussianStats(mean=item.mean, cov=(1 - alpha) * item.cov + alpha * reference.cov, count=item.count)
     return frechet_distance(shrunk, reference)
+
+
+def per_item_fads(items_embeddings: Iterable[np.ndarray], reference: GaussianStats, *,
+                  shrinkage: float | None = None) -> np.ndarray:
+    """``per_item_fad`` of many items against one reference, with the reference's square root computed once.
+
+    Same definition as ``per_item_fad`` (shrunk item covariance against the reference Gaussian). The trace term
+    uses ``Tr((Σ_i Σ_r)^½) = Tr((Σ_r^½ Σ_i Σ_r^½)^½)`` (both PSD): one symmetric eigendecomposition of the
+    reference covariance, then the eigenvalues of one symmetric ``(D, D)`` matrix per item — about two orders
+    of magnitude faster than ``scipy.linalg.sqrtm`` of the non-symmetric product, equal to it up to round-off.
+
+    Args:
+        items_embeddings: per item, ``(n_i, D)`` window embeddings, n_i ≥ 1.
+        reference: the reference set's Gaussian.
+        shrinkage: as in ``per_item_fad``.
+
+    Returns:
+        float64 ``(num_items,)``, each ≥ 0.
+
+    Raises:
+        ValueError: bad shapes or shrinkage outside [0, 1].
+    """
+    values, vectors = np.linalg.eigh((reference.cov + reference.cov.T) / 2.0)
+    root = (vectors * np.sqrt(np.clip(values, 0.0, None))) @ vectors.T
+    trace_ref = float(np.trace(reference.cov))
+    out = []
+    for embeddings in items_embeddings:
+        item = gaussian_stats(embeddings)
+        if item.dim != reference.dim:
+            raise ValueError(f"per_item_fads: dimensions differ ({item.dim} vs {reference.dim})")
+        alpha = item.dim / (item.dim + item.count) if shrinkage is None else float(shrinkage)
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"per_item_fads: shrinkage must be in [0, 1], got {alpha}")
+        cov = (1 - alpha) * item.cov + alpha * reference.cov
+        inner = root @ cov @ root
+        trace_sqrt = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None))))
+        diff = item.mean - reference.mean
+        out.append(max(float(diff @ diff + np.trace(cov) + trace_ref - 2.0 * trace_sqrt), 0.0))
+    return np.asarray(out, dtype=np.float64)

@@ -440,6 +440,8 @@ _register_lineage(app)
 from pipelines.cli_eval import evaluate, variations  # noqa: E402  (issue 5a: evaluate and variations)
 app.command()(evaluate)
 app.command()(variations)
+from pipelines.cli_clean import clean_app  # noqa: E402  (clean, separate, evaluate: their own module)
+app.add_typer(clean_app, name="clean")
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -1,0 +1,114 @@
+"""``linernotes clean …``: blind stem cleaning (``run``), demucs separation (``separate``) and the evaluation
+of the cleaning methods (``evaluate``). Registered in ``pipelines/cli.py`` as the ``clean`` sub-app."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from pipelines.cli import (ConfigOpt, JsonOpt, SetOpt, WorkdirOpt, _emit, _errors, _progress, _render_generic,
+                           _workspace, out_console)
+from provenance.workspace import DEFAULT_WORKDIR
+
+clean_app = typer.Typer(no_args_is_help=True, help="Blind stem cleaning (FAD, unlearning), demucs separation, "
+                        "and the evaluation of cleaning.")
+
+
+@clean_app.command("run")
+def clean_run(
+    reference_track: Annotated[Optional[list[str]], typer.Option("--reference-track", help="A catalog track whose "
+                               "stems are trusted clean (repeatable); the blind methods' reference set.")] = None,
+    method: Annotated[Optional[list[str]], typer.Option("--method", help="fad | unlearning (repeatable) [fad].")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Check and score every catalog stem; keep or drop by the config's rules; delete nothing (Ray)."""
+    with _errors():
+        from pipelines.clean import CleanConfig, run_clean
+        from pipelines.config import load_config, parse_overrides
+
+        cfg = load_config(CleanConfig, config, parse_overrides(overrides or []), reference_tracks=reference_track,
+                          methods=method)
+        with _progress(json_mode) as progress:
+            result = run_clean(_workspace(workdir), cfg, progress=progress)
+        _emit(result.to_json(), json_mode, _render_clean)
+
+
+def _render_clean(payload: dict[str, Any]) -> None:
+    out_console.print(f"[bold]clean {payload['run_id']}[/]: {payload['num_stems']} stems "
+                      f"({payload['num_reference']} reference), kept {payload['num_kept']}, "
+                      f"dropped {payload['num_dropped']}", highlight=False)
+    table = Table(show_header=True, title_justify="left")
+    table.add_column("reason")
+    table.add_column("stems", justify="right")
+    for reason, count in payload["dropped_by_reason"].items():
+        table.add_row(reason, str(count))
+    out_console.print(table)
+    out_console.print(f"scores: {payload['outputs']['stem_scores']}")
+
+
+@clean_app.command("separate")
+def clean_separate(
+    model: Annotated[Optional[str], typer.Option(help="demucs pretrained name (downloads on first use) or a local "
+                                                 "checkpoint file [htdemucs].")] = None,
+    track: Annotated[Optional[list[str]], typer.Option("--track", help="Only this track (repeatable).")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+) -> None:
+    """Separate the mixtures of catalog tracks that have no stems into stems with demucs (Ray actors)."""
+    with _errors():
+        from pipelines.clean_separate import SeparateConfig, run_separate
+        from pipelines.config import load_config, parse_overrides
+
+        cfg = load_config(SeparateConfig, config, parse_overrides(overrides or []), model=model, tracks=track)
+        with _progress(json_mode) as progress:
+            result = run_separate(_workspace(workdir), cfg, progress=progress)
+        payload = result.to_json()
+        _emit(payload, json_mode, lambda p: _render_generic("separate")({k: v for k, v in p.items() if k != "stems"}))
+
+
+@clean_app.command("evaluate")
+def clean_evaluate(
+    out: Annotated[Path, typer.Option(help="Folder for report.html, its PNG plots and summary.json.")] = Path(
+        "clean-evaluation"),
+    source: Annotated[Optional[str], typer.Option(help="slakh (a delivery's Slakh stems) | synthetic [slakh].")] = None,
+    delivery: Annotated[Optional[str], typer.Option(help="Delivery with Slakh stems [../shared/corpus].")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Plant contamination into clean stems; AUROC and precision per method and kind; separator SDR trained on
+    contaminated, cleaned and oracle-clean sets; an HTML report with plots."""
+    with _errors():
+        from pipelines.clean_evaluate import EvaluateConfig, run_evaluate
+        from pipelines.config import load_config, parse_overrides
+
+        cfg = load_config(EvaluateConfig, config, parse_overrides(overrides or []), source=source, delivery=delivery)
+        with _progress(json_mode) as progress:
+            summary = run_evaluate(cfg, out, progress=progress)
+        _emit({k: v for k, v in summary.items() if k != "per_seed"}, json_mode, _render_evaluate)
+
+
+def _render_evaluate(payload: dict[str, Any]) -> None:
+    out_console.print(payload["description"], highlight=False)
+    table = Table(title="detection (mean ± std over seeds)", title_justify="left")
+    for column in ("method", "contamination", "AUROC", "precision@planted"):
+        table.add_column(column)
+    for method, per_kind in payload["detection"].items():
+        for kind, f in per_kind.items():
+            table.add_row(method, kind, f"{f['auroc_mean']:.3f} ± {f['auroc_std']:.3f}",
+                          f"{f['precision_at_k_mean']:.3f} ± {f['precision_at_k_std']:.3f}")
+    out_console.print(table)
+    for name, f in payload["sdr_db"].items():
+        out_console.print(f"SDR {name:<20} {f['mean']:6.2f} ± {f['std']:.2f} dB", highlight=False)
+    for method, f in payload["gap_closed_percent"].items():
+        out_console.print(f"gap closed by {method}: {f['mean']:.1f} ± {f['std']:.1f} % "
+                          f"(paper: {payload['paper_gap_closed_percent']} %)", highlight=False)
+    out_console.print(f"report: {payload['outputs']['report']}")
