@@ -228,21 +228,32 @@ class EmbeddingAttributor:
         return meta
 
     def _segment_json_meta(self, segment_id: str) -> dict[str, Any]:
-        entry = self.segment_entries[segment_id]
-        path = self.workspace.dataset_dir(self.dataset_id) / entry["shard"]
-        name = f"{entry['key']}.json"
-        with tarfile.open(path, mode="r:*") as tar:
-            try:
-                member = tar.extractfile(name)
-            except KeyError as err:
-                raise ValueError(f"track {entry['track_id']} is not in the catalog and {path} has no {name} "
-                                 f"to read its rights from") from err
-            sample = json.loads(member.read())
-        track = {field: sample.get(field) for field in TRACK_META_FIELDS}
-        license_ = self.catalog_licenses.get(track.get("license_id") or "", {})
-        for field in ("license_name", "license_url"):
-            track[field] = track.get(field) or license_.get(field)
-        return track
+        return read_segment_json_meta(self.workspace, self.dataset_id, self.segment_entries[segment_id],
+                                      self.catalog_licenses)
+
+
+def read_segment_json_meta(workspace: Workspace, dataset_id: str, entry: Mapping[str, Any],
+                           catalog_licenses: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """``TRACK_META_FIELDS`` of a segment's track from its shard ``json`` member (for a track the catalog
+    lacks), licence name and URL filled from ``catalog_licenses`` when the member has none.
+
+    Raises:
+        ValueError: the shard has no ``json`` member for the segment.
+    """
+    path = workspace.dataset_dir(dataset_id) / entry["shard"]
+    name = f"{entry['key']}.json"
+    with tarfile.open(path, mode="r:*") as tar:
+        try:
+            member = tar.extractfile(name)
+        except KeyError as err:
+            raise ValueError(f"track {entry['track_id']} is not in the catalog and {path} has no {name} "
+                             f"to read its rights from") from err
+        sample = json.loads(member.read())
+    track = {field: sample.get(field) for field in TRACK_META_FIELDS}
+    license_ = catalog_licenses.get(track.get("license_id") or "", {})
+    for field in ("license_name", "license_url"):
+        track[field] = track.get(field) or license_.get(field)
+    return track
 
 
 def attribute_audio(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, dataset_id: str,

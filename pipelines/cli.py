@@ -249,20 +249,20 @@ def attribute(
     file: Annotated[Path, typer.Argument(help="Any audio file (WAV, FLAC, Ogg, MP3).")],
     dataset: Annotated[Optional[str], typer.Option(help="Dataset id; default the newest.")] = None,
     top_k: Annotated[int, typer.Option(help="Training segments to return.")] = 10,
+    method: Annotated[str, typer.Option(help="embedding | dtrak | unlearning (see `linernotes index`).")] = "embedding",
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id for dtrak/unlearning; default the newest.")] = None,
+    prompt: Annotated[str, typer.Option(help="The prompt the audio was generated from, if known.")] = "",
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
 ) -> None:
-    """Which training recordings does this audio draw on, and who holds their rights? (embedding method)"""
+    """Which training recordings does this audio draw on, and who holds their rights?"""
     with _errors():
-        from pipelines.jobs import run_attribute_file
+        from pipelines.cli_attribution import attribute_file
 
-        if not file.is_file():
-            raise CliError(f"no audio file at {file}")
-        if top_k < 1:
-            raise CliError(f"--top-k must be ≥ 1, got {top_k}")
-        with _progress(json_mode) as progress:
-            result = run_attribute_file(_workspace(workdir), file, dataset_id=dataset, top_k=top_k, progress=progress)
-        _emit(result.to_json(), json_mode, _render_attribution)
+        attribute_file(file, dataset, top_k, method, checkpoint, prompt, config, overrides, _workspace(workdir),
+                       json_mode, _progress, _emit, _render_attribution)
 
 
 def _render_attribution(payload: dict[str, Any]) -> None:
@@ -434,14 +434,17 @@ def _progress(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
+# Commands that live in their own modules (one per area).
+from pipelines.cli_attribution import index  # noqa: E402  (index per checkpoint)
+from pipelines.cli_clean import clean_app  # noqa: E402  (clean run | separate | evaluate)
+from pipelines.cli_eval import evaluate, variations  # noqa: E402  (FAD per checkpoint; batches of variations)
 from pipelines.cli_lineage import register as _register_lineage  # noqa: E402  (lineage, takedown, report, serve)
 
-_register_lineage(app)
-from pipelines.cli_eval import evaluate, variations  # noqa: E402  (issue 5a: evaluate and variations)
+app.command()(index)
 app.command()(evaluate)
 app.command()(variations)
-from pipelines.cli_clean import clean_app  # noqa: E402  (clean, separate, evaluate: their own module)
 app.add_typer(clean_app, name="clean")
+_register_lineage(app)
 
 
 def main() -> None:  # pragma: no cover - console entry

@@ -214,27 +214,49 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
 def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, query_id: str,
                   dataset_id: str | None = None, top_k: int = 10, store: LineageStore | None = None,
                   kind: str = "attribute",
-                  progress: Callable[[str, int, int], None] | None = None) -> AttributeJobResult:
-    """Attribute audio (float32 ``(channels, samples)``) with the ``embedding`` method; store the result.
+                  progress: Callable[[str, int, int], None] | None = None, method: str = "embedding",
+                  checkpoint_id: str | None = None, text: str = "", index_config: Any = None,
+                  unlearning: Any = None) -> AttributeJobResult:
+    """Attribute audio (float32 ``(channels, samples)``) with ``method``; store the result.
 
-    The first query against a dataset builds its embedding index (cached in the workspace; ``progress``
-    is called as ``("indexing segments", done, total)`` while it builds).
+    ``embedding`` needs a dataset (default the newest); ``dtrak`` and ``unlearning`` need a checkpoint
+    (default the newest, which must then be trained on ``dataset_id`` when that is given) and attribute to
+    its dataset. A missing index is built first (cached in the workspace; ``progress`` is called as
+    ``("indexing segments" | "D-TRAK features", done, total)``). See ``pipelines.attribution_methods``.
+
+    Args:
+        text: the query's prompt (``""``: unknown), the condition of the white-box methods' losses.
+        index_config: a ``pipelines.index.IndexConfig`` (default ``IndexConfig()``).
+        unlearning: ``pipelines.attribution_methods.UnlearningSettings`` (default settings).
+
+    Raises:
+        ValueError: unknown method; a checkpoint of another dataset.
+        MissingInputError: no dataset or checkpoint.
     """
-    from cleaning.embed import load_embedder
-    from pipelines.attribution_index import attribute_audio, build_embedding_index
+    from pipelines.attribution_methods import METHODS, load_attributor
 
+    if method not in METHODS:
+        raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
     own_store = store is None
     store = store or LineageStore(workspace.store_url)
     try:
+        checkpoint = None
+        if method != "embedding":
+            checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
+            if dataset_id is not None and checkpoint["dataset_id"] != dataset_id:
+                raise ValueError(f"checkpoint {checkpoint['checkpoint_id']} was trained on {checkpoint['dataset_id']}, "
+                                 f"not {dataset_id}: pass --checkpoint with one trained on it")
+            dataset_id = checkpoint["dataset_id"]
         dataset = resolve_dataset(store, workspace, dataset_id)
-        run_id = store.start_run(kind, {"method": "embedding", "query_id": query_id,
-                                        "dataset_id": dataset["dataset_id"], "top_k": top_k})
+        run_config = {"method": method, "query_id": query_id, "dataset_id": dataset["dataset_id"], "top_k": top_k}
+        if checkpoint is not None:
+            run_config["checkpoint_id"] = checkpoint["checkpoint_id"]
+        run_id = store.start_run(kind, run_config)
         try:
-            embedder = load_embedder("mel-stats")
-            build_embedding_index(workspace, dataset["dataset_id"], embedder, progress=progress)
-            result = attribute_audio(workspace, audio, sample_rate_hz, dataset["dataset_id"], query_id, top_k=top_k,
-                                     embedder=embedder)
-            store.add_attributions(query_id, "embedding", run_id, dataset["dataset_id"], result.rows())
+            attributor = load_attributor(workspace, method, dataset_id=dataset["dataset_id"], checkpoint=checkpoint,
+                                         config=index_config, settings=unlearning, progress=progress)
+            result = attributor.attribute(audio, sample_rate_hz, query_id, top_k=top_k, text=text)
+            store.add_attributions(query_id, method, run_id, dataset["dataset_id"], result.rows())
             store.finish_run(run_id, {"segments": len(result.segments), "tracks": len(result.tracks),
                                       "rights_holders": len(result.rights_holders)})
         except BaseException as err:
@@ -247,15 +269,55 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
 
 
 def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str | None = None,
-                       top_k: int = 10, progress: Callable[[str, int, int], None] | None = None) -> AttributeJobResult:
-    """Attribute any audio file; its query id is the sha256 of its decoded PCM.
+                       top_k: int = 10, progress: Callable[[str, int, int], None] | None = None,
+                       method: str = "embedding", checkpoint_id: str | None = None, text: str = "",
+                       index_config: Any = None, unlearning: Any = None) -> AttributeJobResult:
+    """Attribute any audio file with ``method`` (see ``run_attribute``); its query id is the sha256 of its
+    decoded PCM.
 
     Raises:
         FileNotFoundError: no such file. cleaning.audio.AudioDecodeError: not decodable audio.
     """
     audio, sample_rate_hz = read_audio(path)
     return run_attribute(workspace, audio, sample_rate_hz, "pcm-" + measure_pcm_sha256(audio)[:16],
-                         dataset_id=dataset_id, top_k=top_k, progress=progress)
+                         dataset_id=dataset_id, top_k=top_k, progress=progress, method=method,
+                         checkpoint_id=checkpoint_id, text=text, index_config=index_config, unlearning=unlearning)
+
+
+@dataclass
+class IndexJobResult:
+    run_id: str
+    result: Any  # pipelines.index.IndexResult
+
+    def to_json(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, **self.result.to_json()}
+
+
+def run_index(workspace: Workspace, config: Any, checkpoint_id: str | None = None,
+              progress: Callable[[str, int, int], None] | None = None) -> IndexJobResult:
+    """Build (or resume, or reuse) a checkpoint's attribution index (``pipelines.index``); register the Run.
+
+    ``config`` is a ``pipelines.index.IndexConfig``; ``checkpoint_id`` defaults to the newest checkpoint.
+
+    Raises:
+        MissingInputError: no checkpoint.
+    """
+    from pipelines.index import build_checkpoint_index
+
+    store = LineageStore(workspace.store_url)
+    try:
+        checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
+        run_id = store.start_run("index", {**config_dict(config), "checkpoint_id": checkpoint["checkpoint_id"]})
+        try:
+            result = build_checkpoint_index(workspace, checkpoint, config, progress=progress)
+            payload = result.to_json()
+            store.finish_run(run_id, payload["counts"], payload["outputs"])
+        except BaseException as err:
+            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        return IndexJobResult(run_id, result)
+    finally:
+        store.close()
 
 
 def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float, out: str | Path | None = None,
@@ -317,7 +379,8 @@ def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float
         say("attributing the generation")
         written, sample_rate_hz = read_audio(wav)
         attribution = run_attribute(workspace, written, sample_rate_hz, generation_id,
-                                    dataset_id=checkpoint["dataset_id"], top_k=top_k, store=store, progress=progress)
+                                    dataset_id=checkpoint["dataset_id"], top_k=top_k, store=store, progress=progress,
+                                    text=prompt)
         return GenerateJobResult(run_id, generation_id, checkpoint["checkpoint_id"], path, duration_s,
                                  result.sampler, attribution)
     finally:

@@ -1,0 +1,136 @@
+"""Attribution query latency (`make bench`): ``embedding`` and ``dtrak`` at 10k, 100k and 1M indexed segments
+against brute-force NumPy in the same run, and the cost of one ``unlearning`` query against one ``dtrak`` query
+on the same checkpoint. Prints tables; gates nothing on absolute times.
+
+Features are synthetic at scale: embeddings are a seeded mixture of 2,000 Gaussian clusters on the unit
+sphere (dim 192, as the mel-stats embedder), D-TRAK features standard normal (dim 512, the smallest
+projection the index allows). Issue 6's targets on 2 cores: p95 ≤ 50 ms (embedding) and ≤ 1 s (dtrak) at 1M.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from provenance import dtrak
+from provenance.attribution import EmbeddingIndex
+
+pytestmark = pytest.mark.bench
+SIZES = [10_000, 100_000, 1_000_000]
+QUERIES = 30
+
+
+def _percentiles_ms(times: list[float]) -> tuple[float, float]:
+    return float(np.percentile(times, 50)) * 1e3, float(np.percentile(times, 95)) * 1e3
+
+
+def _clustered(num: int, dim: int, rng: np.random.Generator, centers: np.ndarray) -> np.ndarray:
+    out = np.empty((num, dim), dtype=np.float32)
+    for start in range(0, num, 100_000):
+        stop = min(num, start + 100_000)
+        labels = rng.integers(0, len(centers), stop - start)
+        block = centers[labels] + 0.35 * rng.standard_normal((stop - start, dim)).astype(np.float32) / np.sqrt(dim)
+        out[start:stop] = block / np.linalg.norm(block, axis=1, keepdims=True)
+    return out
+
+
+@pytest.mark.parametrize("num_segments", SIZES)
+def test_embedding_query_latency(num_segments):
+    rng = np.random.default_rng(0)
+    dim = 192
+    centers = rng.standard_normal((2000, dim)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    vectors = _clustered(num_segments, dim, rng, centers)
+    queries = _clustered(QUERIES, dim, rng, centers)
+    ids = [f"s{i}" for i in range(num_segments)]
+    start = time.perf_counter()
+    index = EmbeddingIndex(ids, vectors)  # ann="auto": flat below 200k, IVF above
+    build_s = time.perf_counter() - start
+
+    def numpy_top10(query):
+        scores = vectors @ query
+        return np.argsort(-scores)[:10]  # brute force: full matmul, full sort
+
+    base, ours, recall = [], [], []
+    for query in queries:
+        t0 = time.perf_counter()
+        exact = numpy_top10(query)
+        base.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hits = index.search(query, 10)
+        ours.append(time.perf_counter() - t0)
+        recall.append(len({ids[i] for i in exact} & {s for s, _ in hits}) / 10)
+    (b50, b95), (o50, o95) = _percentiles_ms(base), _percentiles_ms(ours)
+    print(f"\nembedding @ {num_segments:>9,} × {dim} ({index.ann}, built in {build_s:.1f} s)"
+          f"\n  {'':<22}{'p50 ms':>9}{'p95 ms':>9}{'× numpy p95':>13}"
+          f"\n  {'numpy brute force':<22}{b50:>9.2f}{b95:>9.2f}{1.0:>13.2f}"
+          f"\n  {'EmbeddingIndex':<22}{o50:>9.2f}{o95:>9.2f}{o95 / b95:>13.3f}   recall@10 {np.mean(recall):.3f}")
+    assert np.mean(recall) >= 0.9  # a fast wrong answer is not a result
+
+
+@pytest.mark.parametrize("num_segments", SIZES)
+def test_dtrak_query_latency(num_segments, tmp_path):
+    rng = np.random.default_rng(1)
+    dim = 512
+    ids = [f"s{i}" for i in range(num_segments)]
+    store = dtrak.FeatureStore.open(tmp_path / "dtrak", ids, dim, {"bench": num_segments})
+    for start in range(0, num_segments, 50_000):
+        rows = np.arange(start, min(num_segments, start + 50_000))
+        store.write(rows, rng.standard_normal((len(rows), dim)).astype(np.float32))
+    start = time.perf_counter()
+    scorer = dtrak.DTrakScorer.finalize(store)
+    finalize_s = time.perf_counter() - start
+    features = np.load(tmp_path / "dtrak" / "features.npy")  # the baseline holds float32 in RAM
+    queries = rng.standard_normal((QUERIES, dim)).astype(np.float32)
+
+    def numpy_top10(query):
+        scores = features @ (scorer.kernel_inverse @ query)
+        return np.argsort(-scores)[:10]
+
+    base, ours, agree = [], [], []
+    for query in queries:
+        t0 = time.perf_counter()
+        exact = numpy_top10(query)
+        base.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        hits = scorer.search(query, 10)
+        ours.append(time.perf_counter() - t0)
+        agree.append(len({ids[i] for i in exact} & {s for s, _ in hits}) / 10)
+    (b50, b95), (o50, o95) = _percentiles_ms(base), _percentiles_ms(ours)
+    print(f"\ndtrak @ {num_segments:>9,} × {dim} (finalize {finalize_s:.1f} s)"
+          f"\n  {'':<26}{'p50 ms':>9}{'p95 ms':>9}{'× numpy p95':>13}"
+          f"\n  {'numpy float32 brute force':<26}{b50:>9.1f}{b95:>9.1f}{1.0:>13.2f}"
+          f"\n  {'DTrakScorer (f16 memmap)':<26}{o50:>9.1f}{o95:>9.1f}{o95 / b95:>13.3f}   top-10 overlap {np.mean(agree):.3f}")
+    assert np.mean(agree) >= 0.9
+
+
+def test_unlearning_query_cost(ray_local, tmp_path):
+    """One ``unlearning`` query (50 candidates) against one ``dtrak`` query on the test checkpoint."""
+    from pipelines.attribution_methods import DTrakAttributor, UnlearningAttributor, UnlearningSettings
+    from pipelines.index import IndexConfig, build_checkpoint_index
+    from tests.pipelines.attribution_support import make_workspace
+
+    workspace, _, decoded, checkpoint = make_workspace(tmp_path / "ws")
+    config = IndexConfig(projection_dim=512, num_timesteps=4, batch_size=8, fisher_segments=21,
+                         unlearning_timesteps=4)
+    build_checkpoint_index(workspace, checkpoint, config)
+    dtrak_method = DTrakAttributor.from_workspace(workspace, checkpoint, config)
+    unlearning = UnlearningAttributor.from_workspace(workspace, checkpoint, config,
+                                                     settings=UnlearningSettings(candidates=21))
+    queries = list(decoded.items())[:5]
+    timings = {}
+    for name, attributor in (("dtrak", dtrak_method), ("unlearning", unlearning)):
+        attributor.attribute(queries[0][1], 8000, "warm-up", top_k=10)
+        times = []
+        for segment_id, audio in queries:
+            t0 = time.perf_counter()
+            attributor.attribute(audio, 8000, segment_id, top_k=10)
+            times.append(time.perf_counter() - t0)
+        timings[name] = float(np.median(times))
+    print(f"\none query on the test checkpoint (73k parameters, 21 segments, 1.5 s query)"
+          f"\n  {'dtrak (baseline)':<34}{timings['dtrak']:>8.2f} s{1.0:>8.2f}"
+          f"\n  {'unlearning, 21 candidates re-ranked':<34}{timings['unlearning']:>8.2f} s"
+          f"{timings['unlearning'] / timings['dtrak']:>8.2f}")
+    assert timings["unlearning"] > 0
