@@ -339,7 +339,9 @@ def _check_track(track: Mapping[str, Any], mixtures: list[Mapping[str, Any]], li
 def _track_meta(track: Mapping[str, Any]) -> dict[str, Any]:
     return {"license_id": track.get("license_id"), "rights_holder": track.get("rights_holder"),
             "title": track.get("title"), "artist": track.get("artist"), "tags": list(track.get("tags") or []),
-            "attribution": track.get("attribution") or "", "text": records.conditioning_text(track)}
+            "attribution": track.get("attribution") or "", "text": records.conditioning_text(track),
+            # musical conditions (training/conditioning.py reads them; absent values are "unknown")
+            "genre": track.get("genre") or None, "bpm": track.get("bpm"), "key": track.get("key") or None}
 
 
 def _plan_sha256(plan: ShardPlan, config: ShardConfig) -> str:
