@@ -9,9 +9,15 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from pipelines.cli import (ConfigOpt, JsonOpt, SetOpt, WorkdirOpt, _emit, _errors, _progress, _render_generic,
-                           _workspace, out_console)
 from provenance.workspace import DEFAULT_WORKDIR
+
+# The option types of pipelines/cli.py, repeated here: this module is imported at the end of pipelines/cli.py, which
+# may be running as ``__main__`` (``python -m pipelines.cli``), so it must not import pipelines.cli at import time.
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder (lineage store, tables, "
+                                          "datasets, checkpoints, generations).", envvar="LINERNOTES_WORKDIR")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")]
 
 clean_app = typer.Typer(no_args_is_help=True, help="Blind stem cleaning (FAD, unlearning), demucs separation, "
                         "and the evaluation of cleaning.")
@@ -28,6 +34,8 @@ def clean_run(
     json_mode: JsonOpt = False,
 ) -> None:
     """Check and score every catalog stem; keep or drop by the config's rules; delete nothing (Ray)."""
+    from pipelines.cli import _emit, _errors, _progress, _workspace
+
     with _errors():
         from pipelines.clean import CleanConfig, run_clean
         from pipelines.config import load_config, parse_overrides
@@ -40,6 +48,8 @@ def clean_run(
 
 
 def _render_clean(payload: dict[str, Any]) -> None:
+    from pipelines.cli import out_console
+
     out_console.print(f"[bold]clean {payload['run_id']}[/]: {payload['num_stems']} stems "
                       f"({payload['num_reference']} reference), kept {payload['num_kept']}, "
                       f"dropped {payload['num_dropped']}", highlight=False)
@@ -63,6 +73,8 @@ def clean_separate(
     json_mode: JsonOpt = False,
 ) -> None:
     """Separate the mixtures of catalog tracks that have no stems into stems with demucs (Ray actors)."""
+    from pipelines.cli import _emit, _errors, _progress, _render_generic, _workspace
+
     with _errors():
         from pipelines.clean_separate import SeparateConfig, run_separate
         from pipelines.config import load_config, parse_overrides
@@ -86,6 +98,8 @@ def clean_evaluate(
 ) -> None:
     """Plant contamination into clean stems; AUROC and precision per method and kind; separator SDR trained on
     contaminated, cleaned and oracle-clean sets; an HTML report with plots."""
+    from pipelines.cli import _emit, _errors, _progress
+
     with _errors():
         from pipelines.clean_evaluate import EvaluateConfig, run_evaluate
         from pipelines.config import load_config, parse_overrides
@@ -97,6 +111,8 @@ def clean_evaluate(
 
 
 def _render_evaluate(payload: dict[str, Any]) -> None:
+    from pipelines.cli import out_console
+
     out_console.print(payload["description"], highlight=False)
     table = Table(title="detection (mean ± std over seeds)", title_justify="left")
     for column in ("method", "contamination", "AUROC", "precision@planted"):
