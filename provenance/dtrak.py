@@ -278,13 +278,18 @@ TRAK inverts ``Φ^TΦ`` directly; a small relative ridge keeps the inverse finit
 features are collinear (it turns the hat matrix ``Φ(Φ^TΦ+λI)^{-1}Φ^T`` into a near-projection)."""
 
 
+DEFAULT_MAX_RAM_BYTES = 4 << 30
+"""``DTrakScorer.load`` keeps float32 features in memory up to this size (1M × 1,024 at 4 GiB)."""
+
+
 class DTrakScorer:
     """Scores queries against a complete ``FeatureStore`` with the TRAK kernel (Park et al. 2023, eq. for
     one checkpoint; D-TRAK, Zheng et al. 2024, eq. 7 without the output-derivative weighting):
 
     ``score_i(q) = φ_q^T (Φ^TΦ + λI)^{-1} φ_i``, computed as ``Φ · ((Φ^TΦ + λI)^{-1} φ_q)``: one
-    ``(dim, dim)`` solve per query, then a blocked ``(N, dim)`` matrix–vector product over a float16
-    copy of the features (half the memory traffic of float32; scores are accumulated in float32).
+    ``(dim, dim)`` product per query, then one ``(N, dim)`` matrix–vector product over the float32
+    features in memory, or, past ``DEFAULT_MAX_RAM_BYTES``, a blocked one over the memory-mapped float16
+    copy (half the disk and page-cache footprint; scores accumulated in float32).
 
     Build with ``finalize`` (computes and stores the kernel inverse and the float16 copy once) or ``load``.
     """
@@ -292,7 +297,7 @@ class DTrakScorer:
     def __init__(self, segment_ids: list[str], features_f16: np.ndarray, kernel_inverse: np.ndarray,
                  block_rows: int = 1 << 16) -> None:
         self.segment_ids = segment_ids
-        self.features = features_f16
+        self.features = features_f16  # float32 in memory, or the float16 memmap
         self.kernel_inverse = kernel_inverse.astype(np.float32)
         self.block_rows = int(block_rows)
 
@@ -331,8 +336,11 @@ class DTrakScorer:
         return cls.load(store.directory, block_rows=block_rows)
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], block_rows: int = 1 << 16) -> "DTrakScorer":
-        """Open a finalized store (memory-mapped; nothing is read until scored).
+    def load(cls, directory: str | os.PathLike[str], block_rows: int = 1 << 16,
+             max_ram_bytes: int = DEFAULT_MAX_RAM_BYTES) -> "DTrakScorer":
+        """Open a finalized store: the float32 features read into memory when they take at most
+        ``max_ram_bytes`` (a plain BLAS matrix–vector product per query, no conversion), otherwise the
+        float16 copy memory-mapped and converted block by block.
 
         Raises:
             FileNotFoundError: not finalized (no kernel inverse or float16 features).
@@ -342,8 +350,13 @@ class DTrakScorer:
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"D-TRAK index at {directory} is not finalized: {name} is missing")
         segment_ids = json.loads((directory / _IDS_FILE).read_text())
-        return cls(segment_ids, np.load(directory / _SERVE_FILE, mmap_mode="r"),
-                   np.load(directory / _KERNEL_FILE), block_rows=block_rows)
+        full = np.load(directory / _FEATURES_FILE, mmap_mode="r")
+        if full.nbytes <= max_ram_bytes:
+            features = np.ascontiguousarray(full, dtype=np.float32)
+            block_rows = max(block_rows, len(features))
+        else:
+            features = np.load(directory / _SERVE_FILE, mmap_mode="r")
+        return cls(segment_ids, features, np.load(directory / _KERNEL_FILE), block_rows=block_rows)
 
     def scores(self, query: np.ndarray) -> np.ndarray:
         """float32 ``(N,)`` TRAK scores of every training segment for one query feature ``(dim,)``.
