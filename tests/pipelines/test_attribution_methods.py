@@ -120,7 +120,8 @@ def test_memorization_ranks_the_source_segment_in_the_top_5(white_box):
     picks = [entries[i] for i in (0, 9, 17)]
     mels = {picks[i]["segment_id"]: mel for i, mel, _ in iter_segment_mels(workspace.dataset_dir(dataset_id), picks)}
     dtrak_method = DTrakAttributor.from_workspace(workspace, checkpoint, CONFIG)
-    unlearning = UnlearningAttributor.from_workspace(workspace, checkpoint, CONFIG, settings=UNLEARNING)
+    unlearning = UnlearningAttributor.from_workspace(workspace, checkpoint, CONFIG,
+                                                     settings=UnlearningSettings(candidates=10))
     for n, (segment_id, mel) in enumerate(sorted(mels.items())):
         generated = noised_and_denoised(checkpoint["uri"], mel, 0.5, seed=n)
         assert np.abs(generated - mel).mean() > 0.05  # the generation is not the segment itself
