@@ -32,7 +32,8 @@ def submit(
     token: Annotated[Optional[str], typer.Option(help="Ray auth token; default $RAY_AUTH_TOKEN or "
                                                  "~/.ray/auth_token.", envvar="RAY_AUTH_TOKEN")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Wait for the job and print its train result.")] = False,
-    timeout_s: Annotated[float, typer.Option("--timeout-s", help="How long --wait waits.")] = 3600.0,
+    timeout_s: Annotated[float, typer.Option("--timeout-s", help="How long --wait waits (and, up to 600 s, how "
+                                             "long to retry while a new cluster's job agent starts).")] = 3600.0,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")] = None,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value.")] = None,
     workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder.",
@@ -52,7 +53,8 @@ def submit(
         try:
             result = submit_train(address, cfg, cluster_workdir or str(workdir.expanduser().resolve()),
                                   dataset_id=dataset, working_dir=str(working_dir) if working_dir else None,
-                                  token=token, command=command, wait=wait, timeout_s=timeout_s, status=_say)
+                                  token=token, command=command, wait=wait, timeout_s=timeout_s,
+                                  agent_wait_s=min(timeout_s, 600.0), status=_say)
         except (ConnectionError, TimeoutError, RuntimeError) as err:
             raise CliError(str(err)) from err
         _emit(result.to_json(), json_mode, _render_generic("submit"))
