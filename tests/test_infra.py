@@ -4,19 +4,26 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.clean import CleanConfig
+from pipelines.clean_evaluate import EvaluateConfig
 from pipelines.config import load_config
 from pipelines.ingest import IngestConfig
 from pipelines.shard import ShardConfig
 from training.config import TrainConfig
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"
-MODELS = {"beam": IngestConfig, "shard": ShardConfig, "train": TrainConfig}
+MODELS = {"beam": IngestConfig, "shard": ShardConfig, "train": TrainConfig, "clean": CleanConfig,
+          "clean-evaluate": EvaluateConfig}
 
 
 @pytest.mark.parametrize("path", sorted(p for p in INFRA.rglob("*.yaml") if p.parent.name != "kuberay"),
                          ids=lambda p: str(p.relative_to(INFRA)))  # kuberay/: tests/training/test_submit.py
 def test_infra_yaml_loads(path):
     key = "beam" if path.parent.name == "beam" else path.stem.split("-")[0]
-    config = load_config(MODELS[key], path)
+    if path.stem.startswith("clean-evaluate"):
+        key = "clean-evaluate"
+    # clean run takes its trusted reference set on the command line (--reference-track), as the file says
+    defaults = {"reference_tracks": ["reference-track"]} if key == "clean" else {}
+    config = load_config(MODELS[key], path, **defaults)
     if key == "beam":
         assert config.beam_options and config.beam_options[0].startswith("--runner=")
