@@ -318,6 +318,6 @@ def warm_kernels() -> float:
             true_peak(audio, BS1770_TRUE_PEAK_TAPS)
     from cleaning.fingerprint import fingerprint
 
-    fingerprint(np.zeros((2, 16384), np.float32), 44100)
-    fingerprint(np.zeros((1, 16384), np.float32), 48000)
+    for channels in (1, 2):  # one second: long enough for whole fingerprint frames
+        fingerprint(np.zeros((channels, 44100), np.float32), 44100)
     return time.perf_counter() - start

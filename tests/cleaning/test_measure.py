@@ -160,3 +160,24 @@ def test_measure_levels_sees_what_it_should():
         measure_levels(np.zeros((6, 100), np.float32), rate)
     with pytest.raises(ValueError, match="sample_rate_hz"):
         measure_levels(stereo, 0)
+
+
+def test_warm_kernels_compiles_every_kernel_once():
+    """After ``warm_kernels`` (what ingest's Measure DoFn.setup calls) every kernel has its compiled
+    variants, and measuring interleaved stereo, channel-major mono and a fingerprint adds none: no file
+    pays for compilation."""
+    from cleaning import kernels
+    from cleaning.fingerprint import fingerprint
+    from cleaning.quality import measure_true_peak_dbtp
+
+    assert kernels.warm_kernels() >= 0.0
+    dispatchers = [kernels._scan_2, kernels._scan_any, kernels._true_peak, kernels.decimate,
+                   kernels.windowed_frames, kernels.band_energies]
+    before = [len(d.signatures) for d in dispatchers]
+    assert all(before)
+    stereo = np.ascontiguousarray(sine(440.0, 1.0, 44100, num_channels=2).T).T  # a decoded file's layout
+    for audio in (stereo, sine(440.0, 1.0, 44100)):
+        levels = measure_levels(audio, 44100, with_mono=True)
+        measure_true_peak_dbtp(audio, 44100)
+        fingerprint(audio, 44100, mono=levels.mono)
+    assert [len(d.signatures) for d in dispatchers] == before
