@@ -19,6 +19,7 @@ import numpy as np
 import scipy.fft
 import scipy.signal
 
+from cleaning.kernels import band_energies, decimate, windowed_frames
 from cleaning.measure import measure_pcm_sha256
 
 FINGERPRINT_SAMPLE_RATE_HZ = 5512.5  # Haitsma & Kalker's rate: 44.1 kHz / 8
@@ -38,7 +39,7 @@ __all__ = ["FINGERPRINT_SAMPLE_RATE_HZ", "FRAME_HOP_S", "NEAR_DUPLICATE_THRESHOL
            "find_near_duplicates", "fingerprint", "fingerprint_similarity", "measure_pcm_sha256"]
 
 
-def fingerprint(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
+def fingerprint(audio: np.ndarray, sample_rate_hz: int, *, mono: np.ndarray | None = None) -> np.ndarray:
     """Haitsma–Kalker fingerprint of a recording: one 32-bit sub-fingerprint per 11.6 ms frame.
 
     Channels are averaged and the result brought to 5512.5 Hz by a polyphase FIR (``scipy.signal.
@@ -53,6 +54,8 @@ def fingerprint(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
     Args:
         audio: float32 ``(channels, samples)``, any memory layout.
         sample_rate_hz: sample rate of ``audio``.
+        mono: float32 ``(samples,)``, the channel mean of ``audio`` when the caller already has it
+            (``cleaning.measure.measure_levels(..., with_mono=True)``); computed here otherwise.
 
     Returns:
         uint32 ``(frames,)`` with ``frames = max(0, (n − 2048) // 64)`` for ``n = ceil(samples · 5512.5 /
@@ -67,25 +70,22 @@ def fingerprint(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
         raise ValueError(f"audio must be (channels, samples), got shape {audio.shape}")
     if sample_rate_hz <= 0:
         raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
-    mono = _fingerprint_rate(audio, int(sample_rate_hz))
+    mono = _fingerprint_rate(audio, int(sample_rate_hz), mono)
     if mono.shape[0] < FRAME_SAMPLES + HOP_SAMPLES:
         return np.zeros(0, dtype=np.uint32)
-    frames = np.lib.stride_tricks.sliding_window_view(mono, FRAME_SAMPLES)[::HOP_SAMPLES]
-    num_frames = frames.shape[0]  # STFT frames, before differencing
-    window = scipy.signal.get_window("hann", FRAME_SAMPLES).astype(np.float32)  # periodic Hann
-    first_bin, bands = _band_matrix()
-    band_bins = slice(first_bin, first_bin + bands.shape[1])
-    bands32 = np.ascontiguousarray(bands.T, dtype=np.float32)  # (bins, 33)
+    num_frames = (mono.shape[0] - FRAME_SAMPLES) // HOP_SAMPLES + 1  # STFT frames, before differencing
+    window = _hann()
+    band_edges = _band_edges()
     energies = np.empty((num_frames, NUM_BANDS), dtype=np.float64)  # band energies E[n, m]
-    mean_square = np.empty(num_frames)  # windowed mean square per frame, for the silence floor
-    window_energy = float(np.sum(window.astype(np.float64) ** 2))
+    mean_square = np.empty(num_frames)  # windowed Σ (w·x)² per frame, for the silence floor
+    windowed = np.empty((min(_FRAMES_PER_CHUNK, num_frames), FRAME_SAMPLES), dtype=np.float32)
     for first in range(0, num_frames, _FRAMES_PER_CHUNK):  # chunks keep the windowed frames in cache
-        windowed = frames[first:first + _FRAMES_PER_CHUNK] * window  # float32 (count, 2048)
-        mean_square[first:first + windowed.shape[0]] = np.einsum("ij,ij->i", windowed, windowed) / window_energy
+        count = min(_FRAMES_PER_CHUNK, num_frames - first)
+        windowed_frames(mono, window, first, HOP_SAMPLES, windowed[:count], mean_square)
         # float32 FFT: rounding can flip only bits whose differences are near zero, as a codec does
-        spectrum = scipy.fft.rfft(windowed, axis=1)[:, band_bins]
-        power = spectrum.real ** 2 + spectrum.imag ** 2
-        energies[first:first + windowed.shape[0]] = power @ bands32
+        spectrum = scipy.fft.rfft(windowed[:count], axis=1, overwrite_x=True)
+        band_energies(spectrum, band_edges, first, energies)
+    mean_square /= float(np.sum(window.astype(np.float64) ** 2))
     difference = energies[:, :-1] - energies[:, 1:]  # (frames, 32): E[m] − E[m+1]
     bits = (difference[1:] - difference[:-1]) > 0  # (frames − 1, 32)
     weights = np.left_shift(np.uint32(1), np.arange(NUM_BANDS - 1, dtype=np.uint32))
@@ -228,17 +228,20 @@ def _cross_correlate(x: np.ndarray, y: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([circular[:, size - (len_y - 1):], circular[:, :len_x]], axis=1)
 
 
-def _fingerprint_rate(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
+def _fingerprint_rate(audio: np.ndarray, sample_rate_hz: int, mono: np.ndarray | None = None) -> np.ndarray:
     """Mono float32 ``(n,)`` at ``FINGERPRINT_SAMPLE_RATE_HZ``, ``n = ceil(samples · 5512.5 / rate)``.
 
     The low-pass (at the up-sampled rate ``rate · up``) passes 0–2000 Hz and stops from 3512.5 Hz, the
     lowest frequency that folds into the 300–2000 Hz bands at 5512.5 Hz; what folds elsewhere is never
     looked at, so this filter is far shorter than a general resampler's.
     """
-    mono = audio[0].astype(np.float32)  # a copy; summed channel by channel (fast in any memory layout)
-    for channel in audio[1:]:
-        mono += channel
-    mono /= np.float32(audio.shape[0])
+    if mono is None:
+        mono = audio[0].astype(np.float32)  # a copy; summed channel by channel (fast in any memory layout)
+        for channel in audio[1:]:
+            mono += channel
+        mono /= np.float32(audio.shape[0])
+    elif mono.shape != (audio.shape[1],):
+        raise ValueError(f"mono must be ({audio.shape[1]},) for audio {audio.shape}, got {mono.shape}")
     ratio = Fraction(FINGERPRINT_SAMPLE_RATE_HZ).limit_denominator(1000) / sample_rate_hz
     up, down = ratio.numerator, ratio.denominator
     taps = _antialias_filter(sample_rate_hz, up)
@@ -247,11 +250,10 @@ def _fingerprint_rate(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
     return scipy.signal.resample_poly(mono, up, down, window=taps).astype(np.float32, copy=False)
 
 
-def _decimate(signal: np.ndarray, taps: np.ndarray, down: int, group: int = 32, rows_per_block: int = 2048
-              ) -> np.ndarray:
-    """``scipy.signal.resample_poly(signal, 1, down, window=taps)`` for an odd number of taps, computed as
-    matrix products: ``y[k] = Σ_j taps[j] · x[k·down + j − (len(taps) − 1) / 2]`` (zero outside), ``group``
-    outputs per row of input, ``rows_per_block`` rows at a time to bound memory.
+def _decimate(signal: np.ndarray, taps: np.ndarray, down: int) -> np.ndarray:
+    """``scipy.signal.resample_poly(signal, 1, down, window=taps)`` for an odd number of taps, computed only
+    at the kept samples by a compiled kernel (``cleaning.kernels.decimate``):
+    ``y[k] = Σ_j taps[j] · x[k·down + j − (len(taps) − 1) / 2]`` (zero outside).
 
     Args:
         signal: float32 ``(n,)``; taps: float32 ``(L,)``, L odd; down: decimation factor.
@@ -262,18 +264,29 @@ def _decimate(signal: np.ndarray, taps: np.ndarray, down: int, group: int = 32, 
     num_taps = taps.shape[0]
     half = (num_taps - 1) // 2
     num_out = -(-signal.shape[0] // down)
-    width = (group - 1) * down + num_taps
-    matrix = np.zeros((width, group), dtype=np.float32)
-    for g in range(group):
-        matrix[g * down:g * down + num_taps, g] = taps
-    num_rows = -(-num_out // group)
-    padded = np.zeros(num_rows * group * down + width, dtype=np.float32)
-    padded[half:half + signal.shape[0]] = signal
-    rows = np.lib.stride_tricks.sliding_window_view(padded, width)[::group * down][:num_rows]
-    out = np.empty((num_rows, group), dtype=np.float32)
-    for first in range(0, num_rows, rows_per_block):
-        out[first:first + rows_per_block] = np.ascontiguousarray(rows[first:first + rows_per_block]) @ matrix
-    return out.ravel()[:num_out]
+    padded = np.zeros((num_out - 1) * down + num_taps, dtype=np.float32)
+    kept = min(signal.shape[0], padded.shape[0] - half)
+    padded[half:half + kept] = signal[:kept]  # samples past the last output's taps are never read
+    return decimate(padded, np.ascontiguousarray(taps, dtype=np.float32), down,
+                    np.empty(num_out, dtype=np.float32))
+
+
+@functools.cache
+def _hann() -> np.ndarray:
+    """float32 periodic Hann window of ``FRAME_SAMPLES``."""
+    return scipy.signal.get_window("hann", FRAME_SAMPLES).astype(np.float32)
+
+
+@functools.cache
+def _band_edges() -> np.ndarray:
+    """int64 ``(NUM_BANDS + 1,)`` rFFT bin indices: band ``m`` is bins ``[edges[m], edges[m + 1])``
+    (``_band_matrix``'s rows, which are contiguous runs of bins)."""
+    first_bin, matrix = _band_matrix()
+    starts = [first_bin + int(np.flatnonzero(row)[0]) for row in matrix]
+    edges = np.array(starts + [first_bin + matrix.shape[1]], dtype=np.int64)
+    for m, row in enumerate(matrix):  # every band is exactly the run of bins between its edges
+        assert np.array_equal(np.flatnonzero(row) + first_bin, np.arange(edges[m], edges[m + 1]))
+    return edges
 
 
 @functools.lru_cache(maxsize=16)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
-import scipy.signal
+
+from cleaning.kernels import scan_levels
 
 SILENCE_FLOOR_DBFS = -60.0
+SILENCE_WINDOW_S = 0.1
 CLIP_THRESHOLD = 0.999
 
 
@@ -59,9 +62,10 @@ def measure_loudness_lufs(audio: np.ndarray, sample_rate_hz: int) -> float:
     """Integrated loudness in LUFS per ITU-R BS.1770-4: K-weighting, mean square in 400 ms blocks every
     100 ms, weighted sum over channels, absolute gate at −70 LUFS and relative gate at −10 LU.
 
-    The K-weighting runs in float32 (``scipy.signal.sosfilt`` on ``k_weighting_sos``), and the block energies are float64 sums of 100 ms segments; the
-    blocks, their boundaries and the gating are pyloudnorm's (``Meter.integrated_loudness``), which the
-    tests keep as the reference: the two agree within 0.01 LU on music-like signals.
+    The K-weighting (``k_weighting_sos``) runs in float64 inside one compiled pass over the samples
+    (``cleaning.kernels.scan_levels``), which also sums the squared output over every 100 ms segment; the
+    blocks, their boundaries and the gating are pyloudnorm's (``Meter.integrated_loudness``), which the tests
+    keep as the reference: the two agree within 0.005 LU.
 
     Args:
         audio: float32 ``(channels, samples)``; up to 5 channels (BS.1770 channel weights L, R, C, Ls, Rs).
@@ -77,27 +81,37 @@ def measure_loudness_lufs(audio: np.ndarray, sample_rate_hz: int) -> float:
     audio = np.asarray(audio)
     if audio.ndim != 2:
         raise ValueError(f"audio must be (channels, samples), got shape {audio.shape}")
-    num_channels, num_samples = audio.shape
-    if num_channels > len(BS1770_CHANNEL_WEIGHTS):
-        raise ValueError(f"BS.1770 weights up to {len(BS1770_CHANNEL_WEIGHTS)} channels, got {num_channels}")
+    if sample_rate_hz <= 0:
+        raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
+    return measure_levels(audio, sample_rate_hz).loudness_lufs
+
+
+def _loudness_blocks(num_samples: int, sample_rate_hz: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """pyloudnorm's gating blocks as ``(edges, lower, upper)``: ``edges`` the ascending segment boundaries
+    (block starts and ends, 0 and ``num_samples``), ``lower``/``upper`` each block's bounds as indices into
+    ``edges``. No blocks when the audio is shorter than one 400 ms block."""
     if num_samples < int(LOUDNESS_BLOCK_S * sample_rate_hz):
-        return -math.inf
-    sos = k_weighting_sos(sample_rate_hz).astype(np.float32)
-    weighted = scipy.signal.sosfilt(sos, audio.astype(np.float32, copy=False), axis=1)  # (channels, samples)
-    np.square(weighted, out=weighted)
-    # pyloudnorm's blocks: numBlocks = round((T − T_g) / (T_g · step)) + 1, block j = [l_j, u_j) samples
+        return np.array([0, num_samples], dtype=np.int64), np.zeros(0, int), np.zeros(0, int)
+    # numBlocks = round((T − T_g) / (T_g · step)) + 1, block j = [l_j, u_j) samples
     step = 1.0 - LOUDNESS_BLOCK_OVERLAP
     duration_s = num_samples / sample_rate_hz
     num_blocks = int(np.round((duration_s - LOUDNESS_BLOCK_S) / (LOUDNESS_BLOCK_S * step))) + 1
-    blocks = np.arange(num_blocks)
+    blocks = range(num_blocks)
     lower = np.array([int(LOUDNESS_BLOCK_S * (j * step) * sample_rate_hz) for j in blocks])
     upper = np.minimum([int(LOUDNESS_BLOCK_S * (j * step + 1) * sample_rate_hz) for j in blocks], num_samples)
-    edges = np.unique(np.concatenate([lower, upper, [0, num_samples]]))
-    segments = np.add.reduceat(weighted, edges[:-1], axis=1, dtype=np.float64).T  # (segments, channels)
-    cumulative = np.concatenate([np.zeros((1, num_channels)), np.cumsum(segments, axis=0)])
-    index = {int(edge): i for i, edge in enumerate(edges)}
-    energies = (cumulative[[index[int(u)] for u in upper]] - cumulative[[index[int(l)] for l in lower]])
-    mean_squares = energies / (LOUDNESS_BLOCK_S * sample_rate_hz)  # z[j, c]
+    edges = np.unique(np.concatenate([lower, upper, [0, num_samples]])).astype(np.int64)
+    return edges, np.searchsorted(edges, lower), np.searchsorted(edges, upper)
+
+
+def _gated_loudness(segment_energy: np.ndarray, lower: np.ndarray, upper: np.ndarray,
+                    sample_rate_hz: int) -> float:
+    """BS.1770-4 gating of the blocks ``[edges[lower[j]], edges[upper[j]])`` from the K-weighted energy of
+    every segment, float64 ``(segments, channels)``."""
+    if lower.size == 0:
+        return -math.inf
+    num_channels = segment_energy.shape[1]
+    cumulative = np.concatenate([np.zeros((1, num_channels)), np.cumsum(segment_energy, axis=0)])
+    mean_squares = (cumulative[upper] - cumulative[lower]) / (LOUDNESS_BLOCK_S * sample_rate_hz)  # z[j, c]
     weights = np.array(BS1770_CHANNEL_WEIGHTS[:num_channels])
     with np.errstate(divide="ignore"):
         block_lufs = -0.691 + 10.0 * np.log10(mean_squares @ weights)
@@ -112,6 +126,69 @@ def measure_loudness_lufs(audio: np.ndarray, sample_rate_hz: int) -> float:
         return float(-0.691 + 10.0 * np.log10(mean_squares[gated].mean(axis=0) @ weights))
 
 
+@dataclass(frozen=True)
+class Levels:
+    """What one pass over a file measures (``measure_levels``).
+
+    Attributes:
+        peak_dbfs: as ``measure_peak_dbfs``.
+        loudness_lufs: as ``measure_loudness_lufs``.
+        clipped_fraction: as ``measure_clipped_fraction`` (threshold ``CLIP_THRESHOLD``).
+        silent_fraction: as ``measure_silent_fraction`` (−60 dBFS, 100 ms windows).
+        dc_offset: as ``cleaning.quality.measure_dc_offset`` (full-scale units).
+        mono: float32 ``(samples,)`` channel mean when asked for (the fingerprint's input), else ``None``.
+    """
+
+    peak_dbfs: float
+    loudness_lufs: float
+    clipped_fraction: float
+    silent_fraction: float
+    dc_offset: float
+    mono: np.ndarray | None = None
+
+
+def measure_levels(audio: np.ndarray, sample_rate_hz: int, with_mono: bool = False) -> Levels:
+    """Sample peak, integrated loudness, clipped and silent fractions and DC offset of float32
+    ``(channels, samples)`` audio in one compiled pass over its samples (``cleaning.kernels.scan_levels``);
+    each equals its ``measure_*`` function (the tests hold them to it).
+
+    Args:
+        audio: float32 ``(channels, samples)``, ≤ 5 channels, any memory layout (an interleaved file's
+            transposed view is read in place).
+        sample_rate_hz: sample rate of ``audio``.
+        with_mono: also return the channel mean at full rate (``Levels.mono``).
+
+    Raises:
+        ValueError: ``audio`` is not 2-D, has more than 5 channels, or ``sample_rate_hz`` is not positive.
+    """
+    audio = np.asarray(audio)
+    if audio.ndim != 2:
+        raise ValueError(f"audio must be (channels, samples), got shape {audio.shape}")
+    num_channels, num_samples = audio.shape
+    if num_channels > len(BS1770_CHANNEL_WEIGHTS):
+        raise ValueError(f"BS.1770 weights up to {len(BS1770_CHANNEL_WEIGHTS)} channels, got {num_channels}")
+    if sample_rate_hz <= 0:
+        raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
+    if num_samples == 0:
+        return Levels(-math.inf, -math.inf, 0.0, 1.0, 0.0, np.zeros(0, np.float32) if with_mono else None)
+    edges, lower, upper = _loudness_blocks(num_samples, sample_rate_hz)
+    window = max(1, int(SILENCE_WINDOW_S * sample_rate_hz))
+    scan = scan_levels(audio, k_weighting_sos(sample_rate_hz), edges, window, CLIP_THRESHOLD, with_mono)
+    peak = scan["peak"]
+    window_energy = scan["window_energy"]
+    if window_energy.size:
+        rms = np.sqrt(window_energy / (num_channels * window))
+        silent = float(np.mean(rms < 10.0 ** (SILENCE_FLOOR_DBFS / 20.0)))
+    else:
+        silent = 1.0 if peak == 0 else 0.0
+    return Levels(peak_dbfs=20.0 * math.log10(peak) if peak > 0 else -math.inf,
+                  loudness_lufs=_gated_loudness(scan["segment_energy"], lower, upper, sample_rate_hz),
+                  clipped_fraction=scan["clipped"] / audio.size,
+                  silent_fraction=silent,
+                  dc_offset=float(np.max(np.abs(scan["channel_sum"]))) / num_samples,
+                  mono=scan["mono"])
+
+
 def measure_clipped_fraction(audio: np.ndarray, threshold: float = CLIP_THRESHOLD) -> float:
     """Fraction of samples (over all channels) whose magnitude is ≥ ``threshold`` of full scale."""
     if not audio.size or max(float(audio.max()), -float(audio.min())) < threshold:
@@ -120,7 +197,7 @@ def measure_clipped_fraction(audio: np.ndarray, threshold: float = CLIP_THRESHOL
 
 
 def measure_silent_fraction(audio: np.ndarray, sample_rate_hz: int, floor_dbfs: float = SILENCE_FLOOR_DBFS,
-                            window_s: float = 0.1) -> float:
+                            window_s: float = SILENCE_WINDOW_S) -> float:
     """Fraction of ``window_s`` windows whose RMS (over channels) is below ``floor_dbfs``."""
     window = max(1, int(window_s * sample_rate_hz))
     num_windows = audio.shape[-1] // window
@@ -144,17 +221,22 @@ def measure_pcm_sha256(audio: np.ndarray) -> str:
     return hashlib.sha256(memoryview(interleaved).cast("B")).hexdigest()
 
 
-def measure_audio(audio: np.ndarray, sample_rate_hz: int) -> dict[str, float | int | str]:
-    """All AudioFile measurements of float32 ``(channels, samples)`` audio, keyed by AudioFile field."""
+def measure_audio(audio: np.ndarray, sample_rate_hz: int, levels: Levels | None = None
+                  ) -> dict[str, float | int | str]:
+    """All AudioFile measurements of float32 ``(channels, samples)`` audio, keyed by AudioFile field.
+
+    ``levels``: ``measure_levels(audio, sample_rate_hz)`` when the caller already has it (one pass, not two).
+    """
     num_channels, num_samples = audio.shape
+    levels = levels if levels is not None else measure_levels(audio, sample_rate_hz)
     return {
         "sha256": measure_pcm_sha256(audio),
         "sample_rate_hz": int(sample_rate_hz),
         "num_channels": int(num_channels),
         "num_samples": int(num_samples),
         "duration_s": num_samples / float(sample_rate_hz),
-        "peak_dbfs": measure_peak_dbfs(audio),
-        "loudness_lufs": measure_loudness_lufs(audio, sample_rate_hz),
-        "clipped_fraction": measure_clipped_fraction(audio),
-        "silent_fraction": measure_silent_fraction(audio, sample_rate_hz),
+        "peak_dbfs": levels.peak_dbfs,
+        "loudness_lufs": levels.loudness_lufs,
+        "clipped_fraction": levels.clipped_fraction,
+        "silent_fraction": levels.silent_fraction,
     }

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-TRUE_PEAK_BLOCK_SAMPLES = 1 << 15  # output samples per channel computed at once; bounds memory on long files
-_TRUE_PEAK_GROUP = 8  # input sample times interpolated per matrix row (see ``_interpolation_matrix``)
+from cleaning.kernels import true_peak
+
+TRUE_PEAK_BLOCK_SAMPLES = 4096  # output samples per channel computed at once (in L1 cache); the skipping unit
 
 # ITU-R BS.1770-4 Annex 2, the 48-tap 4× interpolation filter as its 4 phases of 12 taps: phase p gives the
 # point p/4 of a sample period after the centre tap (phases 2 and 3 are phases 1 and 0 reversed).
@@ -33,12 +34,15 @@ def measure_true_peak_dbtp(audio: np.ndarray, sample_rate_hz: int) -> float:
     Oversampling is 4× with the Annex's own 48-tap polyphase FIR (``BS1770_TRUE_PEAK_TAPS``) for
     ``sample_rate_hz`` ≤ 96 kHz, and 2× (its phases 0 and 2) above, so that the oversampled rate is at least
     192 kHz as the Annex asks. The Annex's optional 12.04 dB attenuation before oversampling is not needed
-    in floating point. Computed in float32 (rounding ≈ 1e-6 dB): each row of ``_TRUE_PEAK_GROUP``
-    consecutive sample times is one small matrix product, in blocks of ``TRUE_PEAK_BLOCK_SAMPLES`` whose
-    result equals one pass over the whole signal; blocks whose input is too quiet to reach the peak found
-    so far (bounded by the filter's L1 norm) are skipped. The signal is zero outside its ends (the filter's tail
-    is included), so a file that starts or ends mid-waveform can ring slightly above its interior peak, as
-    it would in a real DAC.
+    in floating point. Computed in float32 (rounding ≈ 1e-6 dB) by a compiled kernel
+    (``cleaning.kernels.true_peak``: each phase a vectorised 12-tap FIR over blocks of
+    ``TRUE_PEAK_BLOCK_SAMPLES`` outputs, whose result equals one pass over the whole signal). Blocks are
+    visited in order of their input's sample peak and the scan stops at the first that cannot hold the true
+    peak: ``|y_p[n]| = |Σ_k h_p[k]·x[n−k]| ≤ ‖h_p‖₁ · max_k |x[n−k]|``, so a block whose inputs peak at P
+    yields at most ``gain·P`` (``gain = max_p ‖h_p‖₁`` = 2.02 for the Annex filter). The bound is exact: the
+    result is that of computing every block; on music with quiet passages most blocks are skipped. The
+    signal is zero outside its ends (the filter's tail is included), so a file that starts or ends
+    mid-waveform can ring slightly above its interior peak, as it would in a real DAC.
 
     Args:
         audio: float32 ``(channels, samples)``, full scale 1.0; any memory layout (an interleaved file's
@@ -56,50 +60,10 @@ def measure_true_peak_dbtp(audio: np.ndarray, sample_rate_hz: int) -> float:
     if sample_rate_hz <= 0:
         raise ValueError(f"sample_rate_hz must be positive, got {sample_rate_hz}")
     taps = BS1770_TRUE_PEAK_TAPS if sample_rate_hz <= 96000 else BS1770_TRUE_PEAK_TAPS[[0, 2]]
-    group = _TRUE_PEAK_GROUP
-    matrix = _interpolation_matrix(taps, group)
-    num_taps = taps.shape[1]
-    num_samples = audio.shape[1]
-    total = num_samples + num_taps - 1  # full convolution: the filter's tail after the last sample
-    block = max(group, TRUE_PEAK_BLOCK_SAMPLES // group * group)
-    # Blocks in order of their input's sample peak; stop at the first that cannot hold the true peak:
-    # |y_p[n]| = |Σ_k h_p[k]·x[n−k]| ≤ ‖h_p‖₁ · max_k |x[n−k]|, so a block whose inputs peak at P yields
-    # at most gain·P (gain = max_p ‖h_p‖₁ = 2.02 for the Annex filter). Exact: the result is the same as
-    # computing every block; on music with quiet passages most blocks are skipped.
-    gain = float(np.abs(taps).sum(axis=1).max())
-    blocks = []
-    for channel in range(audio.shape[0]):
-        for start in range(0, total, block):
-            inputs = audio[channel, max(start - num_taps + 1, 0):min(start + block, num_samples)]
-            input_peak = max(float(inputs.max()), -float(inputs.min())) if inputs.size else 0.0
-            blocks.append((-input_peak, channel, start))
-    peak = 0.0
-    for negative_input_peak, channel, start in sorted(blocks):
-        if -negative_input_peak * gain <= peak:
-            break
-        count = -(-min(block, total - start) // group) * group  # whole rows; extra outputs read zeros
-        lo = start - (num_taps - 1)
-        window = np.zeros(count + num_taps - 1, dtype=np.float32)
-        a, b = max(lo, 0), min(lo + window.size, num_samples)
-        if b > a:
-            window[a - lo:b - lo] = audio[channel, a:b]
-        rows = np.lib.stride_tricks.sliding_window_view(window, matrix.shape[0])[::group]
-        out = np.ascontiguousarray(rows) @ matrix  # (count / group, group · phases)
-        peak = max(peak, float(out.max()), -float(out.min()))
+    if audio.size == 0:
+        return -math.inf
+    peak = true_peak(audio, taps, block=max(1, TRUE_PEAK_BLOCK_SAMPLES))
     return 20.0 * math.log10(peak) if peak > 0 else -math.inf
-
-
-def _interpolation_matrix(taps: np.ndarray, group: int) -> np.ndarray:
-    """The polyphase FIR as one float32 matrix ``(taps − 1 + group, group · phases)``: a row of the input
-    ``x[t − taps + 1 … t + group − 1]`` times it gives ``y_p[t + g] = Σ_k h_p[k] · x[t + g − k]`` for
-    every ``g < group`` and phase ``p``. Grouping sample times makes the product wide enough to run at the
-    speed of the BLAS kernel rather than of copying the sliding windows."""
-    num_phases, num_taps = taps.shape
-    matrix = np.zeros((num_taps - 1 + group, group * num_phases), dtype=np.float32)
-    for g in range(group):
-        for k in range(num_taps):
-            matrix[num_taps - 1 + g - k, g * num_phases:(g + 1) * num_phases] = taps[:, k]
-    return matrix
 
 
 def measure_dc_offset(audio: np.ndarray) -> float:

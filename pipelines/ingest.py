@@ -34,6 +34,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
+from cleaning.kernels import warm_kernels
 from pipelines.config import config_dict, config_sha256
 from pipelines.delivery import Delivery, file_record_id, parse_license, read_delivery
 from pipelines.ingest_steps import (MEASURE_VERSION, STAGE, decide_tracks, finalize_track, link_duplicates,
@@ -116,6 +117,21 @@ class _Tagged(beam.DoFn):
             yield value if tag == self.main_tag else beam.pvalue.TaggedOutput(tag, value)
 
 
+class _Measure(beam.DoFn):
+    """``measure_file`` per ``(track_id, task)``; ``setup`` compiles (or loads from numba's cache) the
+    measurement kernels once per worker, so no file pays for it."""
+
+    def __init__(self, run_id: str, cache_dir: Path | None) -> None:
+        self.run_id, self.cache_dir = run_id, cache_dir
+
+    def setup(self) -> None:
+        warm_kernels()
+
+    def process(self, element: tuple[str, Mapping[str, Any]]):  # noqa: ANN201 (Beam signature)
+        track_id, task = element
+        yield track_id, measure_file(track_id, task, self.run_id, self.cache_dir)
+
+
 def _decide(element, **kw):
     track_id, rows = element
     yield from decide_tracks(track_id, list(rows), **kw)
@@ -175,8 +191,7 @@ def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mappin
     measured = (
         routed.measure
         | "Spread" >> beam.Reshuffle()
-        | "Measure" >> beam.MapTuple(lambda track_id, task: (track_id, measure_file(track_id, task, run_id,
-                                                                                     measure_cache_dir)))
+        | "Measure" >> beam.ParDo(_Measure(run_id, measure_cache_dir))
     )
     final = (
         {"decision": decided.decision, "measured": measured}

@@ -24,8 +24,8 @@ from threadpoolctl import ThreadpoolController
 
 from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_container, read_audio, write_audio
 from cleaning.fingerprint import fingerprint, fingerprint_similarity
-from cleaning.measure import measure_audio
-from cleaning.quality import check_stem_formats, measure_dc_offset, measure_stem_residual_db, measure_true_peak_dbtp
+from cleaning.measure import measure_audio, measure_levels
+from cleaning.quality import check_stem_formats, measure_stem_residual_db, measure_true_peak_dbtp
 from pipelines.delivery import check_file_row, file_record_id, parse_track
 from provenance.policy import OptOutRegistry, RunPurpose, decide
 from provenance.records import RejectionReason, Role, canonical_json, rejection, safe_name, sha256_hex
@@ -100,7 +100,7 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "4"
+MEASURE_VERSION = "5"
 """Bump when decoding or measuring changes: it is part of every measurement cache key."""
 MAX_CHANNELS = 2
 
@@ -177,10 +177,12 @@ def measure_all(audio: np.ndarray, sample_rate_hz: int, with_fingerprint: bool =
     """The AudioFile measurements plus true peak, DC offset and, ``with_fingerprint``, the fingerprint
     (``_fingerprint``: base64 of little-endian uint32 sub-fingerprints, used for near-duplicate detection and
     dropped before writing; ``""`` without)."""
-    prints = fingerprint(audio, sample_rate_hz).astype("<u4").tobytes() if with_fingerprint else b""
-    return {**measure_audio(audio, sample_rate_hz),
+    levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint)  # one compiled pass
+    prints = (fingerprint(audio, sample_rate_hz, mono=levels.mono).astype("<u4").tobytes() if with_fingerprint
+              else b"")
+    return {**measure_audio(audio, sample_rate_hz, levels),
             "true_peak_dbtp": measure_true_peak_dbtp(audio, sample_rate_hz),
-            "dc_offset": measure_dc_offset(audio),
+            "dc_offset": levels.dc_offset,
             "_fingerprint": base64.b64encode(prints).decode()}
 
 

@@ -51,6 +51,19 @@ def test_fingerprint_shape_and_dtype(original):
     assert fingerprint_similarity(print_, print_) == 1.0
 
 
+def test_fingerprint_of_a_shared_channel_mean_is_the_same(original):
+    """Ingest passes the channel mean computed by the one-pass level kernel; the print is bit-identical."""
+    from cleaning.measure import measure_levels
+
+    audio, print_ = original
+    interleaved = np.ascontiguousarray(audio.T).T
+    mono = measure_levels(interleaved, RATE, with_mono=True).mono
+    assert np.array_equal(fingerprint(interleaved, RATE, mono=mono), print_)
+    assert np.array_equal(fingerprint(audio[:1], RATE), fingerprint(audio[:1].copy(), RATE))
+    with pytest.raises(ValueError, match="mono"):
+        fingerprint(audio, RATE, mono=mono[:-1])
+
+
 def test_gain_resampling_and_lossy_copies_are_near_duplicates(original):
     audio, print_ = original
     copies = {
@@ -125,16 +138,17 @@ def test_real_recordings():
     assert fingerprint_similarity(print_1, fingerprint(copy, 32000)) > 0.95
 
 
-def test_decimation_by_matrix_products_equals_resample_poly():
-    """The 44.1 kHz path (a matrix product per block of rows) computes what scipy's polyphase resampler
-    computes with the same anti-aliasing filter, edges included."""
+@pytest.mark.parametrize("length", [100_003, 100_000, 8, 1])
+def test_compiled_decimation_equals_resample_poly(length):
+    """The 44.1 kHz path (a compiled FIR evaluated at the kept samples) computes what scipy's polyphase
+    resampler computes with the same anti-aliasing filter, edges included, whatever the length."""
     import scipy.signal
 
     from cleaning.fingerprint import _antialias_filter, _decimate
 
-    signal = np.random.default_rng(5).standard_normal(100_003).astype(np.float32)
+    signal = np.random.default_rng(5).standard_normal(length).astype(np.float32)
     taps = _antialias_filter(44100, 1)
-    ours = _decimate(signal, taps, 8, rows_per_block=7)  # many blocks
+    ours = _decimate(signal, taps, 8)
     reference = scipy.signal.resample_poly(signal, 1, 8, window=taps)
-    assert ours.shape == reference.shape == (12_501,)
+    assert ours.shape == reference.shape == (-(-length // 8),)
     np.testing.assert_allclose(ours, reference, atol=1e-5)

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from cleaning.audio import encode_flac, read_audio, resample
-from cleaning.measure import (measure_audio, measure_clipped_fraction, measure_loudness_lufs, measure_pcm_sha256,
-                              measure_peak_dbfs, measure_silent_fraction)
+from cleaning.measure import (measure_audio, measure_clipped_fraction, measure_levels, measure_loudness_lufs,
+                              measure_pcm_sha256, measure_peak_dbfs, measure_silent_fraction)
+from cleaning.quality import measure_dc_offset
 from tests.conftest import sine
 
 
@@ -104,7 +105,7 @@ def _loudness_signals():
 
 @pytest.mark.parametrize("name,audio,rate", _loudness_signals(), ids=lambda v: v if isinstance(v, str) else "")
 def test_loudness_equals_pyloudnorm(name, audio, rate):
-    """The float32 K-weighting and segment sums agree with pyloudnorm (float64 lfilter, block loop) on
+    """The compiled float64 K-weighting and segment sums agree with pyloudnorm (float64 lfilter, block loop) on
     varied signals within 0.05 LU (the issue's bound; the worst case measured is far smaller)."""
     import pyloudnorm
 
@@ -113,3 +114,70 @@ def test_loudness_equals_pyloudnorm(name, audio, rate):
     ours = measure_loudness_lufs(audio, rate)
     assert ours == pytest.approx(reference, abs=0.05)
     assert measure_loudness_lufs(np.ascontiguousarray(audio.T).T, rate) == ours  # interleaved layout, same value
+
+
+def _level_signals():
+    """Signals that exercise every output of the one-pass kernel: clipping, silent windows (whole and a
+    partial last one), DC, mono/stereo/5 channels, both memory layouts, lengths that are and are not whole
+    windows."""
+    rng = np.random.default_rng(5)
+    stereo = rng.uniform(-0.5, 0.5, (2, 3 * 8000 + 517)).astype(np.float32)
+    stereo[1] += 0.02  # DC on the right
+    stereo[:, 4000:12000] = 0.0  # ten silent 100 ms windows
+    stereo[0, 20000:20050] = 1.0  # clipped run on one channel
+    mono = np.clip(sine(50.0, 2.0, 8000, amplitude=1.4), -1, 1)  # clipped sine, exactly 20 windows
+    mono[:, :1600] *= 1e-4  # quiet start: silent windows below −60 dBFS
+    five = (0.1 * rng.standard_normal((5, 8000 * 2))).astype(np.float32)
+    return [("stereo", stereo, 8000), ("stereo interleaved", np.ascontiguousarray(stereo.T).T, 8000),
+            ("mono", mono, 8000), ("5 channels", five, 8000), ("one sample", stereo[:, :1], 8000),
+            ("shorter than a window", stereo[:, :300], 8000), ("silence", np.zeros((2, 9000), np.float32), 8000)]
+
+
+@pytest.mark.parametrize("name,audio,rate", _level_signals(), ids=lambda v: v if isinstance(v, str) else "")
+def test_measure_levels_equals_each_measure(name, audio, rate):
+    """The compiled single pass gives what each numpy ``measure_*`` function gives on its own."""
+    levels = measure_levels(audio, rate, with_mono=True)
+    assert levels.peak_dbfs == measure_peak_dbfs(audio)
+    assert levels.clipped_fraction == pytest.approx(measure_clipped_fraction(audio), abs=1e-12)
+    assert levels.silent_fraction == pytest.approx(measure_silent_fraction(audio, rate), abs=1e-12)
+    assert levels.dc_offset == pytest.approx(measure_dc_offset(audio), rel=1e-9, abs=1e-12)
+    assert levels.loudness_lufs == measure_loudness_lufs(audio, rate) or (
+        math.isinf(levels.loudness_lufs) and math.isinf(measure_loudness_lufs(audio, rate)))
+    np.testing.assert_allclose(levels.mono, audio.mean(axis=0, dtype=np.float64), atol=1e-6)
+    assert measure_levels(audio, rate).mono is None
+    assert measure_audio(audio, rate, levels) == measure_audio(audio, rate)
+
+
+def test_measure_levels_sees_what_it_should():
+    """Known answers, so that the kernel and the reference functions cannot agree on a wrong value."""
+    name, stereo, rate = _level_signals()[0]
+    levels = measure_levels(stereo, rate)
+    assert levels.peak_dbfs == 0.0
+    assert levels.clipped_fraction == pytest.approx(50 / stereo.size)
+    assert levels.silent_fraction == pytest.approx(10 / 30)  # 30 whole windows, the partial 31st not counted
+    assert levels.dc_offset == pytest.approx(0.02 * (stereo.shape[1] - 8000) / stereo.shape[1], abs=0.005)
+    with pytest.raises(ValueError, match="channels"):
+        measure_levels(np.zeros((6, 100), np.float32), rate)
+    with pytest.raises(ValueError, match="sample_rate_hz"):
+        measure_levels(stereo, 0)
+
+
+def test_warm_kernels_compiles_every_kernel_once():
+    """After ``warm_kernels`` (what ingest's Measure DoFn.setup calls) every kernel has its compiled
+    variants, and measuring interleaved stereo, channel-major mono and a fingerprint adds none: no file
+    pays for compilation."""
+    from cleaning import kernels
+    from cleaning.fingerprint import fingerprint
+    from cleaning.quality import measure_true_peak_dbtp
+
+    assert kernels.warm_kernels() >= 0.0
+    dispatchers = [kernels._scan_2, kernels._scan_any, kernels._true_peak, kernels.decimate,
+                   kernels.windowed_frames, kernels.band_energies]
+    before = [len(d.signatures) for d in dispatchers]
+    assert all(before)
+    stereo = np.ascontiguousarray(sine(440.0, 1.0, 44100, num_channels=2).T).T  # a decoded file's layout
+    for audio in (stereo, sine(440.0, 1.0, 44100)):
+        levels = measure_levels(audio, 44100, with_mono=True)
+        measure_true_peak_dbtp(audio, 44100)
+        fingerprint(audio, 44100, mono=levels.mono)
+    assert [len(d.signatures) for d in dispatchers] == before

@@ -112,14 +112,18 @@ def test_musdb_stems_sum_to_the_mixture_within_31_db():
 
 
 @pytest.mark.parametrize("sample_rate_hz", [44100, 192000])
-@pytest.mark.parametrize("block_samples", [1 << 15, 1000])
-def test_true_peak_equals_the_annex_filter_applied_directly(sample_rate_hz, block_samples, monkeypatch):
-    """The grouped float32 matrix product gives what convolving with each BS.1770-4 Annex 2 phase in float64
-    gives (the 192 kHz path uses phases 0 and 2 only); with small blocks on a rising envelope most blocks
-    are skipped by the L1 bound, and the result is still the same."""
+@pytest.mark.parametrize("block_samples", [1 << 15, 4096, 1000])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_true_peak_equals_the_annex_filter_applied_directly(sample_rate_hz, block_samples, interleaved,
+                                                            monkeypatch):
+    """The compiled float32 polyphase kernel gives what convolving with each BS.1770-4 Annex 2 phase in
+    float64 gives (the 192 kHz path uses phases 0 and 2 only), in either memory layout; with small blocks
+    on a rising envelope most blocks are skipped by the L1 bound, and the result is still the same."""
     monkeypatch.setattr(quality, "TRUE_PEAK_BLOCK_SAMPLES", block_samples)
     rng = np.random.default_rng(3)
     audio = (rng.standard_normal((2, 30_011)) * np.linspace(0.01, 0.3, 30_011)).astype(np.float32)
+    if interleaved:
+        audio = np.ascontiguousarray(audio.T).T  # the transposed view of a decoded file's buffer
     phases = quality.BS1770_TRUE_PEAK_TAPS if sample_rate_hz <= 96000 else quality.BS1770_TRUE_PEAK_TAPS[[0, 2]]
     reference = max(np.max(np.abs(np.convolve(channel.astype(np.float64), taps)))
                     for channel in audio for taps in phases)
