@@ -125,6 +125,10 @@ def ray_head(tmp_path_factory):
     head = subprocess.Popen(
         [str(bin_dir / "ray"), "start", "--head", "--block", "--num-cpus", "1", "--include-dashboard=true",
          f"--port={_free_port()}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
+         # free ports for the agents too: the defaults (e.g. the job agent's 52365) may be held by another
+         # Ray on this machine, such as the test session's local Ray
+         f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+         f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
          f"--temp-dir={temp_dir}", "--disable-usage-stats", f"--object-store-memory={200 * 1024 * 1024}"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     address = f"http://127.0.0.1:{dashboard_port}"
