@@ -27,6 +27,20 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run far faster on one intra-op thread than on two.
+
+    Use as ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``; the thread count is restored afterwards.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def corpus() -> Path:
     """The real delivery in ../shared/corpus. CI has it; elsewhere the test fails saying why."""

@@ -13,12 +13,7 @@ from training.conditioning import (CONDITION_NAMES, KEY_NAMES, encode_conditions
 from training.model import AttentionBlock, MelUNet
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("text,index", [("C", 0), ("C major", 0), ("Am", 21), ("A minor", 21), ("a min", 21),

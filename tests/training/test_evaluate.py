@@ -19,12 +19,7 @@ from training.evaluate import (EVALUATION_SCHEMA, evaluate_checkpoint, evaluate_
 from training.generate import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

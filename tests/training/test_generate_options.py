@@ -14,12 +14,7 @@ from training.generate import PEAK_DBFS, generate, generate_variations, load_che
 from training.vocoder import HiFiGanGenerator, HiFiGanVocoder, save_hifigan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

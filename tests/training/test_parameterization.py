@@ -17,13 +17,7 @@ from training.flow import FlowMatching
 from training.model import MelUNet, build_model
 from training.parameterization import build_parameterization
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine run ~30× faster on one intra-op thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 SAMPLERS = [("epsilon", "ddpm"), ("epsilon", "ddim"), ("v", "ddpm"), ("v", "ddim"), ("flow", "euler"),
