@@ -23,7 +23,12 @@ __all__ = ["band_energies", "decimate", "scan_levels", "true_peak", "warm_kernel
 TRUE_PEAK_TAPS_PER_PHASE = 12  # BS.1770-4 Annex 2: 48 taps, 4 phases
 
 
-@numba.njit(cache=True, nogil=True)
+# reassociation and fused multiply-adds, without the no-NaN/no-infinity assumptions of ``fastmath=True``:
+# the compiler may shorten the biquads' dependency chains, and a NaN sample still reaches the sums
+_RECURSION_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_RECURSION_FASTMATH)
 def _scan_2(audio, sos, edges, window, threshold, mono, segment_energy, window_energy, channel_sum):
     """Stereo: both channels in one loop (their filters' recursions overlap in the CPU)."""
     b10, b11, b12, a11, a12 = sos[0, 0], sos[0, 1], sos[0, 2], sos[0, 4], sos[0, 5]
