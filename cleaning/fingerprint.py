@@ -261,14 +261,10 @@ def _decimate(signal: np.ndarray, taps: np.ndarray, down: int) -> np.ndarray:
     Returns:
         float32 ``(ceil(n / down),)``.
     """
-    num_taps = taps.shape[0]
-    half = (num_taps - 1) // 2
+    half = (taps.shape[0] - 1) // 2
     num_out = -(-signal.shape[0] // down)
-    padded = np.zeros((num_out - 1) * down + num_taps, dtype=np.float32)
-    kept = min(signal.shape[0], padded.shape[0] - half)
-    padded[half:half + kept] = signal[:kept]  # samples past the last output's taps are never read
-    return decimate(padded, np.ascontiguousarray(taps, dtype=np.float32), down,
-                    np.empty(num_out, dtype=np.float32))
+    return decimate(np.ascontiguousarray(signal, dtype=np.float32), np.ascontiguousarray(taps, dtype=np.float32),
+                    down, half, np.empty(num_out, dtype=np.float32))
 
 
 @functools.cache

@@ -303,16 +303,22 @@ def true_peak(audio: np.ndarray, taps: np.ndarray, block: int = 4096) -> float:
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def decimate(padded, taps, down, out):
-    """``out[k] = Σ_j taps[j] · padded[k · down + j]`` (float32; the caller zero-pads ``padded`` so that
-    every read is inside it): an FIR low-pass evaluated only at the kept samples."""
+def decimate(signal, taps, down, offset, out):
+    """``out[k] = Σ_j taps[j] · signal[k · down + j − offset]`` (float32, zero outside ``signal``): an FIR
+    low-pass evaluated only at the kept samples, read in place (no zero-padded copy of the signal)."""
+    num_samples = signal.shape[0]
     num_taps = taps.shape[0]
     for k in range(out.shape[0]):
-        # a slice indexed from 0: numba drops its negative-index checks and the loop runs in SIMD lanes
-        segment = padded[k * down:k * down + num_taps]
+        lo = k * down - offset
         acc = np.float32(0.0)
-        for j in range(num_taps):
-            acc += taps[j] * segment[j]
+        if lo >= 0 and lo + num_taps <= num_samples:
+            # a slice indexed from 0: numba drops its negative-index checks and the loop runs in SIMD lanes
+            segment = signal[lo:lo + num_taps]
+            for j in range(num_taps):
+                acc += taps[j] * segment[j]
+        else:  # the first and last few outputs: their taps reach past an end of the signal
+            for j in range(max(0, -lo), min(num_taps, num_samples - lo)):
+                acc += taps[j] * signal[lo + j]
         out[k] = acc
     return out
 
