@@ -32,7 +32,7 @@ SILENCE_FLOOR_DBFS = -70.0  # frames whose windowed RMS is below this carry no b
 NEAR_DUPLICATE_THRESHOLD = 0.8  # similarity, i.e. BER < 0.2 (Haitsma & Kalker match at BER < 0.35)
 DEFAULT_MAX_SHIFT_S = 10.0
 DEFAULT_MIN_OVERLAP_S = 5.0
-_FRAMES_PER_CHUNK = 256  # STFT frames per chunk: 2 MB of windowed float32 frames, cache-sized
+_FRAMES_PER_CHUNK = 32  # STFT frames per chunk: 256 KB of windowed frames + 262 KB of spectrum stay in L2
 _ANTIALIAS_STOP_HZ = FINGERPRINT_SAMPLE_RATE_HZ - BAND_HIGH_HZ  # lowest frequency that aliases into the bands
 
 __all__ = ["FINGERPRINT_SAMPLE_RATE_HZ", "FRAME_HOP_S", "NEAR_DUPLICATE_THRESHOLD", "find_exact_duplicates",
