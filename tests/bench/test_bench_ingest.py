@@ -1,13 +1,16 @@
 """Ingest throughput (issue: catalog ingest at production depth), in seconds of audio per CPU-second on
 44.1 kHz stereo FLAC, against two baselines measured in the same run:
 
-- floor: only decoding the files with soundfile;
+- floor: only decoding the files with soundfile, to float32 (the strict floor: no dtype decodes cheaper, the
+  last line of the output shows int16, int32, float32 and float64), and ``floor, float64``: a user's plain
+  ``soundfile.read(path)``, whose default dtype is float64; every ratio is printed against both;
 - naive: what a user would write instead, a loop of librosa.load + pyloudnorm + hashlib.
 
 ``ours`` is ingest's per-file work on a mixture (``pipelines.ingest_steps._measure_outcome``: decode, the
 AudioFile measurements, true peak, DC offset, fingerprint); ``ours, stem`` the same without the fingerprint
 (ingest fingerprints only mixtures). Each runs in a process pool of 1 and 2 workers; CPU time is summed
-inside the workers. The compiled kernels (``cleaning.kernels``) are loaded once per worker before timing, as
+inside the workers, over ``ROUNDS`` passes over the files in which the methods take turns (a shared
+machine's load then falls on every method alike). The compiled kernels (``cleaning.kernels``) are loaded once per worker before timing, as
 ingest's Beam ``DoFn.setup`` does; their one-off cost is reported on its own (compiling from scratch, and
 loading numba's on-disk cache in a fresh process), and the row ``ours + kernel load`` charges the cache
 load of every worker to this small batch. ``beam`` is the whole ingest on the DirectRunner, wall-clock (pipeline start, the Great
