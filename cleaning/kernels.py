@@ -23,7 +23,12 @@ __all__ = ["band_energies", "decimate", "scan_levels", "true_peak", "warm_kernel
 TRUE_PEAK_TAPS_PER_PHASE = 12  # BS.1770-4 Annex 2: 48 taps, 4 phases
 
 
-@numba.njit(cache=True, nogil=True)
+# reassociation and fused multiply-adds, without the no-NaN/no-infinity assumptions of ``fastmath=True``:
+# the compiler may shorten the biquads' dependency chains, and a NaN sample still reaches the sums
+_RECURSION_FASTMATH = {"contract", "reassoc", "nsz", "arcp"}
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_RECURSION_FASTMATH)
 def _scan_2(audio, sos, edges, window, threshold, mono, segment_energy, window_energy, channel_sum):
     """Stereo: both channels in one loop (their filters' recursions overlap in the CPU)."""
     b10, b11, b12, a11, a12 = sos[0, 0], sos[0, 1], sos[0, 2], sos[0, 4], sos[0, 5]
@@ -171,97 +176,149 @@ def scan_levels(audio: np.ndarray, sos: np.ndarray, edges: np.ndarray, window: i
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def _phase_peak(scratch, taps, p, count, out):
-    """max |y_p[t]| for t < count, y_p[t] = Σ_k taps[p, k] · scratch[t + 11 − k]: the 12 taps unrolled so
-    that the loop over t runs in SIMD lanes (float32)."""
-    h = taps[p]
-    h0, h1, h2, h3, h4, h5 = h[0], h[1], h[2], h[3], h[4], h[5]
-    h6, h7, h8, h9, h10, h11 = h[6], h[7], h[8], h[9], h[10], h[11]
+def _four_phase_peak(window, taps, stride, count, out):
+    """``max |y_p[t]|`` over the 4 phases and ``t < count``, ``y_p[t] = Σ_k taps[p, k] · window[t + stride ·
+    (11 − k)]``: one loop over ``t`` computes all four phases from the same 12 loads (48 multiply-adds,
+    float32, in SIMD lanes across ``t``); ``out`` (float32, ≥ ``count``) receives each ``t``'s maximum so
+    that the loop has no reduction in it, the maximum over ``out`` is a second, vectorised loop. ``window``
+    is an interleaved buffer read with stride ``stride`` (the channel count), so every channel of an
+    interleaved file is filtered in the same pass."""
+    h = taps
+    a0, a1, a2, a3, a4, a5 = h[0, 0], h[0, 1], h[0, 2], h[0, 3], h[0, 4], h[0, 5]
+    a6, a7, a8, a9, a10, a11 = h[0, 6], h[0, 7], h[0, 8], h[0, 9], h[0, 10], h[0, 11]
+    b0, b1, b2, b3, b4, b5 = h[1, 0], h[1, 1], h[1, 2], h[1, 3], h[1, 4], h[1, 5]
+    b6, b7, b8, b9, b10, b11 = h[1, 6], h[1, 7], h[1, 8], h[1, 9], h[1, 10], h[1, 11]
+    c0, c1, c2, c3, c4, c5 = h[2, 0], h[2, 1], h[2, 2], h[2, 3], h[2, 4], h[2, 5]
+    c6, c7, c8, c9, c10, c11 = h[2, 6], h[2, 7], h[2, 8], h[2, 9], h[2, 10], h[2, 11]
+    d0, d1, d2, d3, d4, d5 = h[3, 0], h[3, 1], h[3, 2], h[3, 3], h[3, 4], h[3, 5]
+    d6, d7, d8, d9, d10, d11 = h[3, 6], h[3, 7], h[3, 8], h[3, 9], h[3, 10], h[3, 11]
+    s = stride
+    # one slice per tap, indexed from 0: numba drops its negative-index checks and the loop vectorises
+    w0, w1, w2 = window[11 * s:11 * s + count], window[10 * s:10 * s + count], window[9 * s:9 * s + count]
+    w3, w4, w5 = window[8 * s:8 * s + count], window[7 * s:7 * s + count], window[6 * s:6 * s + count]
+    w6, w7, w8 = window[5 * s:5 * s + count], window[4 * s:4 * s + count], window[3 * s:3 * s + count]
+    w9, w10, w11 = window[2 * s:2 * s + count], window[s:s + count], window[0:count]
     for t in range(count):
-        out[t] = (h0 * scratch[t + 11] + h1 * scratch[t + 10] + h2 * scratch[t + 9] + h3 * scratch[t + 8]
-                  + h4 * scratch[t + 7] + h5 * scratch[t + 6] + h6 * scratch[t + 5] + h7 * scratch[t + 4]
-                  + h8 * scratch[t + 3] + h9 * scratch[t + 2] + h10 * scratch[t + 1] + h11 * scratch[t])
+        x0, x1, x2, x3, x4, x5 = w0[t], w1[t], w2[t], w3[t], w4[t], w5[t]
+        x6, x7, x8, x9, x10, x11 = w6[t], w7[t], w8[t], w9[t], w10[t], w11[t]
+        y0 = (a0 * x0 + a1 * x1 + a2 * x2 + a3 * x3 + a4 * x4 + a5 * x5
+              + a6 * x6 + a7 * x7 + a8 * x8 + a9 * x9 + a10 * x10 + a11 * x11)
+        y1 = (b0 * x0 + b1 * x1 + b2 * x2 + b3 * x3 + b4 * x4 + b5 * x5
+              + b6 * x6 + b7 * x7 + b8 * x8 + b9 * x9 + b10 * x10 + b11 * x11)
+        y2 = (c0 * x0 + c1 * x1 + c2 * x2 + c3 * x3 + c4 * x4 + c5 * x5
+              + c6 * x6 + c7 * x7 + c8 * x8 + c9 * x9 + c10 * x10 + c11 * x11)
+        y3 = (d0 * x0 + d1 * x1 + d2 * x2 + d3 * x3 + d4 * x4 + d5 * x5
+              + d6 * x6 + d7 * x7 + d8 * x8 + d9 * x9 + d10 * x10 + d11 * x11)
+        out[t] = max(max(abs(y0), abs(y1)), max(abs(y2), abs(y3)))
     best = np.float32(0.0)
     for t in range(count):
-        v = out[t]
-        best = max(best, max(v, -v))
+        best = max(best, out[t])
     return best
 
 
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _abs_max(x):
+    m = np.float32(0.0)
+    for i in range(x.shape[0]):
+        m = max(m, abs(x[i]))
+    return m
+
+
 @numba.njit(cache=True, nogil=True)
-def _true_peak(frames, taps, block, gain):
-    num_samples, num_channels = frames.shape
-    num_taps = taps.shape[1]
-    total = num_samples + num_taps - 1  # full convolution: the filter's tail after the last sample
+def _true_peak(flat, stride, taps, block, gain, peak):
+    """True peak of an interleaved buffer ``flat`` of ``stride`` channels, starting from ``peak``; ``block``
+    outputs of the flat buffer (all channels) at a time."""
+    n = flat.shape[0]
+    span = stride * (TRUE_PEAK_TAPS_PER_PHASE - 1)  # the inputs before an output that feed it
+    total = n + span  # full convolution: the filter's tail after the last sample
     num_blocks = (total + block - 1) // block
-    # each block's input peak: inputs [start − K + 1, min(start + block, n)) feed its outputs
-    input_peak = np.zeros(num_blocks * num_channels, dtype=np.float32)
-    for c in range(num_channels):
-        for b in range(num_blocks):
-            inputs = frames[max(b * block - num_taps + 1, 0):min(b * block + block, num_samples), c]
-            m = np.float32(0.0)
-            for i in range(inputs.shape[0]):
-                m = max(m, abs(inputs[i]))
-            input_peak[b * num_channels + c] = m
+    # each block's input peak: inputs [start − span, min(start + block, n)) feed its outputs
+    input_peak = np.zeros(num_blocks, dtype=np.float32)
+    for b in range(num_blocks):
+        input_peak[b] = _abs_max(flat[max(b * block - span, 0):min(b * block + block, n)])
     order = np.argsort(-input_peak, kind="mergesort")
-    scratch = np.zeros(block + num_taps - 1, dtype=np.float32)
+    scratch = np.zeros(block + span, dtype=np.float32)
     out = np.empty(block, dtype=np.float32)
-    peak = np.float32(0.0)
-    for index in order:
+    for b in order:
         # |y_p[t]| ≤ ‖h_p‖₁ · max_k |x[t − k]|: a block whose inputs peak at P yields at most gain · P
-        if input_peak[index] * gain <= peak:
+        if input_peak[b] * gain <= peak:
             break
-        b, c = index // num_channels, index % num_channels
         start = b * block
         count = min(block, total - start)
-        lo = start - (num_taps - 1)  # scratch[j] = x[lo + j], zero outside the signal
+        lo = start - span  # the window is x[lo … lo + count + span), zero outside the signal
+        if lo >= 0 and lo + count + span <= n:  # inside the signal: read in place
+            peak = max(peak, _four_phase_peak(flat[lo:lo + count + span], taps, stride, count, out))
+            continue
         head = max(-lo, 0)
-        inputs = frames[max(lo, 0):min(lo + count + num_taps - 1, num_samples), c]
+        inputs = flat[max(lo, 0):min(lo + count + span, n)]
         scratch[:head] = 0.0
-        for j in range(inputs.shape[0]):
-            scratch[head + j] = inputs[j]
-        scratch[head + inputs.shape[0]:count + num_taps - 1] = 0.0
-        for p in range(taps.shape[0]):
-            peak = max(peak, _phase_peak(scratch, taps, p, count, out))
+        scratch[head:head + inputs.shape[0]] = inputs
+        scratch[head + inputs.shape[0]:count + span] = 0.0
+        peak = max(peak, _four_phase_peak(scratch, taps, stride, count, out))
     return peak
 
 
 def true_peak(audio: np.ndarray, taps: np.ndarray, block: int = 4096) -> float:
     """max over channels, phases and output samples of ``|Σ_k taps[p, k] · x[t − k]|`` (zero outside the
-    signal, the filter's tail included), float32 arithmetic; blocks of ``block`` outputs whose inputs
-    cannot reach the peak found so far are skipped (exact: ``|y| ≤ max_p ‖taps_p‖₁ · max|x|``).
+    signal, the filter's tail included), float32 arithmetic; blocks of ``block`` outputs per channel whose
+    inputs cannot reach the peak found so far are skipped (exact: ``|y| ≤ max_p ‖taps_p‖₁ · max|x|``).
+
+    An interleaved buffer (a decoded file's transposed view) is filtered in place, all channels in one pass
+    (tap ``k`` of channel ``c`` reads ``flat[(t − k) · channels + c]``); channel-major audio one channel at
+    a time.
 
     Args:
-        audio: float32 ``(channels, samples)``, any layout; taps: ``(phases, 12)`` (the Annex 2 filter's
-            phases); block: outputs per block.
+        audio: float32 ``(channels, samples)``, any layout; taps: ``(phases, 12)``, at most 4 phases (the
+            Annex 2 filter's phases; fewer are padded with zero phases, which add nothing); block: outputs
+            per channel per block (≥ 1).
 
     Returns:
         The peak as a linear amplitude (0.0 for silence).
+
+    Raises:
+        ValueError: ``taps`` is not ``(≤ 4, 12)`` or ``block`` < 1.
     """
-    if taps.shape[1] != TRUE_PEAK_TAPS_PER_PHASE:
-        raise ValueError(f"true_peak takes {TRUE_PEAK_TAPS_PER_PHASE} taps per phase, got {taps.shape[1]}")
-    frames = audio.T
-    if frames.dtype != np.float32:
-        frames = frames.astype(np.float32)
-    taps32 = np.ascontiguousarray(taps, dtype=np.float32)
+    if taps.ndim != 2 or taps.shape[1] != TRUE_PEAK_TAPS_PER_PHASE or not 1 <= taps.shape[0] <= 4:
+        raise ValueError(f"true_peak takes (≤ 4, {TRUE_PEAK_TAPS_PER_PHASE}) taps, got {taps.shape}")
+    if block < 1:
+        raise ValueError(f"block must be ≥ 1, got {block}")
+    taps32 = np.zeros((4, TRUE_PEAK_TAPS_PER_PHASE), dtype=np.float32)
+    taps32[:taps.shape[0]] = taps
     # the bound in float32 arithmetic: ‖h‖₁ rounded up a little, so rounding can never make it inexact
     gain = np.float32(float(np.abs(taps.astype(np.float64)).sum(axis=1).max()) * (1.0 + 1e-5))
-    if frames.shape[0] == 0:
+    audio = np.asarray(audio)
+    if audio.shape[1] == 0:
         return 0.0
-    return float(_true_peak(frames, taps32, int(block), gain))
+    if audio.dtype != np.float32:
+        audio = audio.astype(np.float32)
+    frames = audio.T
+    if frames.flags.c_contiguous:  # interleaved: every channel in one pass over the buffer
+        channels = frames.shape[1]
+        return float(_true_peak(frames.reshape(-1), channels, taps32, int(block) * channels, gain,
+                                np.float32(0.0)))
+    peak = np.float32(0.0)
+    for channel in audio:  # channel-major, or any other layout: one contiguous channel at a time
+        peak = _true_peak(np.ascontiguousarray(channel), 1, taps32, int(block), gain, peak)
+    return float(peak)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
-def decimate(padded, taps, down, out):
-    """``out[k] = Σ_j taps[j] · padded[k · down + j]`` (float32; the caller zero-pads ``padded`` so that
-    every read is inside it): an FIR low-pass evaluated only at the kept samples."""
+def decimate(signal, taps, down, offset, out):
+    """``out[k] = Σ_j taps[j] · signal[k · down + j − offset]`` (float32, zero outside ``signal``): an FIR
+    low-pass evaluated only at the kept samples, read in place (no zero-padded copy of the signal)."""
+    num_samples = signal.shape[0]
     num_taps = taps.shape[0]
     for k in range(out.shape[0]):
-        # a slice indexed from 0: numba drops its negative-index checks and the loop runs in SIMD lanes
-        segment = padded[k * down:k * down + num_taps]
+        lo = k * down - offset
         acc = np.float32(0.0)
-        for j in range(num_taps):
-            acc += taps[j] * segment[j]
+        if lo >= 0 and lo + num_taps <= num_samples:
+            # a slice indexed from 0: numba drops its negative-index checks and the loop runs in SIMD lanes
+            segment = signal[lo:lo + num_taps]
+            for j in range(num_taps):
+                acc += taps[j] * segment[j]
+        else:  # the first and last few outputs: their taps reach past an end of the signal
+            for j in range(max(0, -lo), min(num_taps, num_samples - lo)):
+                acc += taps[j] * signal[lo + j]
         out[k] = acc
     return out
 

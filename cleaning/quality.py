@@ -35,8 +35,9 @@ def measure_true_peak_dbtp(audio: np.ndarray, sample_rate_hz: int) -> float:
     ``sample_rate_hz`` ≤ 96 kHz, and 2× (its phases 0 and 2) above, so that the oversampled rate is at least
     192 kHz as the Annex asks. The Annex's optional 12.04 dB attenuation before oversampling is not needed
     in floating point. Computed in float32 (rounding ≈ 1e-6 dB) by a compiled kernel
-    (``cleaning.kernels.true_peak``: each phase a vectorised 12-tap FIR over blocks of
-    ``TRUE_PEAK_BLOCK_SAMPLES`` outputs, whose result equals one pass over the whole signal). Blocks are
+    (``cleaning.kernels.true_peak``: the four phases from the same 12 loads, in SIMD lanes, over blocks of
+    ``TRUE_PEAK_BLOCK_SAMPLES`` outputs per channel, every channel of an interleaved buffer in one pass and in
+    place; the result equals one pass over the whole signal). Blocks are
     visited in order of their input's sample peak and the scan stops at the first that cannot hold the true
     peak: ``|y_p[n]| = |Σ_k h_p[k]·x[n−k]| ≤ ‖h_p‖₁ · max_k |x[n−k]|``, so a block whose inputs peak at P
     yields at most ``gain·P`` (``gain = max_p ‖h_p‖₁`` = 2.02 for the Annex filter). The bound is exact: the

@@ -24,7 +24,7 @@ from threadpoolctl import ThreadpoolController
 
 from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_container, read_audio, write_audio
 from cleaning.fingerprint import fingerprint, fingerprint_similarity
-from cleaning.measure import measure_audio, measure_levels
+from cleaning.measure import Levels, measure_audio, measure_levels
 from cleaning.quality import check_stem_formats, measure_stem_residual_db, measure_true_peak_dbtp
 from pipelines.delivery import check_file_row, file_record_id, parse_track
 from provenance.policy import OptOutRegistry, RunPurpose, decide
@@ -100,7 +100,7 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "5"
+MEASURE_VERSION = "6"
 """Bump when decoding or measuring changes: it is part of every measurement cache key."""
 MAX_CHANNELS = 2
 
@@ -166,18 +166,23 @@ def _measure_outcome_unlimited(path: str, with_fingerprint: bool) -> dict[str, A
     if audio.shape[0] > MAX_CHANNELS:
         return rejected(RejectionReason.TOO_MANY_CHANNELS,
                         f"{audio.shape[0]} channels; linernotes takes mono or stereo files (deliver stems instead)")
-    # a float64 sum of float32 samples cannot overflow, so it is finite exactly when every sample is
-    if not math.isfinite(float(audio.sum(dtype=np.float64))):
+    levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint)  # one compiled pass
+    # its per-channel float64 sums of float32 samples cannot overflow, so the DC offset is finite exactly
+    # when every sample is: the pass doubles as the NaN/infinity check
+    if not math.isfinite(levels.dc_offset):
         bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
         return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
-    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz, with_fingerprint)}
+    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz, with_fingerprint, levels)}
 
 
-def measure_all(audio: np.ndarray, sample_rate_hz: int, with_fingerprint: bool = True) -> dict[str, Any]:
+def measure_all(audio: np.ndarray, sample_rate_hz: int, with_fingerprint: bool = True,
+                levels: Levels | None = None) -> dict[str, Any]:
     """The AudioFile measurements plus true peak, DC offset and, ``with_fingerprint``, the fingerprint
     (``_fingerprint``: base64 of little-endian uint32 sub-fingerprints, used for near-duplicate detection and
-    dropped before writing; ``""`` without)."""
-    levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint)  # one compiled pass
+    dropped before writing; ``""`` without). ``levels``: ``measure_levels(audio, sample_rate_hz,
+    with_mono=with_fingerprint)`` when the caller already has it."""
+    if levels is None or (with_fingerprint and levels.mono is None):
+        levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint)  # one compiled pass
     prints = (fingerprint(audio, sample_rate_hz, mono=levels.mono).astype("<u4").tobytes() if with_fingerprint
               else b"")
     return {**measure_audio(audio, sample_rate_hz, levels),

@@ -181,3 +181,19 @@ def test_warm_kernels_compiles_every_kernel_once():
         measure_true_peak_dbtp(audio, 44100)
         fingerprint(audio, 44100, mono=levels.mono)
     assert [len(d.signatures) for d in dispatchers] == before
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "both"])
+@pytest.mark.parametrize("num_channels", [1, 2])
+def test_measure_levels_dc_offset_is_not_finite_for_non_finite_samples(bad, num_channels):
+    """Ingest rejects NaN or infinite samples by the one-pass scan's DC offset (its float64 channel sums
+    cannot overflow, so they are finite exactly when every sample is): the kernels' fast-math flags must not
+    let a NaN or an infinity vanish, even ``+inf`` and ``−inf`` in one channel."""
+    audio = (0.1 * np.random.default_rng(2).standard_normal((num_channels, 44100))).astype(np.float32)
+    assert math.isfinite(measure_levels(audio, 44100).dc_offset)
+    if bad == "both":
+        audio[-1, 100], audio[-1, 20_000] = math.inf, -math.inf
+    else:
+        audio[-1, 30_000] = bad
+    for layout in (audio, np.ascontiguousarray(audio.T).T):
+        assert not math.isfinite(measure_levels(layout, 44100, with_mono=True).dc_offset)

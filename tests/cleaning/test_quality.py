@@ -128,3 +128,20 @@ def test_true_peak_equals_the_annex_filter_applied_directly(sample_rate_hz, bloc
     reference = max(np.max(np.abs(np.convolve(channel.astype(np.float64), taps)))
                     for channel in audio for taps in phases)
     assert measure_true_peak_dbtp(audio, sample_rate_hz) == pytest.approx(20 * math.log10(reference), abs=1e-4)
+
+
+@pytest.mark.parametrize("num_channels", [1, 3])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_true_peak_of_any_channel_count_and_layout(num_channels, interleaved):
+    """The interleaved kernel filters every channel in one pass over the buffer (tap k of channel c reads
+    ``flat[(t − k) · channels + c]``): with 1 and 3 channels, either layout, odd lengths that leave partial
+    blocks, it gives the float64 reference, and the loudest channel decides wherever it sits."""
+    rng = np.random.default_rng(11)
+    audio = (0.1 * rng.standard_normal((num_channels, 9_001))).astype(np.float32)
+    audio[-1, 4_500] = 0.9  # the last channel holds the peak: a wrong stride would miss or misplace it
+    if interleaved:
+        audio = np.ascontiguousarray(audio.T).T
+    reference = max(np.max(np.abs(np.convolve(channel.astype(np.float64), taps)))
+                    for channel in audio for taps in quality.BS1770_TRUE_PEAK_TAPS)
+    assert reference > 0.8  # the impulse, not the noise (≈ 0.45), is the peak
+    assert measure_true_peak_dbtp(audio, 44100) == pytest.approx(20 * math.log10(reference), abs=1e-4)
