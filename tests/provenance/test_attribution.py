@@ -251,3 +251,19 @@ def test_to_json_is_complete_and_deterministic():
     assert data["tracks"][0]["attribution"] == "One by A (CC BY 4.0)"
     assert data["rights_holders"][1] == {"rights_holder": "Label Y", "share": pytest.approx(1 / 3),
                                          "track_ids": ["t3"]}
+
+
+def test_few_queries_search_on_one_faiss_thread_and_restore_the_count():
+    import faiss
+
+    from provenance.attribution import FEW_QUERIES, search_threads
+
+    faiss.omp_set_num_threads(2)
+    seen = []
+    with search_threads(1):
+        seen.append(faiss.omp_get_max_threads())
+    with search_threads(FEW_QUERIES):
+        seen.append(faiss.omp_get_max_threads())
+    with pytest.raises(RuntimeError), search_threads(1):
+        raise RuntimeError("a failed search restores the count too")
+    assert seen == [1, 2] and faiss.omp_get_max_threads() == 2
