@@ -44,7 +44,7 @@ def _clustered(num: int, dim: int, rng: np.random.Generator, centers: np.ndarray
 
 
 @pytest.mark.parametrize("num_segments", SIZES)
-def test_embedding_query_latency(num_segments):
+def test_embedding_query_latency(num_segments, tmp_path):
     rng = np.random.default_rng(0)
     dim = 192
     centers = rng.standard_normal((2000, dim)).astype(np.float32)
@@ -55,6 +55,10 @@ def test_embedding_query_latency(num_segments):
     start = time.perf_counter()
     index = EmbeddingIndex(ids, vectors)  # ann="auto": flat below 200k, IVF above
     build_s = time.perf_counter() - start
+    directory = index.save(tmp_path / "index")
+    start = time.perf_counter()
+    index = EmbeddingIndex.load(directory)  # what `linernotes attribute` does once per process
+    load_s = time.perf_counter() - start
 
     def numpy_top10(query):
         scores = vectors @ query  # brute force: every row, then the 10 best
@@ -71,7 +75,7 @@ def test_embedding_query_latency(num_segments):
         ours.append(time.perf_counter() - t0)
         recall.append(len({ids[i] for i in exact} & {s for s, _ in hits}) / 10)
     (b50, b95), (o50, o95) = _percentiles_ms(base), _percentiles_ms(ours)
-    print(f"\nembedding @ {num_segments:>9,} × {dim} ({index.ann}, built in {build_s:.1f} s)"
+    print(f"\nembedding @ {num_segments:>9,} × {dim} ({index.ann}, built in {build_s:.1f} s, loaded in {load_s:.1f} s)"
           f"\n  {'':<22}{'p50 ms':>9}{'p95 ms':>9}{'× numpy p95':>13}"
           f"\n  {'numpy brute force':<22}{b50:>9.2f}{b95:>9.2f}{1.0:>13.2f}"
           f"\n  {'EmbeddingIndex':<22}{o50:>9.2f}{o95:>9.2f}{o95 / b95:>13.3f}   recall@10 {np.mean(recall):.3f}")
