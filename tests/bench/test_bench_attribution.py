@@ -1,6 +1,7 @@
 """Attribution query latency (`make bench`): ``embedding`` and ``dtrak`` at 10k, 100k and 1M indexed segments
 against brute-force NumPy in the same run, and the cost of one ``unlearning`` query against one ``dtrak`` query
-on the same checkpoint. Prints tables; gates nothing on absolute times.
+on the same checkpoint, and D-TRAK's linear datamodeling score on the attribution test dataset. Prints tables
+and ratios; gates nothing on absolute times (only on recall/overlap: a fast wrong answer is not a result).
 
 Features are synthetic at scale: embeddings are a seeded mixture of 2,000 Gaussian clusters on the unit
 sphere (dim 192, as the mel-stats embedder), D-TRAK features standard normal (dim 512, the smallest
