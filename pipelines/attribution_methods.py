@@ -82,7 +82,13 @@ class UnlearningSettings:
     Attributes:
         candidates: segments re-ranked per query (from ``rerank_from``'s top list).
         rerank_from: ``"dtrak"`` or ``"embedding"``.
-        step_size: relative parameter change of the ascent step, ‖Δθ‖/‖θ‖.
+        step_size: relative parameter change of the ascent step, ‖Δθ‖/‖θ‖. Small enough that the loss change is
+            first-order in the step (``Δℓ_i ≈ c · g_i^T P g_q``), where the RelatIF normalisation ranks a training
+            segment used as the query first by Cauchy–Schwarz; a larger step adds the curvature term
+            ``½ Δθ^T H_i Δθ``, which differs between candidates and is not normalised. On the test dataset
+            (21 queries, 5 candidates) the smallest ratio of the query's own score to the best other candidate was
+            1.019 at 1e-5, 1.018 at 3e-5, 1.001 at 1e-4 and 0.95 at 3e-4 (4 misses); float32 losses resolve the
+            changes down to ≈ 1e-6, far below.
         damping: λ of the Fisher preconditioner, relative to the Fisher's mean.
         num_steps: ascent steps (the paper: one).
         normalize: divide each candidate's loss increase by ``√(g_i^T P g_i)``, its linearised
@@ -95,7 +101,7 @@ class UnlearningSettings:
 
     candidates: int = 50
     rerank_from: str = "dtrak"
-    step_size: float = 1e-4
+    step_size: float = 3e-5
     damping: float = 0.1
     num_steps: int = 1
     normalize: bool = True

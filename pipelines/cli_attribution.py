@@ -23,7 +23,7 @@ class AttributeConfig(IndexConfig):
 
     candidates: int = Field(50, ge=1)
     rerank_from: Literal["dtrak", "embedding"] = "dtrak"
-    step_size: float = Field(1e-4, gt=0)
+    step_size: float = Field(3e-5, gt=0)
     damping: float = Field(0.1, gt=0)
     num_steps: int = Field(1, ge=1)
     normalize: bool = True

@@ -251,3 +251,39 @@ def test_to_json_is_complete_and_deterministic():
     assert data["tracks"][0]["attribution"] == "One by A (CC BY 4.0)"
     assert data["rights_holders"][1] == {"rights_holder": "Label Y", "share": pytest.approx(1 / 3),
                                          "track_ids": ["t3"]}
+
+
+def test_few_queries_search_on_one_faiss_thread_and_restore_the_count():
+    import faiss
+
+    from provenance.attribution import FEW_QUERIES, search_threads
+
+    faiss.omp_set_num_threads(2)
+    seen = []
+    with search_threads(1):
+        seen.append(faiss.omp_get_max_threads())
+    with search_threads(FEW_QUERIES):
+        seen.append(faiss.omp_get_max_threads())
+    with pytest.raises(RuntimeError), search_threads(1):
+        raise RuntimeError("a failed search restores the count too")
+    assert seen == [1, 2] and faiss.omp_get_max_threads() == 2
+
+
+def test_an_ivf_index_is_saved_trained_and_loaded_without_k_means(tmp_path, monkeypatch):
+    import provenance.attribution as attribution
+
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((2000, 16)).astype(np.float32)
+    ids = [f"s{i}" for i in range(2000)]
+    index = EmbeddingIndex(ids, vectors, "e", "ds", ann="ivf")
+    directory = index.save(tmp_path / "idx")
+    assert (directory / "ivf.faiss").is_file()
+
+    def no_k_means(vectors):
+        raise AssertionError("load retrained the IVF index")
+
+    monkeypatch.setattr(attribution, "_ivf_index", no_k_means)
+    loaded = EmbeddingIndex.load(directory)
+    assert loaded.ann == "ivf" and loaded._faiss.nprobe == index._faiss.nprobe
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    assert loaded.search(queries, top_k=10) == index.search(queries, top_k=10)

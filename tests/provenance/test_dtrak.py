@@ -70,14 +70,16 @@ def test_scorer_matches_the_trak_formula_and_needs_a_complete_store(tmp_path):
     query = rng.standard_normal(8).astype(np.float32)
     expected = phi @ (expected_inverse @ query)
     np.testing.assert_allclose(scorer.scores(query), expected, rtol=1e-4, atol=1e-5)  # float32 in memory
-    best = scorer.search(query, 3)
+    best = scorer.search(query, 3)  # FAISS over the float16 copy: the float32 ranking, scores to float16 precision
+    assert scorer.serving == "faiss-fp16"
     assert [s for s, _ in best] == [ids[i] for i in np.argsort(-expected)[:3]]
+    np.testing.assert_allclose([v for _, v in best], np.sort(expected)[::-1][:3], rtol=2e-2, atol=2e-3)
     # reload from disk: the same scores
     np.testing.assert_allclose(dtrak.DTrakScorer.load(tmp_path / "f").scores(query), scorer.scores(query),
                                rtol=1e-5, atol=1e-7)
     # past the RAM budget the float16 memmap serves, with the same ranking
     half = dtrak.DTrakScorer.load(tmp_path / "f", max_ram_bytes=0, block_rows=7)
-    assert half.features.dtype == np.float16
+    assert half.features.dtype == np.float16 and half.serving == "memmap-fp16"
     np.testing.assert_allclose(half.scores(query), expected, rtol=2e-2, atol=2e-3)
     assert [s for s, _ in half.search(query, 3)] == [s for s, _ in best]
     # self-retrieval: with N > dim a training feature as the query still ranks itself first for most rows
