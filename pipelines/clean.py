@@ -112,6 +112,12 @@ class CleanConfig(BaseModel):
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"clean.{name} must be > 0, got {getattr(self, name)}")
+        kind, sep, path = self.embedder.partition(":")
+        if sep and kind in ("clap", "panns", "panns-cnn14"):
+            if not Path(path).exists():
+                raise ValueError(f"clean.embedder: {kind} needs a local checkpoint; {path!r} does not exist")
+        elif not self.embedder.startswith("mel-stats"):
+            raise ValueError(f"clean.embedder must be mel-stats, clap:DIR or panns:FILE.pth; got {self.embedder!r}")
         bad_sources = set(self.sources) - {r.value for r in Role if r != Role.MIXTURE}
         if bad_sources or not self.sources:
             raise ValueError(f"clean.sources must be stem roles (vocals, drums, bass, other), got {self.sources}")
