@@ -5,8 +5,9 @@ log-mel spectrogram, with no learned weights and nothing to download. It is *not
 embedding (CLAP, VGGish, PANNs): it knows spectral envelope, spectral variability and how fast the
 spectrum changes, and nothing of melody, rhythm, harmony or semantics. It retrieves near-copies of
 training audio well (including gain changes and light noise) and separates clearly different timbres;
-it is a weak judge of stylistic influence. Learned embedders (CLAP, VGGish) will implement the same
-``provenance.attribution.Embedder`` protocol and register in ``load_embedder``.
+it is a weak judge of stylistic influence. Learned embedders from local files (CLAP, PANNs Cnn14;
+``cleaning.embed_learned``) implement the same ``provenance.attribution.Embedder`` protocol and load through
+``load_embedder`` (``"clap:DIR"``, ``"panns:FILE.pth"``).
 """
 
 from __future__ import annotations
@@ -142,8 +143,8 @@ def embed_clip(embedder: Embedder, audio: np.ndarray, sample_rate_hz: int) -> np
 
 
 def known_embedders() -> list[str]:
-    """Names ``load_embedder`` accepts."""
-    return [MEL_STATS]
+    """Names ``load_embedder`` accepts (``PATH``: a local directory or file)."""
+    return [MEL_STATS, "clap:PATH", "panns:PATH"]
 
 
 def load_embedder(spec: str) -> Embedder:
@@ -151,13 +152,24 @@ def load_embedder(spec: str) -> Embedder:
 
     Args:
         spec: ``"mel-stats"`` (the default ``MelStatsEmbedder()``), or the full ``name`` of the default
-            mel-stats embedder as written into an index's ``meta.json``.
+            mel-stats embedder as written into an index's ``meta.json``; ``"clap:DIR"`` (a CLAP model saved
+            with ``save_pretrained``, ``cleaning.embed_learned.ClapEmbedder``); ``"panns:FILE"`` or
+            ``"panns-cnn14:FILE"`` (the PANNs authors' Cnn14 checkpoint, ``PannsCnn14Embedder``). Nothing is
+            downloaded.
 
     Raises:
-        ValueError: an unknown name; the message lists the known ones.
+        ValueError: an unknown name (the message lists the known ones), or a file that holds no such model.
+        FileNotFoundError: the named directory or file does not exist.
     """
     default = MelStatsEmbedder()
     if spec in (MEL_STATS, default.name):
         return default
-    raise ValueError(f"unknown embedder {spec!r}; known: {', '.join(known_embedders())} "
-                     f"(learned embedders such as CLAP or VGGish are not available yet)")
+    kind, sep, path = spec.partition(":")
+    if sep and path:
+        from cleaning import embed_learned
+
+        if kind == embed_learned.CLAP:
+            return embed_learned.ClapEmbedder(path)
+        if kind in (embed_learned.PANNS, embed_learned.PANNS_CNN14):
+            return embed_learned.PannsCnn14Embedder(path)
+    raise ValueError(f"unknown embedder {spec!r}; known: {', '.join(known_embedders())}")

@@ -54,6 +54,9 @@ REASON_BY_METHOD = {blind.FAD: "fad_outlier", blind.UNLEARNING: "low_unlearning_
 Progress = Callable[[str, int, int], None]
 
 
+_UNLEARNING = blind.UnlearningSettings()
+
+
 class CleanConfig(BaseModel):
     """Config of the clean stage. Frozen; unknown keys are rejected.
 
@@ -78,19 +81,19 @@ class CleanConfig(BaseModel):
     unlearning_threshold: float | None = None
     # FAD
     embedder: str = "mel-stats"
-    # unlearning (see cleaning.blind.UnlearningSettings)
-    sources: list[str] = ["bass", "drums", "other", "vocals"]
-    sample_rate_hz: int = 16000
-    separator_channels: int = 8
-    separator_depth: int = 3
-    window_s: float = 1.0
-    max_windows_per_stem: int = 8
-    train_steps: int = 300
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-    step_size: float = 1e-2
-    damping: float = 0.1
-    seed: int = 0
+    # unlearning: cleaning.blind.UnlearningSettings, whose defaults these are (one source of truth)
+    sources: list[str] = list(_UNLEARNING.sources)
+    sample_rate_hz: int = _UNLEARNING.sample_rate_hz
+    separator_channels: int = _UNLEARNING.channels
+    separator_depth: int = _UNLEARNING.depth
+    window_s: float = _UNLEARNING.window_s
+    max_windows_per_stem: int = _UNLEARNING.max_windows_per_stem
+    train_steps: int = _UNLEARNING.train_steps
+    batch_size: int = _UNLEARNING.batch_size
+    learning_rate: float = _UNLEARNING.learning_rate
+    step_size: float = _UNLEARNING.step_size
+    damping: float = _UNLEARNING.damping
+    seed: int = _UNLEARNING.seed
     # Ray
     num_cpus: int | None = None
     address: str | None = None
@@ -112,6 +115,12 @@ class CleanConfig(BaseModel):
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"clean.{name} must be > 0, got {getattr(self, name)}")
+        kind, sep, path = self.embedder.partition(":")
+        if sep and kind in ("clap", "panns", "panns-cnn14"):
+            if not Path(path).exists():
+                raise ValueError(f"clean.embedder: {kind} needs a local checkpoint; {path!r} does not exist")
+        elif not self.embedder.startswith("mel-stats"):
+            raise ValueError(f"clean.embedder must be mel-stats, clap:DIR or panns:FILE.pth; got {self.embedder!r}")
         bad_sources = set(self.sources) - {r.value for r in Role if r != Role.MIXTURE}
         if bad_sources or not self.sources:
             raise ValueError(f"clean.sources must be stem roles (vocals, drums, bass, other), got {self.sources}")

@@ -58,7 +58,7 @@ class EvaluateConfig(BaseModel):
     separator_depth: int = 3
     window_s: float = 1.0
     max_windows_per_stem: int = 4
-    step_size: float = 1e-2
+    step_size: float = blind.UnlearningSettings().step_size
     damping: float = 0.1
     downstream: bool = True
 
