@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleaning.audio import resample, to_mono
+from cleaning.embed import check_audio
 
 CLAP = "clap"
 PANNS = "panns"
@@ -45,19 +46,6 @@ def _sha256_files(paths: list[Path]) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def _check_audio(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 1:
-        audio = audio[None]
-    if audio.ndim != 2 or audio.shape[0] == 0 or audio.shape[1] == 0:
-        raise ValueError(f"audio must be non-empty (channels, samples); got shape {audio.shape}")
-    if sample_rate_hz <= 0:
-        raise ValueError(f"sample_rate_hz must be > 0; got {sample_rate_hz}")
-    if not np.all(np.isfinite(audio)):
-        raise ValueError("audio contains NaN or inf")
-    return audio
 
 
 def _windows(mono: np.ndarray, window_samples: int, hop_samples: int) -> np.ndarray:
@@ -98,7 +86,7 @@ class _WindowedEmbedder:
         Raises:
             ValueError: empty audio, non-finite samples, more than 2 dims, or ``sample_rate_hz <= 0``.
         """
-        audio = _check_audio(audio, sample_rate_hz)
+        audio = check_audio(audio, sample_rate_hz)
         mono = resample(to_mono(audio), int(sample_rate_hz), self.sample_rate_hz)[0]
         windows = _windows(mono, round(self.window_s * self.sample_rate_hz),
                            max(1, round(self.hop_s * self.sample_rate_hz)))
