@@ -24,9 +24,7 @@ rule restores them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,15 +186,15 @@ def run_clean(workspace: Workspace, config: CleanConfig, progress: Progress | No
     store = LineageStore(workspace.store_url)
     run_id = store.start_run(STAGE, {**config.model_dump(), "config_sha256": config.sha256()})
     run_dir = workspace.run_dir(run_id)
-    _write_json(run_dir / "config.json", {"stage": STAGE, "config": config.model_dump(),
-                                          "config_sha256": config.sha256()})
+    records.write_json({"stage": STAGE, "config": config.model_dump(), "config_sha256": config.sha256()},
+                       run_dir / "config.json", default=str)
     try:
         with local_ray(address=config.address, num_cpus=config.num_cpus):
             measured = _measure_tracks(stems, mixtures, config, progress)
         result = _score_and_decide(workspace, config, run_id, stems, reference_ids, measured, progress)
         counts = {"stems": result.num_stems, "kept": result.num_kept, "dropped": result.num_dropped,
                   "dropped_by_reason": result.dropped_by_reason, "scored": result.scored}
-        _write_json(run_dir / "summary.json", result.to_json())
+        records.write_json(result.to_json(), run_dir / "summary.json", default=str)
         store.finish_run(run_id, counts, result.outputs)
         return result
     except BaseException as err:
@@ -437,9 +435,3 @@ def _unlearning_task(candidates: list[StemItem], references: list[StemItem],
                            "train_loss_first": result.train_losses[0], "train_loss_last": result.train_losses[-1],
                            **result.info}
 
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)

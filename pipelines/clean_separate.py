@@ -11,8 +11,6 @@ store. A re-run skips tracks whose stems from the same separator are already in 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,8 +133,8 @@ def run_separate(workspace: Workspace, config: SeparateConfig, progress: Progres
     run_id = store.start_run(STAGE, {**config.model_dump(), "separator": identity.name,
                                      "separator_sha256": identity.sha256})
     run_dir = workspace.run_dir(run_id)
-    _write_json(run_dir / "config.json", {"stage": STAGE, "config": config.model_dump(), "separator": identity.name,
-                                          "separator_sha256": identity.sha256})
+    records.write_json({"stage": STAGE, "config": config.model_dump(), "separator": identity.name,
+                        "separator_sha256": identity.sha256}, run_dir / "config.json", default=str)
     try:
         new_rows: list[dict[str, Any]] = []
         if todo:
@@ -162,7 +160,7 @@ def run_separate(workspace: Workspace, config: SeparateConfig, progress: Progres
         result = SeparateResult(run_id=run_id, separator=identity.name, separator_sha256=identity.sha256,
                                 num_tracks=len(todo), num_stems=len(new_rows),
                                 skipped_tracks=len(wanted) - len(todo), stems=new_rows)
-        _write_json(run_dir / "summary.json", result.to_json())
+        records.write_json(result.to_json(), run_dir / "summary.json", default=str)
         store.finish_run(run_id, {"tracks": len(todo), "stems": len(new_rows), "skipped": result.skipped_tracks,
                                   "separator": identity.name, "separator_sha256": identity.sha256},
                          {"audio_files": str(path), "summary": str(run_dir / "summary.json")})
@@ -173,9 +171,3 @@ def run_separate(workspace: Workspace, config: SeparateConfig, progress: Progres
     finally:
         store.close()
 
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=str) + "\n")
-    os.replace(tmp, path)

@@ -26,6 +26,7 @@ import numpy as np
 from cleaning.audio import read_audio, to_mono, write_audio
 from cleaning.mel import MelConfig, log_mel
 from pipelines.lineage import known_tracks, summarize_attribution
+from provenance import records
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
@@ -119,10 +120,7 @@ def _write(workspace: Workspace, generation: dict[str, Any], attribution: dict[s
     files_dir = gen_dir / FILES_DIR
     shutil.rmtree(files_dir, ignore_errors=True)
     os.replace(files_tmp, files_dir)
-    path = report_path(workspace, generation_id)
-    tmp = path.with_name(f".{REPORT_NAME}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    os.replace(tmp, path)
+    path = records.write_text(html, report_path(workspace, generation_id))
     return {"generation_id": generation_id, "method": method, "report": str(path),
             "segments": len(segments), "players": 1 + sum(1 for s in segments if s.get("audio")),
             "files": sorted(str(p) for p in files_dir.iterdir())}

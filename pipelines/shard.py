@@ -166,8 +166,8 @@ def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | No
     store = LineageStore(workspace.store_url)
     run_id = store.start_run(STAGE, {**config.resolved(), "config_sha256": config.sha256()})
     run_dir = workspace.run_dir(run_id)
-    _write_json(run_dir / "config.json", {"stage": STAGE, "config": config.resolved(),
-                                          "config_sha256": config.sha256()})
+    records.write_json({"stage": STAGE, "config": config.resolved(), "config_sha256": config.sha256()},
+                       run_dir / "config.json")
     rejections = [{**r, "run_id": run_id} for r in plan.rejections]
     try:
         dataset_dir = _find_dataset(workspace, plan_sha256)
@@ -185,7 +185,7 @@ def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | No
         rejections_path = records.write_table(records.to_table(rejections, records.REJECTION),
                                               run_dir / "rejections.parquet")
         counts = _run_counts(result)
-        _write_json(run_dir / "summary.json", {**result.to_json(), "run_counts": counts})
+        records.write_json({**result.to_json(), "run_counts": counts}, run_dir / "summary.json")
         store.finish_run(run_id, counts, {"dataset": str(dataset_dir), "rejections": str(rejections_path),
                                           "summary": str(run_dir / "summary.json")})
         return result
@@ -474,8 +474,8 @@ def _build_dataset(workspace: Workspace, plan: ShardPlan, plan_sha256: str, conf
         index_rows.sort(key=lambda r: (r["split"], r["shard"], r["key"]))
         dataset_id = "ds-" + records.sha256_hex(records.canonical_json(
             {"index": index_rows, "shard_sha256": dict(sorted(shard_sha256.items()))}))[:16]
-        _write_json(tmp_dir / "dataset.json", _manifest(dataset_id, plan, plan_sha256, config, index_rows,
-                                                        shard_sha256))
+        records.write_json(_manifest(dataset_id, plan, plan_sha256, config, index_rows, shard_sha256),
+                           tmp_dir / "dataset.json")
         records.write_table(records.to_table(index_rows, records.SHARD_ENTRY), tmp_dir / "index.parquet")
 
         final_dir = workspace.dataset_dir(dataset_id)
@@ -609,9 +609,3 @@ def _run_counts(result: ShardResult) -> dict[str, Any]:
             "segments": result.num_segments, "segments_by_split": result.counts, "shards": result.num_shards,
             "reused": result.reused}
 
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

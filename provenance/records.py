@@ -354,6 +354,32 @@ def write_table(table: pa.Table, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def write_text(text: str, path: str | os.PathLike[str]) -> Path:
+    """Write a UTF-8 text file atomically (temporary name in the same folder, then rename).
+
+    The file gets the process umask's permissions, like a plain ``open``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(value: Any, path: str | os.PathLike[str], default: Any = None) -> Path:
+    """Write ``value`` as indented, key-sorted JSON atomically; ``default`` is ``json.dumps``'s fallback.
+
+    Raises:
+        TypeError: a value JSON cannot encode and ``default`` does not convert.
+    """
+    return write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False, default=default) + "\n", path)
+
+
 def read_table(path: str | os.PathLike[str], schema: pa.Schema | None = None) -> pa.Table:
     """Read a Parquet table; with ``schema``, cast to it (raises if a column is missing)."""
     table = pq.read_table(path)

@@ -33,7 +33,7 @@ import torch
 from cleaning.audio import read_audio, to_mono
 from cleaning.fad import embed_stats, frechet_distance
 from provenance.attribution import Embedder
-from provenance.records import write_table
+from provenance.records import write_json, write_table, write_text
 from training.data import read_dataset_info
 from training.generate import LoadedCheckpoint, generate, load_checkpoint
 from training.vocoder import load_vocoder
@@ -245,9 +245,7 @@ def evaluate_run(run_dir: str | os.PathLike[str], dataset_dir: str | os.PathLike
     report = write_report(evaluation, plot, out / "report.html", title=f"run {Path(run_dir).name}")
     evaluation.outputs = {"parquet": str(out / "evaluation.parquet"), "plot": str(plot), "report": str(report),
                           "json": str(out / "evaluation.json")}
-    tmp = out / ".evaluation.json.tmp"
-    tmp.write_text(json.dumps(evaluation.to_json(), indent=2))
-    os.replace(tmp, out / "evaluation.json")
+    write_json(evaluation.to_json(), out / "evaluation.json")
     return evaluation
 
 
@@ -305,8 +303,4 @@ Vocoder floor (validation mels re-synthesised): {evaluation.vocoder_floor_fad:.4
 <table><tr><th>step</th><th>FAD</th><th>generations</th><th>sampler</th><th>checkpoint</th></tr>{rows}</table>
 </body></html>
 """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(page, path)
