@@ -142,14 +142,20 @@ def per_item_fad(item_embeddings: np.ndarray, reference: GaussianStats, *,
     Raises:
         ValueError: bad shapes or shrinkage outside [0, 1].
     """
+    return frechet_distance(_shrunk_item_stats(item_embeddings, reference, shrinkage, "per_item_fad"), reference)
+
+
+def _shrunk_item_stats(item_embeddings: np.ndarray, reference: GaussianStats, shrinkage: float | None,
+                       caller: str) -> GaussianStats:
+    """The item's Gaussian with its covariance shrunk towards the reference's by ``shrinkage`` (default
+    ``D / (D + n)``)."""
     item = gaussian_stats(item_embeddings)
     if item.dim != reference.dim:
-        raise ValueError(f"per_item_fad: dimensions differ ({item.dim} vs {reference.dim})")
+        raise ValueError(f"{caller}: dimensions differ ({item.dim} vs {reference.dim})")
     alpha = item.dim / (item.dim + item.count) if shrinkage is None else float(shrinkage)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"per_item_fad: shrinkage must be in [0, 1], got {alpha}")
-    shrunk = GaussianStats(mean=item.mean, cov=(1 - alpha) * item.cov + alpha * reference.cov, count=item.count)
-    return frechet_distance(shrunk, reference)
+        raise ValueError(f"{caller}: shrinkage must be in [0, 1], got {alpha}")
+    return GaussianStats(mean=item.mean, cov=(1 - alpha) * item.cov + alpha * reference.cov, count=item.count)
 
 
 def per_item_fads(items_embeddings: Iterable[np.ndarray], reference: GaussianStats, *,
@@ -177,13 +183,8 @@ def per_item_fads(items_embeddings: Iterable[np.ndarray], reference: GaussianSta
     trace_ref = float(np.trace(reference.cov))
     out = []
     for embeddings in items_embeddings:
-        item = gaussian_stats(embeddings)
-        if item.dim != reference.dim:
-            raise ValueError(f"per_item_fads: dimensions differ ({item.dim} vs {reference.dim})")
-        alpha = item.dim / (item.dim + item.count) if shrinkage is None else float(shrinkage)
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"per_item_fads: shrinkage must be in [0, 1], got {alpha}")
-        cov = (1 - alpha) * item.cov + alpha * reference.cov
+        item = _shrunk_item_stats(embeddings, reference, shrinkage, "per_item_fads")
+        cov = item.cov
         inner = root @ cov @ root
         trace_sqrt = float(np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2.0), 0.0, None))))
         diff = item.mean - reference.mean
