@@ -60,7 +60,8 @@ class CleanConfig(BaseModel):
 
     A method's rule is its ``*_threshold`` when set, else its ``*_drop_ratio`` (the worst fraction of the
     scored candidates). FAD scores are per-item FAD (higher = worse); unlearning scores are separation-loss
-    changes after unlearning the reference set (lower = worse).
+    changes after unlearning the reference set, standardised within each role (z-scores, lower = worse), so
+    ``unlearning_threshold`` is in standard deviations.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
