@@ -18,6 +18,7 @@ from fractions import Fraction
 import numpy as np
 import scipy.fft
 import scipy.signal
+import torch
 
 from cleaning.kernels import band_energies, decimate, windowed_frames
 from cleaning.measure import measure_pcm_sha256
@@ -32,7 +33,7 @@ SILENCE_FLOOR_DBFS = -70.0  # frames whose windowed RMS is below this carry no b
 NEAR_DUPLICATE_THRESHOLD = 0.8  # similarity, i.e. BER < 0.2 (Haitsma & Kalker match at BER < 0.35)
 DEFAULT_MAX_SHIFT_S = 10.0
 DEFAULT_MIN_OVERLAP_S = 5.0
-_FRAMES_PER_CHUNK = 32  # STFT frames per chunk: 256 KB of windowed frames + 262 KB of spectrum stay in L2
+_FRAMES_PER_CHUNK = 64  # STFT frames per chunk: 512 KB of windowed frames + 525 KB of spectrum stay in L2
 _ANTIALIAS_STOP_HZ = FINGERPRINT_SAMPLE_RATE_HZ - BAND_HIGH_HZ  # lowest frequency that aliases into the bands
 
 __all__ = ["FINGERPRINT_SAMPLE_RATE_HZ", "FRAME_HOP_S", "NEAR_DUPLICATE_THRESHOLD", "find_exact_duplicates",
@@ -78,13 +79,17 @@ def fingerprint(audio: np.ndarray, sample_rate_hz: int, *, mono: np.ndarray | No
     band_edges = _band_edges()
     energies = np.empty((num_frames, NUM_BANDS), dtype=np.float64)  # band energies E[n, m]
     mean_square = np.empty(num_frames)  # windowed Σ (w·x)² per frame, for the silence floor
-    windowed = np.empty((min(_FRAMES_PER_CHUNK, num_frames), FRAME_SAMPLES), dtype=np.float32)
+    chunk = min(_FRAMES_PER_CHUNK, num_frames)
+    windowed = torch.empty((chunk, FRAME_SAMPLES), dtype=torch.float32)
+    spectrum = torch.empty((chunk, FRAME_SAMPLES // 2 + 1), dtype=torch.complex64)
+    windowed_np, spectrum_np = windowed.numpy(), spectrum.numpy()  # the same memory, for the kernels
     for first in range(0, num_frames, _FRAMES_PER_CHUNK):  # chunks keep the windowed frames in cache
         count = min(_FRAMES_PER_CHUNK, num_frames - first)
-        windowed_frames(mono, window, first, HOP_SAMPLES, windowed[:count], mean_square)
-        # float32 FFT: rounding can flip only bits whose differences are near zero, as a codec does
-        spectrum = scipy.fft.rfft(windowed[:count], axis=1, overwrite_x=True)
-        band_energies(spectrum, band_edges, first, energies)
+        windowed_frames(mono, window, first, HOP_SAMPLES, windowed_np[:count], mean_square)
+        # float32 FFT (torch's, MKL's on x86: a third cheaper than pocketfft's here); rounding can flip only
+        # bits whose differences are near zero, as a codec does
+        torch.fft.rfft(windowed[:count], dim=1, out=spectrum[:count])
+        band_energies(spectrum_np[:count], band_edges, first, energies)
     mean_square /= float(np.sum(window.astype(np.float64) ** 2))
     difference = energies[:, :-1] - energies[:, 1:]  # (frames, 32): E[m] − E[m+1]
     bits = (difference[1:] - difference[:-1]) > 0  # (frames − 1, 32)

@@ -12,7 +12,8 @@ import numpy as np
 
 from cleaning.kernels import true_peak
 
-TRUE_PEAK_BLOCK_SAMPLES = 4096  # output samples per channel computed at once (in L1 cache); the skipping unit
+TRUE_PEAK_BLOCK_SAMPLES = 1024  # outputs per channel computed at once (in L1 cache), the skipping unit: on the
+# corpus mixtures 1024 costs 5–30% less than 4096 (finer blocks skip more), on stationary noise the same
 
 # ITU-R BS.1770-4 Annex 2, the 48-tap 4× interpolation filter as its 4 phases of 12 taps: phase p gives the
 # point p/4 of a sample period after the centre tap (phases 2 and 3 are phases 1 and 0 reversed).

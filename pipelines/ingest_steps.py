@@ -100,7 +100,7 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "6"
+MEASURE_VERSION = "7"
 """Bump when decoding or measuring changes: it is part of every measurement cache key."""
 MAX_CHANNELS = 2
 
@@ -133,9 +133,10 @@ def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
 
 def _measure_outcome(path: str, with_fingerprint: bool = True) -> dict[str, Any]:
     """Decode and measure one file: ``{"status": "accepted", "fields": ...}`` or ``{"status": "rejected",
-    "reason": ..., "detail": ...}``. BLAS runs on one thread here: the engine already runs one file per
-    core, and idle BLAS threads spinning would only cost CPU time."""
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    "reason": ..., "detail": ...}``. BLAS and OpenMP (torch's intra-op pool, which the fingerprint's FFT
+    uses) run on one thread here: the engine already runs one file per core, and idle threads spinning would
+    only cost CPU time."""
+    with _blas_controller().limit(limits=1):
         return _measure_outcome_unlimited(path, with_fingerprint)
 
 
@@ -315,7 +316,7 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     write_audio(path, mixture32, sample_rate_hz)
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
            "derived_from": "sum_of_stems"}
-    with _blas_controller().limit(limits=1, user_api="blas"):
+    with _blas_controller().limit(limits=1):
         row.update(measure_all(mixture32, sample_rate_hz))
     _write_cached(mixtures_dir, f".{key}", row)
     return {**row, "run_id": run_id, "_cached": False}

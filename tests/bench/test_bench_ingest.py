@@ -86,7 +86,7 @@ def _ours_stem(path: str) -> float:
 
 
 def _breakdown(path: str, repeats: int = 3) -> list[tuple[str, float]]:
-    """CPU ms per step of ``_measure_outcome`` on one file (BLAS on one thread, as ingest runs it)."""
+    """CPU ms per step of ``_measure_outcome`` on one file (BLAS and OpenMP on one thread, as ingest runs it)."""
     from threadpoolctl import threadpool_limits
 
     from cleaning.audio import read_audio
@@ -103,7 +103,7 @@ def _breakdown(path: str, repeats: int = 3) -> list[tuple[str, float]]:
              ("true peak (Annex 2)", lambda: measure_true_peak_dbtp(audio, rate)),
              ("fingerprint (from the channel mean)", lambda: fingerprint(audio, rate, mono=mono))]
     out = []
-    with threadpool_limits(1, user_api="blas"):
+    with threadpool_limits(1):
         for name, step in steps:
             step()
             start = time.process_time()
