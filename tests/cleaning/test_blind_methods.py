@@ -55,7 +55,8 @@ def test_unlearning_detects_planted_contamination(material):
         assert abs(values.mean()) < 1e-9 and values.std() == pytest.approx(1.0)
     metrics = detection_metrics(result.scores, planted, higher_is_worse=False)  # lower = contributes less
     raw = detection_metrics(result.info["raw_scores"], planted, higher_is_worse=False)
-    # measured (seed 1): label noise 0.97 (raw mean loss change 0.87), bleeding 0.70 (raw 0.60)
+    # measured (data seed 1, contrastive step): label noise 0.97 (raw mean loss change 0.88), bleeding 0.69
+    # (raw 0.57). Over data seeds 1–5 label noise is 0.97/0.91/0.80/0.91/0.91, bleeding 0.69/0.32/0.64/0.65/0.45
     assert metrics[LABEL_NOISE]["auroc"] >= 0.8, metrics
     assert metrics[LABEL_NOISE]["auroc"] > raw[LABEL_NOISE]["auroc"] and metrics["all"]["auroc"] > raw["all"]["auroc"]
     # the target of 0.8 on bleeding is NOT met by this CPU-scale separator (README, "Measured");
