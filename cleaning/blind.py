@@ -7,7 +7,7 @@ model of the contamination; both return one score per candidate stem.
   ``cleaning.fad``). Higher = further from clean stems of that role = worse.
 - **unlearning** (``unlearning_stem_scores``): train a small demucs separator on the candidate stems
   (random mixing), unlearn the clean reference set with one Fisher-preconditioned ascent step
-  (``provenance.unlearning``), and score every candidate stem window by its separation-loss change; a
+  (``provenance.unlearning``; contrastive: the candidates' mean gradient is subtracted), and score every candidate stem window by its separation-loss change; a
   stem's score is the mean over its windows, standardised among the stems of its role (``role_normalize``).
   Lower = the stem contributes less to clean outputs = worse.
 
@@ -100,6 +100,15 @@ class UnlearningSettings:
             window's loss change scales with its source's level and how hard that source is to separate, so
             raw changes rank roles before stems; measured on planted label noise this lifts AUROC from 0.88
             to 0.94 (and bleeding from 0.55 to 0.65) at the default scale.
+        contrast_weight: the ascent direction is ``∇L_reference − contrast_weight·∇L_candidates`` (mean
+            gradients, ``provenance.unlearning.unlearn``): the share of the gradient that every window has
+            ("separate better") cancels and the step unlearns what the clean set teaches beyond the average
+            candidate; 0 = plain ascent on the reference loss. Measured (test scale, data seeds 1–5, 400
+            steps, damping 0.1): label-noise AUROC 0.97/0.91/0.80/0.91/0.91 (mean 0.90) with 1.0 vs
+            0.97/0.78/0.78/0.88/0.91 (0.86) with 0; bleeding unchanged (mean 0.55 vs 0.56). ``damping`` 1.0 (λ =
+            the Fisher's mean; was 0.1) with the contrast: label noise 0.98/0.93/0.87/0.95/0.96 (mean 0.94),
+            bleeding 0.69/0.36/0.71/0.66/0.49 (0.58); damping 0.3/3/10 give label 0.92/0.945/0.948, bleeding
+            0.57/0.58/0.55; damping 1.0 without the contrast: label 0.87.
     """
 
     sources: tuple[str, ...] = ("bass", "drums", "other", "vocals")
@@ -112,11 +121,12 @@ class UnlearningSettings:
     batch_size: int = 8
     learning_rate: float = 3e-3
     step_size: float = 3e-2
-    damping: float = 0.1
+    damping: float = 1.0
     num_steps: int = 1
     seed: int = 0
     score_all_sources: bool = False
     role_normalize: bool = True
+    contrast_weight: float = 1.0
 
     @property
     def window_samples(self) -> int:
@@ -159,7 +169,8 @@ def unlearning_stem_scores(candidates: Sequence[StemItem], references: Sequence[
     3. Scored set: each candidate window mixed with a fixed accompaniment (one reference window of every
        other source, drawn with ``seed``), loss on its own source only.
     4. ``provenance.unlearning.unlearning_scores`` (diagonal Fisher on the scored set, one preconditioned
-       ascent step on the forget set); a stem's score is the mean loss change of its windows.
+       ascent step on the forget set's loss minus ``contrast_weight`` × the scored set's); a stem's score is
+       the mean loss change of its windows.
 
     Args:
         candidates: the stems to score.
@@ -204,10 +215,12 @@ def unlearning_stem_scores(candidates: Sequence[StemItem], references: Sequence[
             window_stem.append(index)
     if progress is not None:
         progress("unlearning", 0, 1)
+    score_batches = batches(score_examples, settings.batch_size)
     result = unlearning_scores(model, SeparationLoss(), forget_batches=batches(forget_examples, settings.batch_size),
-                               score_batches=batches(score_examples, settings.batch_size),
-                               step_size=settings.step_size, damping=settings.damping,
-                               num_steps=settings.num_steps, seed=settings.seed)
+                               score_batches=score_batches, step_size=settings.step_size, damping=settings.damping,
+                               num_steps=settings.num_steps, seed=settings.seed,
+                               contrast_batches=score_batches if settings.contrast_weight > 0 else None,
+                               contrast_weight=settings.contrast_weight)
     if progress is not None:
         progress("unlearning", 1, 1)
     window_stem_arr = np.asarray(window_stem, dtype=np.int64)

@@ -22,6 +22,10 @@ Wang et al.: move most along directions the rest of the data does not pin down):
     d = ∇θ L_forget / (F + λ·mean(F))          F: diagonal empirical Fisher, λ: ``damping``
     θ ← θ + step_size · ‖θ‖ · d / ‖d‖           ``step_size`` is the relative parameter change
 
+Optionally the ascent is *contrastive*: ``∇θ L_forget − w·∇θ L_contrast`` (mean gradients; blind cleaning passes
+the candidate windows as the contrast set), so that the update unlearns what the forget set teaches beyond the
+average training example rather than the task as a whole (see ``unlearn``).
+
 Pure torch and numpy; no model classes.
 """
 
@@ -165,12 +169,20 @@ def per_example_losses(model: nn.Module, loss_fn: PerExampleLoss, batches: Itera
 
 def unlearn(model: nn.Module, loss_fn: PerExampleLoss, forget_batches: Sequence[Any],
             fisher: Sequence[torch.Tensor], *, step_size: float = 1e-3, damping: float = 0.1,
-            num_steps: int = 1, seed: int = 0) -> nn.Module:
+            num_steps: int = 1, seed: int = 0, contrast_batches: Sequence[Any] | None = None,
+            contrast_weight: float = 1.0) -> nn.Module:
     """A copy of ``model`` after Fisher-preconditioned gradient ascent on the forget set's loss.
 
     ``d = ∇θ L_forget / (F + damping·mean(F))``, ``θ ← θ + step_size·‖θ‖·d/‖d‖`` per step, where ``L_forget`` is
     the mean per-example loss over ``forget_batches`` (each evaluated with seed ``seed + i``, so every step sees
     the same noise) and norms run over all trainable parameters.
+
+    With ``contrast_batches`` the ascent direction is ``∇θ L_forget − contrast_weight·∇θ L_contrast`` (both mean
+    per-example losses; contrast batch ``i`` under seed ``seed + 3_000_017 + i``): the part of the gradient that
+    every example shares (for a separator: "separate better") cancels, and the step unlearns what distinguishes
+    the forget set from the contrast set. In first order the loss change of an example ``n`` is then
+    ``η·∇ℓ_n·F⁻¹(∇L_forget − w·∇L_contrast)``: its alignment with the forget set relative to the contrast set's
+    (the mean-centred influence; cf. the influence-function view of Koh & Liang 2017).
 
     Args:
         model: the trained network; left untouched.
@@ -181,19 +193,24 @@ def unlearn(model: nn.Module, loss_fn: PerExampleLoss, forget_batches: Sequence[
         damping: λ, relative to the Fisher's mean, > 0.
         num_steps: ascent steps, ≥ 1.
         seed: base seed of the forget batches.
+        contrast_batches: examples whose mean loss gradient is subtracted (None: plain ascent).
+        contrast_weight: ``w`` ≥ 0, the weight of the contrast gradient.
 
     Returns:
         A deep copy of ``model`` with moved parameters, in the same train/eval mode.
 
     Raises:
-        ValueError: a non-positive ``step_size``/``damping``, ``num_steps`` < 1, no forget batches, or a Fisher
-            that does not match the parameters.
+        ValueError: a non-positive ``step_size``/``damping``, ``num_steps`` < 1, no forget batches, an empty
+            ``contrast_batches`` or negative ``contrast_weight``, or a Fisher that does not match the parameters.
     """
     if step_size <= 0 or damping <= 0 or num_steps < 1:
         raise ValueError(f"unlearn needs step_size > 0, damping > 0, num_steps >= 1; got {step_size}, {damping}, "
                          f"{num_steps}")
     if len(forget_batches) == 0:
         raise ValueError("unlearn needs at least one forget batch")
+    if contrast_batches is not None and (len(contrast_batches) == 0 or contrast_weight < 0):
+        raise ValueError(f"unlearn needs a non-empty contrast set and contrast_weight >= 0; got "
+                         f"{len(contrast_batches)} batches, weight {contrast_weight}")
     moved = copy.deepcopy(model)
     params = trainable_parameters(moved)
     if len(params) != len(fisher) or any(p.shape != f.shape for p, f in zip(params, fisher, strict=False)):
@@ -202,17 +219,11 @@ def unlearn(model: nn.Module, loss_fn: PerExampleLoss, forget_batches: Sequence[
                         / max(1, sum(f.numel() for f in fisher)))
     lam = damping * fisher_mean if fisher_mean > 0 else damping
     for _ in range(num_steps):
-        grads = [torch.zeros_like(p) for p in params]
-        count = 0
-        for i, batch in enumerate(forget_batches):
-            with _seeded(seed + i):
-                losses = _check_losses(loss_fn(moved, batch), "unlearn")
-            batch_grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
-            for acc, grad in zip(grads, batch_grads, strict=True):
-                if grad is not None:
-                    acc += grad.detach()
-            count += losses.shape[0]
-        directions = [g / count / (f.to(g.device, g.dtype) + lam) for g, f in zip(grads, fisher, strict=True)]
+        grads = _mean_gradient(moved, loss_fn, forget_batches, params, seed)
+        if contrast_batches is not None and contrast_weight > 0:
+            contrast = _mean_gradient(moved, loss_fn, contrast_batches, params, seed + 3_000_017)
+            grads = [g - contrast_weight * c for g, c in zip(grads, contrast, strict=True)]
+        directions = [g / (f.to(g.device, g.dtype) + lam) for g, f in zip(grads, fisher, strict=True)]
         d_norm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in directions))
         theta_norm = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for p in params))
         if d_norm == 0.0:
@@ -222,6 +233,22 @@ def unlearn(model: nn.Module, loss_fn: PerExampleLoss, forget_batches: Sequence[
             for p, d in zip(params, directions, strict=True):
                 p.add_(d, alpha=scale)
     return moved
+
+
+def _mean_gradient(model: nn.Module, loss_fn: PerExampleLoss, batches: Sequence[Any],
+                   params: Sequence[nn.Parameter], seed: int) -> list[torch.Tensor]:
+    """Gradient of the mean per-example loss over ``batches`` (batch ``i`` under seed ``seed + i``)."""
+    grads = [torch.zeros_like(p) for p in params]
+    count = 0
+    for i, batch in enumerate(batches):
+        with _seeded(seed + i):
+            losses = _check_losses(loss_fn(model, batch), "unlearn")
+        batch_grads = torch.autograd.grad(losses.sum(), params, allow_unused=True)
+        for acc, grad in zip(grads, batch_grads, strict=True):
+            if grad is not None:
+                acc += grad.detach()
+        count += losses.shape[0]
+    return [g / count for g in grads]
 
 
 def loss_deltas(before: nn.Module, after: nn.Module, loss_fn: PerExampleLoss, batches: Sequence[Any], *,
@@ -257,7 +284,9 @@ class UnlearningScores:
 def unlearning_scores(model: nn.Module, loss_fn: PerExampleLoss, *, forget_batches: Sequence[Any],
                       score_batches: Sequence[Any], fisher_batches: Sequence[Any] | None = None,
                       fisher: Sequence[torch.Tensor] | None = None, step_size: float = 1e-3,
-                      damping: float = 0.1, num_steps: int = 1, seed: int = 0) -> UnlearningScores:
+                      damping: float = 0.1, num_steps: int = 1, seed: int = 0,
+                      contrast_batches: Sequence[Any] | None = None, contrast_weight: float = 1.0
+                      ) -> UnlearningScores:
     """Unlearn the forget set and measure every scored example's loss change.
 
     Args:
@@ -267,7 +296,7 @@ def unlearning_scores(model: nn.Module, loss_fn: PerExampleLoss, *, forget_batch
         score_batches: the examples to score (batch ``i`` always under seed ``seed + 1_000_003 + i``).
         fisher_batches: where to estimate the diagonal Fisher (default ``score_batches``); ignored if ``fisher``.
         fisher: a precomputed ``diagonal_fisher`` (reuse it across queries: it depends only on the model).
-        step_size, damping, num_steps: see ``unlearn``.
+        step_size, damping, num_steps, contrast_batches, contrast_weight: see ``unlearn``.
         seed: base seed.
 
     Returns:
@@ -280,7 +309,8 @@ def unlearning_scores(model: nn.Module, loss_fn: PerExampleLoss, *, forget_batch
         fisher = diagonal_fisher(model, loss_fn, fisher_batches if fisher_batches is not None else score_batches,
                                  seed=seed + 2_000_003)
     after = unlearn(model, loss_fn, forget_batches, fisher, step_size=step_size, damping=damping,
-                    num_steps=num_steps, seed=seed)
+                    num_steps=num_steps, seed=seed, contrast_batches=contrast_batches,
+                    contrast_weight=contrast_weight)
     score_seed = seed + 1_000_003
     before_losses = per_example_losses(model, loss_fn, score_batches, seed=score_seed)
     after_losses = per_example_losses(after, loss_fn, score_batches, seed=score_seed)

@@ -119,3 +119,31 @@ def test_bad_loss_shape_is_named() -> None:
     model, x, y, _ = _linear_problem()
     with pytest.raises(ValueError, match=r"shape \(B,\)"):
         unlearning.per_example_losses(model, lambda m, b: m(b[0]), [(x, y)])
+
+
+def test_contrastive_unlearn_moves_along_the_preconditioned_gradient_difference() -> None:
+    model, x, y, batches = _linear_problem()
+    fisher = unlearning.diagonal_fisher(model, SquaredError(), batches)
+    forget, contrast = [(x[3:4], y[3:4])], batches
+    moved = unlearning.unlearn(model, SquaredError(), forget, fisher, step_size=0.05, contrast_batches=contrast,
+                               contrast_weight=0.7)
+    params = list(model.parameters())
+
+    def mean_grad(data):
+        xs, ys = torch.cat([b[0] for b in data]), torch.cat([b[1] for b in data])
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(SquaredError()(model, (xs, ys)).mean(), params)])
+
+    f = torch.cat([v.reshape(-1) for v in fisher])
+    expected = (mean_grad(forget) - 0.7 * mean_grad(contrast)) / (f + 0.1 * f.mean())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+    step = torch.cat([p.detach().reshape(-1) for p in moved.parameters()]) - theta
+    assert float(step.norm() / theta.norm()) == pytest.approx(0.05, rel=1e-4)
+    assert float(torch.nn.functional.cosine_similarity(step, expected, dim=0)) > 0.9999
+    plain = unlearning.unlearn(model, SquaredError(), forget, fisher, step_size=0.05)
+    plain_step = torch.cat([p.detach().reshape(-1) for p in plain.parameters()]) - theta
+    assert float(torch.nn.functional.cosine_similarity(step, plain_step, dim=0)) < 0.999  # the contrast matters
+    same = unlearning.unlearn(model, SquaredError(), forget, fisher, contrast_batches=forget)  # gradient cancels
+    for p, q in zip(same.parameters(), params):
+        torch.testing.assert_close(p.detach(), q.detach())
+    with pytest.raises(ValueError, match="contrast"):
+        unlearning.unlearn(model, SquaredError(), forget, fisher, contrast_batches=[])
