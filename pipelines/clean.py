@@ -92,6 +92,7 @@ class CleanConfig(BaseModel):
     learning_rate: float = _UNLEARNING.learning_rate
     step_size: float = _UNLEARNING.step_size
     damping: float = _UNLEARNING.damping
+    contrast_weight: float = _UNLEARNING.contrast_weight
     seed: int = _UNLEARNING.seed
     # Ray
     num_cpus: int | None = None
@@ -109,6 +110,8 @@ class CleanConfig(BaseModel):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"clean.{name} must be in [0, 1], got {value}")
+        if self.contrast_weight < 0:
+            raise ValueError(f"clean.contrast_weight must be ≥ 0, got {self.contrast_weight}")
         positive = ("sample_rate_hz", "separator_channels", "separator_depth", "window_s", "max_windows_per_stem",
                     "train_steps", "batch_size", "learning_rate", "step_size", "damping")
         for name in positive:
@@ -136,7 +139,7 @@ class CleanConfig(BaseModel):
             sources=tuple(self.sources), sample_rate_hz=self.sample_rate_hz, channels=self.separator_channels,
             depth=self.separator_depth, window_s=self.window_s, max_windows_per_stem=self.max_windows_per_stem,
             train_steps=self.train_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
-            step_size=self.step_size, damping=self.damping, seed=self.seed)
+            step_size=self.step_size, damping=self.damping, contrast_weight=self.contrast_weight, seed=self.seed)
 
     def rule(self, method: str) -> dict[str, float | None]:
         threshold = getattr(self, f"{method}_threshold")

@@ -109,5 +109,9 @@ def test_clean_config_errors_name_the_key(tmp_path):
         load_config(CleanConfig, None, {"methods": ["magic"], "reference_tracks": ["a"]})
     with pytest.raises(ConfigError, match="fad_drop_ratio"):
         load_config(CleanConfig, None, {"fad_drop_ratio": 1.5, "reference_tracks": ["a"]})
+    with pytest.raises(ConfigError, match="contrast_weight"):
+        load_config(CleanConfig, None, {"contrast_weight": -1, "reference_tracks": ["a"]})
+    config = load_config(CleanConfig, None, {"contrast_weight": 0.5, "reference_tracks": ["a"]})
+    assert config.unlearning_settings().contrast_weight == 0.5  # reaches the method
     with pytest.raises(FileNotFoundError, match="ingest"):
         run_clean(Workspace.at(tmp_path), CleanConfig(methods=[]))
