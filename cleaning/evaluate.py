@@ -124,8 +124,10 @@ _TORCH_SOLVE_OK = True
 
 
 def train_on(items: Sequence[StemItem], sources: Sequence[str], *, window_samples: int, steps: int, seed: int,
-             sample_rate_hz: int, channels: int = 8, depth: int = 3, batch_size: int = 8) -> torch.nn.Module:
-    """A separator trained for ``steps`` on random mixes of the windows of ``items`` (mono, at their rate)."""
+             sample_rate_hz: int, channels: int = 8, depth: int = 3, batch_size: int = 8,
+             lr_schedule: str = "constant") -> torch.nn.Module:
+    """A separator trained for ``steps`` on random mixes of the windows of ``items`` (mono, at their rate);
+    ``lr_schedule`` as in ``cleaning.separator.train_separator``."""
     from cleaning.separator import cut_windows
 
     pools = []
@@ -134,7 +136,8 @@ def train_on(items: Sequence[StemItem], sources: Sequence[str], *, window_sample
         pools.append(np.concatenate(windows) if windows else np.zeros((0, window_samples), np.float32))
     model = build_separator(SeparatorSpec(sources=tuple(sources), sample_rate_hz=sample_rate_hz, channels=channels,
                                           depth=depth), seed=seed)
-    train_separator(model, RandomMixer(pools, seed=seed), steps=steps, batch_size=batch_size, seed=seed)
+    train_separator(model, RandomMixer(pools, seed=seed), steps=steps, batch_size=batch_size, seed=seed,
+                    lr_schedule=lr_schedule)
     return model
 
 

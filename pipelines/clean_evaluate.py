@@ -63,6 +63,8 @@ class EvaluateConfig(BaseModel):
     drop_ratio: float | None = None  # None = the planted fraction
     seeds: list[int] = [0, 1, 2]
     train_steps: int = 300  # unlearning separator and every downstream separator
+    lr_schedule: str = "cosine"  # downstream separators: cosine decay to 0 ("constant": Adam at a fixed rate)
+    replicates: int = 1  # downstream separators per training set and seed (seeds seed + 1000·r), SDRs averaged
     separator_channels: int = 8
     separator_depth: int = 3
     window_s: float = 1.0
@@ -84,6 +86,10 @@ class EvaluateConfig(BaseModel):
             raise ValueError("evaluate.seeds must name at least one seed")
         if not 0 < self.reference_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ValueError("evaluate.reference_fraction and evaluate.test_fraction must be in (0, 1)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"evaluate.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.replicates < 1:
+            raise ValueError(f"evaluate.replicates must be ≥ 1, got {self.replicates}")
         if self.num_test_songs is not None and self.num_test_songs < 1:
             raise ValueError(f"evaluate.num_test_songs must be ≥ 1, got {self.num_test_songs}")
         if self.clip_s < self.window_s:
@@ -199,6 +205,7 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, progress: Progress | Non
                 if progress is not None:
                     progress(f"seed {seed}: separators", k + 1, len(training_sets))
             seed_result.update(paired_sdr_figures(per_song, list(scores)))
+            seed_result["sdr_per_song_db"] = {name: [float(v) for v in values] for name, values in per_song.items()}
         per_seed.append(seed_result)
         plot_runs.append({"seed": seed, "scores": scores, "kinds": kinds, "thresholds": thresholds,
                           "higher_is_worse": {m: blind.HIGHER_IS_WORSE[m] for m in scores}})
@@ -281,10 +288,16 @@ def paired_sdr_figures(per_song: dict[str, np.ndarray], methods: list[str]) -> d
 
 def _sdr_per_song(items: list[StemItem], test_songs: list[list[StemItem]], sources: list[str],
                   config: EvaluateConfig, seed: int) -> np.ndarray:
-    model = evaluate.train_on(items, sources, window_samples=round(config.window_s * config.sample_rate_hz),
-                              steps=config.train_steps, seed=seed, sample_rate_hz=config.sample_rate_hz,
-                              channels=config.separator_channels, depth=config.separator_depth)
-    return evaluate.sdr_per_song(model, test_songs, sources)
+    """Per-test-song SDR of separators trained on ``items``, averaged over ``config.replicates`` trainings
+    (replicate ``r`` seeded ``seed + 1000·r``, the same seeds for every training set)."""
+    runs = []
+    for r in range(config.replicates):
+        model = evaluate.train_on(items, sources, window_samples=round(config.window_s * config.sample_rate_hz),
+                                  steps=config.train_steps, seed=seed + 1000 * r, sample_rate_hz=config.sample_rate_hz,
+                                  channels=config.separator_channels, depth=config.separator_depth,
+                                  lr_schedule=config.lr_schedule)
+        runs.append(evaluate.sdr_per_song(model, test_songs, sources))
+    return np.mean(runs, axis=0)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -323,7 +336,8 @@ def _aggregate(config: EvaluateConfig, per_seed: list[dict[str, Any]], sources: 
     description = (f"{config.source} material: {num_songs} songs/excerpts of {config.clip_s} s at "
                    f"{config.sample_rate_hz} Hz, sources {', '.join(sources)}; contamination "
                    f"{json.dumps(config.contamination)}; separators: demucs, {config.separator_channels} channels, "
-                   f"depth {config.separator_depth}, {config.train_steps} steps; "
+                   f"depth {config.separator_depth}, {config.train_steps} steps ({config.lr_schedule} learning rate), "
+                   f"{config.replicates} per training set and seed; "
                    f"{per_seed[0]['num_test_songs']} held-out test songs per seed; seeds {config.seeds}.")
     return {"description": description, "num_seeds": len(per_seed), "config": config.model_dump(),
             "detection": detection, "sdr_db": sdr, "sdr_gain_db": gain, "gap_closed_percent": gap,

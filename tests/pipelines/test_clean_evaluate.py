@@ -14,7 +14,7 @@ from cleaning.contamination import Planted
 from cleaning.evaluate import detection_metrics, gap_closed_percent, sdr_per_song, train_on
 from cleaning.synthetic_stems import render_song
 from pipelines.cli import app
-from pipelines.clean_evaluate import EvaluateConfig, held_out_songs, paired_sdr_figures, run_evaluate
+from pipelines.clean_evaluate import EvaluateConfig, _sdr_per_song, held_out_songs, paired_sdr_figures, run_evaluate
 
 SOURCES = ["bass", "drums", "other", "vocals"]
 
@@ -57,6 +57,15 @@ def test_clean_evaluate_runs_both_methods_over_seeds_and_writes_a_report(tmp_pat
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["num_seeds"] == 2
 
 
+def test_clean_evaluate_config_rejects_bad_downstream_settings():
+    with pytest.raises(ValueError, match="lr_schedule"):
+        EvaluateConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="replicates"):
+        EvaluateConfig(replicates=0)
+    with pytest.raises(ValueError, match="num_test_songs"):
+        EvaluateConfig(num_test_songs=0)
+
+
 def test_clean_evaluate_cli_rejects_a_bad_key_before_work(tmp_path):
     result = CliRunner().invoke(app, ["clean", "evaluate", "--out", str(tmp_path), "--set", "seedz=[1]", "--json"])
     assert result.exit_code == 2 and "seedz" in result.output
@@ -90,6 +99,11 @@ def test_downstream_sdr_is_paired_the_same_seed_and_data_give_the_same_sdr():
     assert np.array_equal(first, sdr(train, 0))  # common random numbers: init, mixes and test songs repeat
     assert not np.array_equal(first, sdr(train, 1))
     assert not np.array_equal(first, sdr(train[4:], 0))  # the data matter (one song fewer)
+    # replicates: the per-song mean over separators seeded seed + 1000·r, the same seeds for every set
+    config = EvaluateConfig(source="synthetic", sample_rate_hz=8000, separator_channels=4, train_steps=6,
+                            lr_schedule="constant", replicates=2)
+    averaged = _sdr_per_song(train, test, SOURCES, config, 0)
+    np.testing.assert_allclose(averaged, (first + sdr(train, 1000)) / 2, rtol=0, atol=1e-9)
 
 
 def test_fast_bss_eval_sdr_agrees_with_mir_eval():
