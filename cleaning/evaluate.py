@@ -2,9 +2,10 @@
 a separator (SDR by BSS Eval), plus the HTML report with PNG plots.
 
 Detection metrics are scikit-learn's (``roc_auc_score``); SDR is BSS Eval's (Vincent et al. 2006) as
-implemented by ``mir_eval.separation.bss_eval_sources``. The gap closed is the paper's figure of merit
-(Gui et al., ICASSP 2026: 66.7% for unlearning-based cleaning on MUSDB18):
-``100 · (SDR_cleaned − SDR_contaminated) / (SDR_oracle − SDR_contaminated)``.
+computed by ``fast_bss_eval.sdr`` (equal to ``mir_eval.separation.bss_eval_sources``'s SDR, tested). The gap
+closed is the paper's figure of merit (Gui et al., ICASSP 2026: 66.7% for unlearning-based cleaning on
+MUSDB18): ``100 · (SDR_cleaned − SDR_contaminated) / (SDR_reference − SDR_contaminated)``, the reference being
+the model trained on the same data without contamination.
 """
 
 from __future__ import annotations
@@ -142,7 +143,8 @@ def train_on(items: Sequence[StemItem], sources: Sequence[str], *, window_sample
 
 
 def gap_closed_percent(contaminated: float, cleaned: float, oracle: float) -> float:
-    """``100 · (cleaned − contaminated) / (oracle − contaminated)``; NaN when the oracle gains nothing."""
+    """``100 · (cleaned − contaminated) / (oracle − contaminated)`` (SDRs in dB; ``oracle``: the reference set's,
+    e.g. uncontaminated); NaN when the reference gains nothing."""
     gap = oracle - contaminated
     return 100.0 * (cleaned - contaminated) / gap if abs(gap) > 1e-9 else math.nan
 
