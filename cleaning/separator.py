@@ -179,14 +179,27 @@ class RandomMixer:
 
 
 def train_separator(model: torch.nn.Module, mixer: RandomMixer, *, steps: int, batch_size: int = 8,
-                    learning_rate: float = 3e-3, seed: int = 0, progress: Any = None) -> list[float]:
+                    learning_rate: float = 3e-3, seed: int = 0, progress: Any = None,
+                    lr_schedule: str = "constant") -> list[float]:
     """Train ``model`` in place with Adam on random mixes, L1 loss (``SeparationLoss``).
+
+    Args:
+        lr_schedule: ``"constant"`` or ``"cosine"`` (``CosineAnnealingLR`` from ``learning_rate`` to 0 over
+            ``steps``, Loshchilov & Hutter 2017: the last steps average out the step-to-step noise, so the
+            final model depends less on where the last batches happened to push it).
 
     Returns:
         the loss of every step (float).
+
+    Raises:
+        ValueError: an unknown ``lr_schedule``.
     """
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be constant or cosine, got {lr_schedule!r}")
     loss_fn = SeparationLoss()
     optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+                 if lr_schedule == "cosine" else None)
     model.train()
     losses: list[float] = []
     with torch.random.fork_rng():
@@ -196,6 +209,8 @@ def train_separator(model: torch.nn.Module, mixer: RandomMixer, *, steps: int, b
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
             losses.append(float(loss.detach()))
             if progress is not None:
                 progress("train separator", step + 1, steps)

@@ -10,9 +10,15 @@ Per seed:
 2. **Plant** contamination into the candidates (``cleaning.contamination``), remembering what was planted.
 3. **Score** with FAD and unlearning (``cleaning.blind``); **detection**: AUROC and precision at the
    planted count, over all kinds and per kind (``cleaning.evaluate.detection_metrics``).
-4. **Downstream**: separators trained for the same steps on the contaminated set, on each method's cleaned
-   set (the worst ``drop_ratio`` dropped; default: the planted fraction) and on the oracle-clean set (planted
-   items dropped); SDR (BSS Eval) on the held-out songs; the gap closed.
+4. **Downstream**: separators trained for the same steps on five training sets — ``uncontaminated`` (the
+   candidates before planting: the paper's reference), ``contaminated``, each method's ``cleaned_<method>``
+   set (the worst ``drop_ratio`` dropped; default: the planted fraction) and ``drop_planted`` (exactly the
+   planted stems dropped: an oracle cleaner, with less data than ``uncontaminated``); SDR (BSS Eval) on the
+   held-out songs. The comparison is paired within a seed (common random numbers): every separator of a seed
+   starts from the same initialisation, draws its random mixes from the same seed and is scored on the same
+   test songs, so ``sdr_gain_db`` (a set's SDR − the contaminated set's) cancels most of the seed's luck.
+   The gap closed is the paper's (Gui et al., ICASSP 2026, 66.7% for unlearning on MUSDB18): the share of
+   the gap between the contaminated and the *uncontaminated* training set that cleaning recovers.
 
 Figures are aggregated over seeds (mean ± std) into ``summary.json`` and ``report.html`` with PNG plots.
 """
@@ -49,11 +55,16 @@ class EvaluateConfig(BaseModel):
     excerpt_every: int = 2  # slakh: take every n-th excerpt of each song
     reference_fraction: float = 0.2
     test_fraction: float = 0.15
+    # held-out clean test songs per seed; synthetic: rendered apart from the num_songs (never trained on nor
+    # used as reference), slakh: taken from the excerpts; None = test_fraction of the material
+    num_test_songs: int | None = None
     contamination: dict[str, float] = {"bleeding": 0.1, "label_noise": 0.1}
     methods: list[str] = [blind.FAD, blind.UNLEARNING]
     drop_ratio: float | None = None  # None = the planted fraction
     seeds: list[int] = [0, 1, 2]
     train_steps: int = 300  # unlearning separator and every downstream separator
+    lr_schedule: str = "cosine"  # downstream separators: cosine decay to 0 ("constant": Adam at a fixed rate)
+    replicates: int = 1  # downstream separators per training set and seed (seeds seed + 1000·r), SDRs averaged
     separator_channels: int = 8
     separator_depth: int = 3
     window_s: float = 1.0
@@ -75,6 +86,12 @@ class EvaluateConfig(BaseModel):
             raise ValueError("evaluate.seeds must name at least one seed")
         if not 0 < self.reference_fraction < 1 or not 0 < self.test_fraction < 1:
             raise ValueError("evaluate.reference_fraction and evaluate.test_fraction must be in (0, 1)")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"evaluate.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.replicates < 1:
+            raise ValueError(f"evaluate.replicates must be ≥ 1, got {self.replicates}")
+        if self.num_test_songs is not None and self.num_test_songs < 1:
+            raise ValueError(f"evaluate.num_test_songs must be ≥ 1, got {self.num_test_songs}")
         if self.clip_s < self.window_s:
             raise ValueError(f"evaluate.clip_s ({self.clip_s}) must be ≥ evaluate.window_s ({self.window_s})")
         return self
@@ -129,8 +146,15 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, progress: Progress | Non
     """Run the evaluation (see the module docstring); writes ``summary.json`` and ``report.html`` to ``out_dir``.
 
     Returns:
-        the summary (also in ``summary.json``): detection per method and kind, SDR per training set, gap closed
-        per method, each as mean ± std over seeds, plus the per-seed figures.
+        the summary (also in ``summary.json``): detection per method and kind; SDR per training set
+        (``sdr_db``); the paired SDR gain of each set over the contaminated one (``sdr_gain_db``); the gap
+        closed per method against the uncontaminated set (``gap_closed_percent``: the mean ± std of the
+        per-seed ratios and ``of_mean_gains``, the ratio of the mean paired gains) and against
+        ``drop_planted`` (``gap_closed_vs_drop_planted_percent``); each as mean ± std over seeds, plus the
+        per-seed figures.
+
+    Raises:
+        ValueError: ``source="slakh"`` and too few excerpts for ``num_test_songs`` plus references and candidates.
     """
     started = time.monotonic()
     songs = load_material(config)
@@ -140,9 +164,8 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, progress: Progress | Non
         rng = np.random.default_rng(seed)
         order = rng.permutation(len(songs))
         num_ref = max(1, round(config.reference_fraction * len(songs)))
-        num_test = max(1, round(config.test_fraction * len(songs)))
+        test_songs, num_test = held_out_songs(config, seed, songs, order, num_ref)
         references = [s for i in order[:num_ref] for s in songs[i]]
-        test_songs = [songs[i] for i in order[num_ref:num_ref + num_test]]
         candidates = [s for i in order[num_ref + num_test:] for s in songs[i]]
         planted_items, planted = plant_contamination(candidates, config.contamination, seed=seed)
         planted_index = {p.index for p in planted}
@@ -163,25 +186,26 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, progress: Progress | Non
             scores[blind.UNLEARNING] = blind.unlearning_stem_scores(planted_items, references, settings).scores
         seed_result: dict[str, Any] = {"seed": seed, "num_candidates": len(candidates), "num_planted": len(planted),
                                        "num_reference_stems": len(references), "num_test_songs": len(test_songs),
-                                       "detection": {}, "sdr_db": {}, "gap_closed_percent": {}}
+                                       "detection": {}, "sdr_db": {}, "sdr_gain_db": {}, "sdr_gain_sem_db": {},
+                                       "gap_closed_percent": {}, "gap_closed_vs_drop_planted_percent": {}}
         thresholds = {}
+        training_sets: dict[str, list[StemItem]] = {UNCONTAMINATED: candidates, CONTAMINATED: planted_items}
         for method, values in scores.items():
             seed_result["detection"][method] = evaluate.detection_metrics(
                 values, planted, higher_is_worse=blind.HIGHER_IS_WORSE[method])
             drop = decide(values, higher_is_worse=blind.HIGHER_IS_WORSE[method], drop_ratio=drop_ratio)
             kept_bad = values[~drop & np.isfinite(values)]
             thresholds[method] = float(kept_bad.max() if blind.HIGHER_IS_WORSE[method] else kept_bad.min())
-            if config.downstream:
-                kept = [item for item, d in zip(planted_items, drop) if not d]
-                seed_result["sdr_db"][f"cleaned_{method}"] = _sdr(kept, test_songs, sources, config, seed)
+            training_sets[f"cleaned_{method}"] = [item for item, d in zip(planted_items, drop) if not d]
+        training_sets[DROP_PLANTED] = [item for i, item in enumerate(planted_items) if i not in planted_index]
         if config.downstream:
-            seed_result["sdr_db"]["contaminated"] = _sdr(planted_items, test_songs, sources, config, seed)
-            oracle = [item for i, item in enumerate(planted_items) if i not in planted_index]
-            seed_result["sdr_db"]["oracle_clean"] = _sdr(oracle, test_songs, sources, config, seed)
-            for method in scores:
-                seed_result["gap_closed_percent"][method] = evaluate.gap_closed_percent(
-                    seed_result["sdr_db"]["contaminated"], seed_result["sdr_db"][f"cleaned_{method}"],
-                    seed_result["sdr_db"]["oracle_clean"])
+            per_song = {}
+            for k, (name, items) in enumerate(training_sets.items()):
+                per_song[name] = _sdr_per_song(items, test_songs, sources, config, seed)
+                if progress is not None:
+                    progress(f"seed {seed}: separators", k + 1, len(training_sets))
+            seed_result.update(paired_sdr_figures(per_song, list(scores)))
+            seed_result["sdr_per_song_db"] = {name: [float(v) for v in values] for name, values in per_song.items()}
         per_seed.append(seed_result)
         plot_runs.append({"seed": seed, "scores": scores, "kinds": kinds, "thresholds": thresholds,
                           "higher_is_worse": {m: blind.HIGHER_IS_WORSE[m] for m in scores}})
@@ -197,12 +221,83 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, progress: Progress | Non
     return summary
 
 
-def _sdr(items: list[StemItem], test_songs: list[list[StemItem]], sources: list[str], config: EvaluateConfig,
-         seed: int) -> float:
-    model = evaluate.train_on(items, sources, window_samples=round(config.window_s * config.sample_rate_hz),
-                              steps=config.train_steps, seed=seed, sample_rate_hz=config.sample_rate_hz,
-                              channels=config.separator_channels, depth=config.separator_depth)
-    return evaluate.sdr_on_songs(model, test_songs, sources)
+UNCONTAMINATED = "uncontaminated"
+CONTAMINATED = "contaminated"
+DROP_PLANTED = "drop_planted"
+
+
+def held_out_songs(config: EvaluateConfig, seed: int, songs: list[list[StemItem]], order: np.ndarray,
+                   num_ref: int) -> tuple[list[list[StemItem]], int]:
+    """The seed's held-out clean test songs and how many of ``songs`` (after the ``num_ref`` references in
+    ``order``) they take.
+
+    Synthetic material with ``num_test_songs`` set renders that many songs of its own (seeds far from the
+    material's, different per seed), so testing on more songs costs no training data; otherwise the test
+    songs are taken from ``songs`` (``num_test_songs``, else ``test_fraction`` of them).
+
+    Raises:
+        ValueError: fewer than 2 songs would remain as candidates.
+    """
+    if config.source == "synthetic" and config.num_test_songs is not None:
+        from cleaning.synthetic_stems import render_song
+
+        return [render_song(f"test-s{seed}-{i:03d}", 1_000_003 * (seed + 1) + i, config.clip_s,
+                            config.sample_rate_hz) for i in range(config.num_test_songs)], 0
+    num_test = config.num_test_songs or max(1, round(config.test_fraction * len(songs)))
+    if len(songs) - num_ref - num_test < 2:
+        raise ValueError(f"evaluate.num_test_songs: {num_test} test + {num_ref} reference songs leave "
+                         f"{len(songs) - num_ref - num_test} of {len(songs)} for training; need ≥ 2")
+    return [songs[i] for i in order[num_ref:num_ref + num_test]], num_test
+
+
+def paired_sdr_figures(per_song: dict[str, np.ndarray], methods: list[str]) -> dict[str, dict[str, float]]:
+    """One seed's downstream figures from per-test-song SDRs of separators trained on each set (same songs).
+
+    Args:
+        per_song: training-set name → float ``(songs,)`` SDR in dB, the same test songs in the same order;
+            must hold ``contaminated`` and ``uncontaminated`` (and ``drop_planted``, ``cleaned_<method>``).
+        methods: the cleaning methods (``cleaned_<method>`` keys).
+
+    Returns:
+        ``sdr_db`` (set → mean SDR), ``sdr_gain_db`` (set → mean over songs of its SDR − the contaminated
+        set's on the same song), ``sdr_gain_sem_db`` (the standard error of that mean over songs),
+        ``gap_closed_percent`` (method → ``gap_closed_percent(contaminated, cleaned, uncontaminated)``) and
+        ``gap_closed_vs_drop_planted_percent`` (the same against ``drop_planted``).
+    """
+    base = per_song[CONTAMINATED]
+    out: dict[str, dict[str, float]] = {"sdr_db": {}, "sdr_gain_db": {}, "sdr_gain_sem_db": {},
+                                        "gap_closed_percent": {}, "gap_closed_vs_drop_planted_percent": {}}
+    for name, values in per_song.items():
+        out["sdr_db"][name] = float(np.nanmean(values))
+        if name == CONTAMINATED:
+            continue
+        diff = np.asarray(values, np.float64) - base
+        diff = diff[np.isfinite(diff)]
+        out["sdr_gain_db"][name] = float(diff.mean()) if diff.size else float("nan")
+        out["sdr_gain_sem_db"][name] = float(diff.std(ddof=1) / np.sqrt(diff.size)) if diff.size > 1 else float("nan")
+    sdr = out["sdr_db"]
+    for method in methods:
+        cleaned = sdr[f"cleaned_{method}"]
+        out["gap_closed_percent"][method] = evaluate.gap_closed_percent(sdr[CONTAMINATED], cleaned,
+                                                                        sdr[UNCONTAMINATED])
+        if DROP_PLANTED in sdr:
+            out["gap_closed_vs_drop_planted_percent"][method] = evaluate.gap_closed_percent(
+                sdr[CONTAMINATED], cleaned, sdr[DROP_PLANTED])
+    return out
+
+
+def _sdr_per_song(items: list[StemItem], test_songs: list[list[StemItem]], sources: list[str],
+                  config: EvaluateConfig, seed: int) -> np.ndarray:
+    """Per-test-song SDR of separators trained on ``items``, averaged over ``config.replicates`` trainings
+    (replicate ``r`` seeded ``seed + 1000·r``, the same seeds for every training set)."""
+    runs = []
+    for r in range(config.replicates):
+        model = evaluate.train_on(items, sources, window_samples=round(config.window_s * config.sample_rate_hz),
+                                  steps=config.train_steps, seed=seed + 1000 * r, sample_rate_hz=config.sample_rate_hz,
+                                  channels=config.separator_channels, depth=config.separator_depth,
+                                  lr_schedule=config.lr_schedule)
+        runs.append(evaluate.sdr_per_song(model, test_songs, sources))
+    return np.mean(runs, axis=0)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:
@@ -224,12 +319,28 @@ def _aggregate(config: EvaluateConfig, per_seed: list[dict[str, Any]], sources: 
                                    if kind in r["detection"][method]])
             detection[method][kind] = {"auroc_mean": auroc["mean"], "auroc_std": auroc["std"],
                                        "precision_at_k_mean": precision["mean"], "precision_at_k_std": precision["std"]}
+    downstream = bool(per_seed[0]["sdr_db"])
     sdr = {name: _mean_std([r["sdr_db"][name] for r in per_seed]) for name in per_seed[0]["sdr_db"]}
-    gap = {m: _mean_std([r["gap_closed_percent"][m] for r in per_seed]) for m in per_seed[0]["gap_closed_percent"]}
+    gain = {}
+    for name in per_seed[0]["sdr_gain_db"]:
+        values = [r["sdr_gain_db"][name] for r in per_seed]
+        gain[name] = {**_mean_std(values), "seeds_above_contaminated": int(sum(v > 0 for v in values))}
+    gap = {}
+    for method in per_seed[0]["gap_closed_percent"]:
+        reference_gain = gain[UNCONTAMINATED]["mean"]
+        gap[method] = {**_mean_std([r["gap_closed_percent"][method] for r in per_seed]),
+                       "of_mean_gains": evaluate.gap_closed_percent(0.0, gain[f"cleaned_{method}"]["mean"],
+                                                                    reference_gain)}
+    gap_drop = {m: _mean_std([r["gap_closed_vs_drop_planted_percent"][m] for r in per_seed])
+                for m in per_seed[0]["gap_closed_vs_drop_planted_percent"]}
     description = (f"{config.source} material: {num_songs} songs/excerpts of {config.clip_s} s at "
                    f"{config.sample_rate_hz} Hz, sources {', '.join(sources)}; contamination "
                    f"{json.dumps(config.contamination)}; separators: demucs, {config.separator_channels} channels, "
-                   f"depth {config.separator_depth}, {config.train_steps} steps; seeds {config.seeds}.")
+                   f"depth {config.separator_depth}, {config.train_steps} steps ({config.lr_schedule} learning rate), "
+                   f"{config.replicates} per training set and seed; "
+                   f"{per_seed[0]['num_test_songs']} held-out test songs per seed; seeds {config.seeds}.")
     return {"description": description, "num_seeds": len(per_seed), "config": config.model_dump(),
-            "detection": detection, "sdr_db": sdr, "gap_closed_percent": gap,
+            "detection": detection, "sdr_db": sdr, "sdr_gain_db": gain, "gap_closed_percent": gap,
+            "gap_reference": UNCONTAMINATED if downstream else None,
+            "gap_closed_vs_drop_planted_percent": gap_drop,
             "paper_gap_closed_percent": evaluate.PAPER_GAP_CLOSED_PERCENT, "per_seed": per_seed}

@@ -97,7 +97,8 @@ def clean_evaluate(
     json_mode: JsonOpt = False,
 ) -> None:
     """Plant contamination into clean stems; AUROC and precision per method and kind; separator SDR trained on
-    contaminated, cleaned and oracle-clean sets; an HTML report with plots."""
+    uncontaminated, contaminated, cleaned and drop-planted sets (paired within a seed); an HTML report with
+    plots."""
     from pipelines.cli import _emit, _errors, _progress
 
     with _errors():
@@ -122,9 +123,14 @@ def _render_evaluate(payload: dict[str, Any]) -> None:
             table.add_row(method, kind, f"{f['auroc_mean']:.3f} ± {f['auroc_std']:.3f}",
                           f"{f['precision_at_k_mean']:.3f} ± {f['precision_at_k_std']:.3f}")
     out_console.print(table)
+    gains = payload.get("sdr_gain_db", {})
     for name, f in payload["sdr_db"].items():
-        out_console.print(f"SDR {name:<20} {f['mean']:6.2f} ± {f['std']:.2f} dB", highlight=False)
+        gain = gains.get(name)
+        paired = f"   paired gain {gain['mean']:+.2f} ± {gain['std']:.2f} dB" if gain else ""
+        out_console.print(f"SDR {name:<20} {f['mean']:6.2f} ± {f['std']:.2f} dB{paired}", highlight=False)
     for method, f in payload["gap_closed_percent"].items():
-        out_console.print(f"gap closed by {method}: {f['mean']:.1f} ± {f['std']:.1f} % "
-                          f"(paper: {payload['paper_gap_closed_percent']} %)", highlight=False)
+        out_console.print(f"gap closed by {method} (against {payload.get('gap_reference')}): "
+                          f"{f.get('of_mean_gains', float('nan')):.1f} % of the mean gains, per seed "
+                          f"{f['mean']:.1f} ± {f['std']:.1f} % (paper: {payload['paper_gap_closed_percent']} %)",
+                          highlight=False)
     out_console.print(f"report: {payload['outputs']['report']}")
