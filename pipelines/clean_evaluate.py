@@ -70,7 +70,8 @@ class EvaluateConfig(BaseModel):
     window_s: float = 1.0
     max_windows_per_stem: int = 4
     step_size: float = blind.UnlearningSettings().step_size
-    damping: float = 0.1
+    damping: float = blind.UnlearningSettings().damping
+    contrast_weight: float = blind.UnlearningSettings().contrast_weight
     downstream: bool = True
 
     @model_validator(mode="after")
@@ -90,6 +91,8 @@ class EvaluateConfig(BaseModel):
             raise ValueError(f"evaluate.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if self.replicates < 1:
             raise ValueError(f"evaluate.replicates must be ≥ 1, got {self.replicates}")
+        if self.contrast_weight < 0:
+            raise ValueError(f"evaluate.contrast_weight must be ≥ 0, got {self.contrast_weight}")
         if self.num_test_songs is not None and self.num_test_songs < 1:
             raise ValueError(f"evaluate.num_test_songs must be ≥ 1, got {self.num_test_songs}")
         if self.clip_s < self.window_s:
@@ -181,7 +184,8 @@ def run_evaluate(config: EvaluateConfig, out_dir: Path, progress: Progress | Non
         settings = blind.UnlearningSettings(
             sources=tuple(sources), sample_rate_hz=config.sample_rate_hz, channels=config.separator_channels,
             depth=config.separator_depth, window_s=config.window_s, max_windows_per_stem=config.max_windows_per_stem,
-            train_steps=config.train_steps, step_size=config.step_size, damping=config.damping, seed=seed)
+            train_steps=config.train_steps, step_size=config.step_size, damping=config.damping,
+            contrast_weight=config.contrast_weight, seed=seed)
         if blind.UNLEARNING in config.methods:
             scores[blind.UNLEARNING] = blind.unlearning_stem_scores(planted_items, references, settings).scores
         seed_result: dict[str, Any] = {"seed": seed, "num_candidates": len(candidates), "num_planted": len(planted),
