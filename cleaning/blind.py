@@ -7,8 +7,9 @@ model of the contamination; both return one score per candidate stem.
   ``cleaning.fad``). Higher = further from clean stems of that role = worse.
 - **unlearning** (``unlearning_stem_scores``): train a small demucs separator on the candidate stems
   (random mixing), unlearn the clean reference set with one Fisher-preconditioned ascent step
-  (``provenance.unlearning``; contrastive: the candidates' mean gradient is subtracted), and score every candidate stem window by its separation-loss change; a
-  stem's score is the mean over its windows, standardised among the stems of its role (``role_normalize``).
+  (``provenance.unlearning``; contrastive: the candidates' mean gradient is subtracted), and score every
+  candidate stem window by its separation-loss change; a stem's score is the mean over its windows,
+  standardised among the stems of its role (``role_normalize``).
   Lower = the stem contributes less to clean outputs = worse.
 
 Pure functions over ``StemItem`` lists; the ``clean`` stage (``pipelines/clean.py``) runs them on Ray.
