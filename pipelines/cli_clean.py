@@ -126,7 +126,8 @@ def _render_evaluate(payload: dict[str, Any]) -> None:
     gains = payload.get("sdr_gain_db", {})
     for name, f in payload["sdr_db"].items():
         gain = gains.get(name)
-        paired = f"   paired gain {gain['mean']:+.2f} ± {gain['std']:.2f} dB" if gain else ""
+        paired = (f"   paired gain {gain['mean']:+.2f} ± {gain['std']:.2f} dB "
+                  f"({gain['seeds_above_contaminated']}/{payload['num_seeds']} seeds > 0)" if gain else "")
         out_console.print(f"SDR {name:<20} {f['mean']:6.2f} ± {f['std']:.2f} dB{paired}", highlight=False)
     for method, f in payload["gap_closed_percent"].items():
         out_console.print(f"gap closed by {method} (against {payload.get('gap_reference')}): "

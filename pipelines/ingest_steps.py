@@ -136,12 +136,12 @@ def _measure_outcome(path: str, with_fingerprint: bool = True) -> dict[str, Any]
     "reason": ..., "detail": ...}``. BLAS and OpenMP (torch's intra-op pool, which the fingerprint's FFT
     uses) run on one thread here: the engine already runs one file per core, and idle threads spinning would
     only cost CPU time."""
-    with _blas_controller().limit(limits=1):
+    with _thread_controller().limit(limits=1):
         return _measure_outcome_unlimited(path, with_fingerprint)
 
 
 @functools.cache
-def _blas_controller() -> ThreadpoolController:
+def _thread_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
@@ -316,7 +316,7 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     write_audio(path, mixture32, sample_rate_hz)
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
            "derived_from": "sum_of_stems"}
-    with _blas_controller().limit(limits=1):
+    with _thread_controller().limit(limits=1):
         row.update(measure_all(mixture32, sample_rate_hz))
     _write_cached(mixtures_dir, f".{key}", row)
     return {**row, "run_id": run_id, "_cached": False}
