@@ -60,15 +60,6 @@ def detection_metrics(scores: np.ndarray, planted: Sequence[Planted], *, higher_
     return out
 
 
-def sdr_on_songs(model: torch.nn.Module, songs: Sequence[Sequence[StemItem]], sources: Sequence[str]) -> float:
-    """Mean BSS Eval SDR (dB) of ``model`` over held-out songs and their non-silent sources.
-
-    The mean of ``sdr_per_song``'s finite values; NaN when there are none.
-    """
-    values = [v for v in sdr_per_song(model, songs, sources) if np.isfinite(v)]
-    return float(np.mean(values)) if values else math.nan
-
-
 def sdr_per_song(model: torch.nn.Module, songs: Sequence[Sequence[StemItem]], sources: Sequence[str]) -> np.ndarray:
     """BSS Eval SDR (dB) of ``model`` per held-out song: float64 ``(len(songs),)``, each the mean over the
     song's non-silent sources (NaN for a song with none).
@@ -101,6 +92,9 @@ def sdr_per_song(model: torch.nn.Module, songs: Sequence[Sequence[StemItem]], so
     return out
 
 
+_TORCH_SOLVE_OK = True  # cleared when torch's solver fails once (see _bss_eval_sdr)
+
+
 def _bss_eval_sdr(reference: torch.Tensor, estimate: torch.Tensor) -> np.ndarray:
     """BSS Eval SDR per source (dB) of float64 ``(S, T)`` estimates against ``(S, T)`` references."""
     import fast_bss_eval
@@ -120,8 +114,6 @@ def _bss_eval_sdr(reference: torch.Tensor, estimate: torch.Tensor) -> np.ndarray
 
         return bss_eval_sources(reference.numpy(), estimate.numpy(), compute_permutation=False)[0]
 
-
-_TORCH_SOLVE_OK = True
 
 
 def train_on(items: Sequence[StemItem], sources: Sequence[str], *, window_samples: int, steps: int, seed: int,
