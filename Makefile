@@ -1,30 +1,48 @@
-# linernotes — set-up and entry points. `make demo` and `make test` create .venv when it is missing or older
-# than pyproject.toml, install everything into it, then run.
+# linernotes — set-up and entry points. Every target installs from the committed lock (uv.lock) and nothing else:
+# `make install` syncs .venv to the lock exactly, once per change of the lock, then checks the install in seconds.
+# `make lock` is the only way versions move.
 
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.linernotes-installed
+# uv itself is pinned here and installed beside the environment, never into it.
+UV_VERSION := 0.13.9
+UV_HOME    := .tools/uv-$(UV_VERSION)
+UV         := $(UV_HOME)/bin/uv
 WORKDIR ?= ./linernotes-work
 PYTEST_ARGS ?=
 
 export GX_ANALYTICS_ENABLED := false
 export RAY_DEDUP_LOGS := 0
 export RAY_USAGE_STATS_ENABLED := 0
-export PYTHONDONTWRITEBYTECODE := 1
+# uv uses the Python named by PYTHON, never one it downloads, and syncs into VENV.
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-.PHONY: install demo test test-fast bench clean distclean
+LOCK_DRIFT := uv.lock does not match pyproject.toml: run `make lock` and commit uv.lock
+
+.PHONY: install lock check-lock demo test test-fast bench clean distclean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(UV):
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), f"linernotes needs Python 3.11, {sys.executable} is {sys.version.split()[0]}: make PYTHON=python3.11"'
-	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip uv
-	$(BIN)/uv pip install --python $(BIN)/python -e '.[dev]'
-	# tinysoundfont renders the demo offline; its pyaudio dependency (live playback) is not needed.
-	$(BIN)/uv pip install --python $(BIN)/python --no-deps 'tinysoundfont>=0.3.7'
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-warn-script-location --target $(UV_HOME) uv==$(UV_VERSION)
+
+# Re-syncs when the lock or pyproject.toml changes; a lock that no longer matches pyproject.toml stops here.
+$(STAMP): uv.lock pyproject.toml | $(UV)
+	@$(MAKE) --no-print-directory check-lock
+	$(UV) sync --frozen --all-extras --compile-bytecode --python $(PYTHON)
+	$(BIN)/python infra/check_install.py
 	@touch $(STAMP)
+
+check-lock: | $(UV)
+	@$(UV) lock --check --python $(PYTHON) >/dev/null 2>&1 || { echo "$(LOCK_DRIFT)" >&2; exit 1; }
+
+# Re-resolves every dependency on purpose (the only way versions move); `make lock ARGS=--upgrade` takes the newest.
+lock: | $(UV)
+	$(UV) lock --python $(PYTHON) $(ARGS)
 
 demo: $(STAMP)
 	$(BIN)/linernotes demo --workdir $(WORKDIR)
@@ -40,7 +58,7 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(WORKDIR) .pytest_cache
-	find . -name __pycache__ -prune -exec rm -rf {} +
+	find . \( -path ./.venv -o -path ./.tools -o -path ./.git \) -prune -o -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV)
+	rm -rf $(VENV) .tools
