@@ -20,7 +20,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 
-LOCK_DRIFT := uv.lock does not match pyproject.toml: run `make lock` and commit uv.lock
+CHECK_LOCK = $(UV) lock --check --offline --python $(PYTHON) >/dev/null 2>&1 \
+  || { echo 'uv.lock does not match pyproject.toml: run "make lock" and commit uv.lock' >&2; exit 1; }
 
 .PHONY: install lock check-lock demo test test-fast bench clean distclean
 
@@ -32,13 +33,13 @@ $(UV):
 
 # Re-syncs when the lock or pyproject.toml changes; a lock that no longer matches pyproject.toml stops here.
 $(STAMP): uv.lock pyproject.toml | $(UV)
-	@$(MAKE) --no-print-directory check-lock
+	@$(CHECK_LOCK)
 	$(UV) sync --frozen --all-extras --compile-bytecode --python $(PYTHON)
 	$(BIN)/python infra/check_install.py
 	@touch $(STAMP)
 
 check-lock: | $(UV)
-	@$(UV) lock --check --python $(PYTHON) >/dev/null 2>&1 || { echo "$(LOCK_DRIFT)" >&2; exit 1; }
+	@$(CHECK_LOCK)
 
 # Re-resolves every dependency on purpose (the only way versions move); `make lock ARGS=--upgrade` takes the newest.
 lock: | $(UV)
