@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio.functional as AF
 
 
 class AudioDecodeError(ValueError):
@@ -87,6 +85,25 @@ def encode_flac(audio: np.ndarray, sample_rate_hz: int, subtype: str = "PCM_16")
     return buffer.getvalue()
 
 
+def check_audio(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
+    """The embedders' input check (``cleaning.embed``, ``cleaning.embed_learned``): float32
+    ``(channels, samples)`` from ``(samples,)`` or ``(channels, samples)``.
+
+    Raises:
+        ValueError: empty audio, non-finite samples, more than 2 dims, or ``sample_rate_hz <= 0``.
+    """
+    audio = np.asarray(audio, dtype=np.float32)
+    if audio.ndim == 1:
+        audio = audio[None]
+    if audio.ndim != 2 or audio.shape[1] == 0 or audio.shape[0] == 0:
+        raise ValueError(f"audio must be non-empty (channels, samples); got shape {audio.shape}")
+    if sample_rate_hz <= 0:
+        raise ValueError(f"sample_rate_hz must be > 0; got {sample_rate_hz}")
+    if not np.all(np.isfinite(audio)):
+        raise ValueError("audio contains NaN or inf")
+    return audio
+
+
 def to_mono(audio: np.ndarray) -> np.ndarray:
     """Average channels: ``(channels, samples)`` → ``(1, samples)`` float32."""
     return np.asarray(audio, dtype=np.float32).mean(axis=0, keepdims=True)
@@ -97,6 +114,9 @@ def resample(audio: np.ndarray, from_hz: int, to_hz: int) -> np.ndarray:
     on the channel axis; float32 ``(channels, samples)`` in and out."""
     if from_hz == to_hz:
         return np.asarray(audio, dtype=np.float32)
+    import torch  # here, not at the top: reading and writing audio (the CLI's light commands) needs no torch
+    import torchaudio.functional as AF
+
     tensor = torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32))
     out = AF.resample(tensor, orig_freq=from_hz, new_freq=to_hz, lowpass_filter_width=16,
                       rolloff=0.945, resampling_method="sinc_interp_kaiser", beta=14.769656459379492)

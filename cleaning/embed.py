@@ -15,30 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cleaning.audio import resample, to_mono
+from cleaning.audio import check_audio, resample, to_mono
 from cleaning.mel import MelConfig
 from provenance.attribution import Embedder, l2_normalize
 
 MEL_STATS = "mel-stats"
 
-
-
-def check_audio(audio: np.ndarray, sample_rate_hz: int) -> np.ndarray:
-    """The embedders' input check: float32 ``(channels, samples)`` from ``(samples,)`` or ``(channels, samples)``.
-
-    Raises:
-        ValueError: empty audio, non-finite samples, more than 2 dims, or ``sample_rate_hz <= 0``.
-    """
-    audio = np.asarray(audio, dtype=np.float32)
-    if audio.ndim == 1:
-        audio = audio[None]
-    if audio.ndim != 2 or audio.shape[1] == 0 or audio.shape[0] == 0:
-        raise ValueError(f"audio must be non-empty (channels, samples); got shape {audio.shape}")
-    if sample_rate_hz <= 0:
-        raise ValueError(f"sample_rate_hz must be > 0; got {sample_rate_hz}")
-    if not np.all(np.isfinite(audio)):
-        raise ValueError("audio contains NaN or inf")
-    return audio
 
 class MelStatsEmbedder:
     """Windowed log-mel statistics (a timbre/texture embedding; see the module docstring).

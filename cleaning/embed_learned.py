@@ -30,8 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleaning.audio import resample, to_mono
-from cleaning.embed import check_audio
+from cleaning.audio import check_audio, resample, to_mono
 
 CLAP = "clap"
 PANNS = "panns"

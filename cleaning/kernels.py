@@ -7,18 +7,17 @@ sums (DC offset) and, optionally, the channel mean at full rate (the fingerprint
 ``true_peak`` is the BS.1770-4 Annex 2 4× polyphase interpolator with the exact block-skipping bound.
 
 The first call in a process compiles the kernels (or loads them from numba's on-disk cache, next to this
-file or under ``NUMBA_CACHE_DIR``): ``warm_kernels()`` does that once, e.g. in a Beam ``DoFn.setup``, so the
-per-file cost is only the kernels' run time. Every kernel is a pure function of its arrays.
+file or under ``NUMBA_CACHE_DIR``): ``cleaning.warmup.warm_kernels()`` does that once, e.g. in a Beam
+``DoFn.setup``, so the per-file cost is only the kernels' run time. Every kernel is a pure function of its
+arrays.
 """
 
 from __future__ import annotations
 
-import time
-
 import numba
 import numpy as np
 
-__all__ = ["band_energies", "decimate", "scan_levels", "true_peak", "warm_kernels", "windowed_frames"]
+__all__ = ["band_energies", "decimate", "scan_levels", "true_peak", "windowed_frames"]
 
 TRUE_PEAK_TAPS_PER_PHASE = 12  # BS.1770-4 Annex 2: 48 taps, 4 phases
 
@@ -357,25 +356,3 @@ def band_energies(spectrum, band_edges, first_frame, out):
                 acc += v.real * v.real + v.imag * v.imag
             out[first_frame + i, m] = acc
     return out
-
-
-def warm_kernels() -> float:
-    """Compile (or load from numba's cache) every kernel for the float32 layouts ingest uses: interleaved
-    stereo and mono files, channel-major arrays. Returns the seconds it took; idempotent and cheap after the
-    first call. Call it once per worker process before timing or measuring files."""
-    from cleaning.measure import CLIP_THRESHOLD, k_weighting_sos
-    from cleaning.quality import BS1770_TRUE_PEAK_TAPS
-
-    start = time.perf_counter()
-    sos = k_weighting_sos(48000)
-    for channels in (1, 2):
-        interleaved = np.zeros((64, channels), dtype=np.float32)
-        for audio in (interleaved.T, np.ascontiguousarray(interleaved.T)):
-            for with_mono in (False, True):
-                scan_levels(audio, sos, np.array([0, 32, 64]), 16, CLIP_THRESHOLD, with_mono)
-            true_peak(audio, BS1770_TRUE_PEAK_TAPS)
-    from cleaning.fingerprint import fingerprint
-
-    for channels in (1, 2):  # one second: long enough for whole fingerprint frames
-        fingerprint(np.zeros((channels, 44100), np.float32), 44100)
-    return time.perf_counter() - start

@@ -6,8 +6,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
-import torch
-import torchaudio
 
 
 @dataclass(frozen=True)
@@ -32,7 +30,9 @@ class MelConfig:
         """Frames that ``log_mel`` returns for ``num_samples`` samples (centred STFT)."""
         return num_samples // self.hop_length + 1
 
-    def mel_transform(self) -> torchaudio.transforms.MelSpectrogram:
+    def mel_transform(self) -> "torchaudio.transforms.MelSpectrogram":  # noqa: F821  (imported on use)
+        import torchaudio  # on use: a config is read by light commands (`linernotes stages`) that need no torch
+
         return torchaudio.transforms.MelSpectrogram(
             sample_rate=self.sample_rate_hz, n_fft=self.n_fft, hop_length=self.hop_length,
             n_mels=self.n_mels, f_min=self.f_min_hz, f_max=self.f_max_hz, power=1.0,
@@ -40,7 +40,7 @@ class MelConfig:
         )
 
 
-def log_mel(audio: np.ndarray | torch.Tensor, config: MelConfig) -> np.ndarray:
+def log_mel(audio: "np.ndarray | torch.Tensor", config: MelConfig) -> np.ndarray:  # noqa: F821
     """Natural-log magnitude mel spectrogram of mono audio.
 
     Args:
@@ -51,6 +51,8 @@ def log_mel(audio: np.ndarray | torch.Tensor, config: MelConfig) -> np.ndarray:
         float32 ``(n_mels, frames)`` with ``frames = samples // hop_length + 1``; values are
         ``log(max(mel, log_floor))``, so ≥ ``log(log_floor)`` (≈ -11.5 at the default floor).
     """
+    import torch
+
     tensor = torch.as_tensor(np.asarray(audio, dtype=np.float32)).reshape(-1)
     with torch.no_grad():
         mel = config.mel_transform()(tensor)

@@ -84,14 +84,6 @@ def save_separator(model: torch.nn.Module, path: str | os.PathLike[str]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def stem_example(stem: np.ndarray, source_index: int, accompaniment: np.ndarray, num_sources: int) -> dict[str, np.ndarray]:
     """One training example: a stem window mixed with an accompaniment, the stem the target of its source.
 

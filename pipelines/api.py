@@ -23,8 +23,8 @@ Endpoints:
 import inspect
 import io
 import secrets
-from urllib.parse import quote
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile, status
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -158,7 +158,7 @@ def create_app(workspace: Workspace, token: str | None = None,
         """Attribute an uploaded audio file; the result is stored under the file's ``pcm-`` id."""
         from cleaning.audio import AudioDecodeError, read_audio
         from cleaning.measure import measure_pcm_sha256
-        from pipelines.jobs import MissingInputError
+        from pipelines.inputs import MissingInputError
 
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -199,7 +199,7 @@ def create_app(workspace: Workspace, token: str | None = None,
     @app.post("/takedown", tags=["rights"], dependencies=writes)
     def post_takedown(request: TakedownRequest) -> dict[str, Any]:
         """Opt out, list every affected dataset, checkpoint, generation and attribution; optionally re-shard."""
-        from pipelines.jobs import MissingInputError
+        from pipelines.inputs import MissingInputError
         from pipelines.takedown import run_takedown
 
         try:

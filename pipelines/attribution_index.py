@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from cleaning.audio import read_audio
 from cleaning.embed import MEL_STATS, embed_clip, load_embedder
 from cleaning.measure import measure_pcm_sha256
+from pipelines.catalog import read_catalog_licenses, read_catalog_tracks
 from provenance import records
 from provenance.attribution import (
     COSINE_TEMPERATURE,
@@ -279,32 +279,6 @@ def attribute_file(workspace: Workspace, path: str | os.PathLike[str], dataset_i
         raise ValueError(f"{path} decodes to no audio samples")
     return attribute_audio(workspace, audio, sample_rate_hz, dataset_id, measure_pcm_sha256(audio), top_k,
                            embedder)
-
-
-def read_catalog_licenses(workspace: Workspace) -> dict[str, dict[str, Any]]:
-    """``license_id`` → {license_name, license_url} from the catalog; empty if there is no licences table."""
-    path = workspace.catalog_table("licenses")
-    if not path.is_file():
-        return {}
-    table = pq.read_table(path, columns=["license_id", "license_name", "license_url"])
-    return {row["license_id"]: row for row in table.to_pylist()}
-
-
-def read_catalog_tracks(workspace: Workspace) -> dict[str, dict[str, Any]]:
-    """``track_id`` → ``TRACK_META_FIELDS`` from the catalog's tracks joined with its licences; empty if
-    there is no tracks table."""
-    path = workspace.catalog_table("tracks")
-    if not path.is_file():
-        return {}
-    columns = ["track_id", "title", "artist", "rights_holder", "license_id", "attribution"]
-    licenses = read_catalog_licenses(workspace)
-    tracks: dict[str, dict[str, Any]] = {}
-    for row in pq.read_table(path, columns=columns).to_pylist():
-        license_ = licenses.get(row["license_id"] or "", {})
-        tracks[row["track_id"]] = {**{k: row[k] for k in columns[1:]},
-                                   "license_name": license_.get("license_name"),
-                                   "license_url": license_.get("license_url")}
-    return tracks
 
 
 def _load_if_complete(directory: Path, dataset_id: str, embedder_name: str,

@@ -27,21 +27,21 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from cleaning.audio import resample, to_mono
 from cleaning.mel import log_mel
 from pipelines.attribution_index import (
     EmbeddingAttributor,
-    read_catalog_licenses,
-    read_catalog_tracks,
     read_segment_json_meta,
     read_shard_index,
 )
 from pipelines.attribution_loss import DiffusionLoss, MelBatch, silence_mask, windows
+from pipelines.catalog import read_catalog_licenses, read_catalog_tracks
 from pipelines.index import (
     CheckpointIndex,
     DTrakFeaturizer,
@@ -112,6 +112,25 @@ class UnlearningSettings:
                              f"got {self}")
         if not (self.step_size > 0 and self.damping > 0):
             raise ValueError(f"unlearning settings: step_size and damping must be > 0; got {self}")
+
+
+class AttributeConfig(IndexConfig):
+    """``linernotes attribute --config/--set`` keys: every ``IndexConfig`` key (which index to use or build)
+    plus the ``unlearning`` method's settings (:class:`UnlearningSettings`)."""
+
+    candidates: int = Field(50, ge=1)
+    rerank_from: Literal["dtrak", "embedding"] = "dtrak"
+    step_size: float = Field(3e-5, gt=0)
+    damping: float = Field(0.1, gt=0)
+    num_steps: int = Field(1, ge=1)
+    normalize: bool = True
+
+    def index_config(self) -> IndexConfig:
+        return IndexConfig(**{k: getattr(self, k) for k in IndexConfig.model_fields})
+
+    def unlearning_settings(self) -> UnlearningSettings:
+        return UnlearningSettings(self.candidates, self.rerank_from, self.step_size, self.damping, self.num_steps,
+                                  self.normalize)
 
 
 class _WhiteBox:

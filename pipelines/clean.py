@@ -35,24 +35,26 @@ import numpy as np
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from cleaning import blind, checks
+from cleaning import blind_settings as methods
 from cleaning.contamination import StemItem
 from cleaning.decision import DROP, KEEP, decide
+from pipelines.catalog import catalog_id
+from pipelines.engines import Engine
+from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
 from provenance.records import Role
-from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
 STAGE = "clean"
 FINAL = "final"
 REFERENCE = "reference"
-METHODS = (blind.FAD, blind.UNLEARNING)
-REASON_BY_METHOD = {blind.FAD: "fad_outlier", blind.UNLEARNING: "low_unlearning_contribution"}
+METHODS = (methods.FAD, methods.UNLEARNING)
+REASON_BY_METHOD = {methods.FAD: "fad_outlier", methods.UNLEARNING: "low_unlearning_contribution"}
 
 Progress = Callable[[str, int, int], None]
 
 
-_UNLEARNING = blind.UnlearningSettings()
+_UNLEARNING = methods.UnlearningSettings()
 
 
 class CleanConfig(BaseModel):
@@ -67,7 +69,7 @@ class CleanConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     reference_tracks: list[str] = []
-    methods: list[str] = [blind.FAD]
+    methods: list[str] = [methods.FAD]
     # explicit checks
     max_silent_fraction: float = 0.95
     silence_floor_dbfs: float = -60.0
@@ -80,7 +82,7 @@ class CleanConfig(BaseModel):
     unlearning_threshold: float | None = None
     # FAD
     embedder: str = "mel-stats"
-    # unlearning: cleaning.blind.UnlearningSettings, whose defaults these are (one source of truth)
+    # unlearning: cleaning.methods.UnlearningSettings, whose defaults these are (one source of truth)
     sources: list[str] = list(_UNLEARNING.sources)
     sample_rate_hz: int = _UNLEARNING.sample_rate_hz
     separator_channels: int = _UNLEARNING.channels
@@ -128,14 +130,16 @@ class CleanConfig(BaseModel):
             raise ValueError(f"clean.sources must be stem roles (vocals, drums, bass, other), got {self.sources}")
         return self
 
-    def limits(self) -> checks.CheckLimits:
+    def limits(self) -> "checks.CheckLimits":  # noqa: F821
+        from cleaning import checks
+
         return checks.CheckLimits(max_silent_fraction=self.max_silent_fraction,
                                   silence_floor_dbfs=self.silence_floor_dbfs,
                                   max_clipped_fraction=self.max_clipped_fraction,
                                   min_mixture_gain=self.min_mixture_gain)
 
-    def unlearning_settings(self) -> blind.UnlearningSettings:
-        return blind.UnlearningSettings(
+    def unlearning_settings(self) -> methods.UnlearningSettings:
+        return methods.UnlearningSettings(
             sources=tuple(self.sources), sample_rate_hz=self.sample_rate_hz, channels=self.separator_channels,
             depth=self.separator_depth, window_s=self.window_s, max_windows_per_stem=self.max_windows_per_stem,
             train_steps=self.train_steps, batch_size=self.batch_size, learning_rate=self.learning_rate,
@@ -153,7 +157,10 @@ class CleanConfig(BaseModel):
 
 @dataclass
 class CleanResult:
-    """What a clean run decided. ``num_stems == num_kept + num_dropped`` (reference stems count as kept)."""
+    """What a clean run decided. ``num_stems == num_kept + num_dropped`` (reference stems count as kept).
+
+    ``status`` is ``ran`` or ``cached`` (an earlier run with the same cache key; ``run_id`` is that run's).
+    """
 
     run_id: str
     num_stems: int
@@ -165,47 +172,67 @@ class CleanResult:
     reused_scores: list[str]  # methods whose scores came from the cache
     outputs: dict[str, str] = field(default_factory=dict)
     unlearning: dict[str, Any] = field(default_factory=dict)
+    status: str = "ran"
+    inputs: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": STAGE, **dataclasses.asdict(self)}
+        """The stage contract's result shape with the clean details beside it."""
+        return {"stage": STAGE, **dataclasses.asdict(self), "counts": _run_counts(self)}
+
+    @classmethod
+    def from_stage(cls, result: StageResult) -> "CleanResult":
+        fields = {f.name for f in dataclasses.fields(cls)} - {"run_id", "outputs", "status", "inputs"}
+        return cls(run_id=result.run_id, outputs=result.outputs, status=result.status, inputs=result.inputs,
+                   **{k: v for k, v in result.details.items() if k in fields})
 
 
-def run_clean(workspace: Workspace, config: CleanConfig, progress: Progress | None = None) -> CleanResult:
-    """Score, decide and record every stem of the workspace's catalog (see the module docstring).
+def run_clean(workspace: Workspace, config: CleanConfig, progress: Progress | None = None, *,
+              engine: Engine | None = None) -> CleanResult:
+    """Score, decide and record every stem of the workspace's catalog (see the module docstring), through the
+    stage runner: an unchanged catalog and config give the earlier run's result (``status == "cached"``).
 
     Raises:
         FileNotFoundError: no catalog (run ``linernotes ingest`` first).
         ValueError: a reference track is not in the catalog or has no stems, or the catalog has no stems.
     """
-    from pipelines.ray_runtime import local_ray
+    return CleanResult.from_stage(run_stage(CLEAN, workspace, config, engine=engine, progress=progress))
 
-    stems, mixtures = read_stems(workspace)
-    reference_ids = set(config.reference_tracks)
-    known = {row["track_id"] for row in stems}
-    missing = sorted(reference_ids - known)
-    if missing:
-        raise ValueError(f"clean.reference_tracks: {missing} have no stems in the catalog "
-                         f"({workspace.catalog_table('audio_files')})")
-    workspace.ensure()
-    store = LineageStore(workspace.store_url)
-    run_id = store.start_run(STAGE, {**config.model_dump(), "config_sha256": config.sha256()})
-    run_dir = workspace.run_dir(run_id)
-    records.write_json({"stage": STAGE, "config": config.model_dump(), "config_sha256": config.sha256()},
-                       run_dir / "config.json", default=str)
-    try:
-        with local_ray(address=config.address, num_cpus=config.num_cpus):
-            measured = _measure_tracks(stems, mixtures, config, progress)
-        result = _score_and_decide(workspace, config, run_id, stems, reference_ids, measured, progress)
-        counts = {"stems": result.num_stems, "kept": result.num_kept, "dropped": result.num_dropped,
-                  "dropped_by_reason": result.dropped_by_reason, "scored": result.scored}
-        records.write_json(result.to_json(), run_dir / "summary.json", default=str)
-        store.finish_run(run_id, counts, result.outputs)
-        return result
-    except BaseException as err:
-        store.finish_run(run_id, {}, status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        store.close()
+
+class CleanStage(Stage):
+    """The clean stage on the contract: the catalog's stems → keep/drop decisions (StemScore rows)."""
+
+    name = STAGE
+    version = "1"
+    config_model = CleanConfig
+    resources = Resources(engine="ray", cpus=1.0, gpus=1.0)
+    engine_keys = ("num_cpus", "address")
+    reads = ("audio_files",)
+    writes = ("stem_scores", "catalog_stem_scores")
+
+    def inputs(self, ctx: StageContext, config: CleanConfig) -> dict[str, str]:
+        stems, _ = read_stems(ctx.workspace)
+        missing = sorted(set(config.reference_tracks) - {row["track_id"] for row in stems})
+        if missing:
+            raise ValueError(f"clean.reference_tracks: {missing} have no stems in the catalog "
+                             f"({ctx.workspace.catalog_table('audio_files')})")
+        return {"audio_files": catalog_id(ctx.workspace, ("audio_files",))}  # the only catalog table clean reads
+
+    def run(self, ctx: StageContext, config: CleanConfig) -> StageOutput:
+        stems, mixtures = read_stems(ctx.workspace)
+        ctx.engine.ray()
+        measured = _measure_tracks(stems, mixtures, config, ctx.progress)
+        result = _score_and_decide(ctx, config, stems, set(config.reference_tracks), measured)
+        details = {k: v for k, v in dataclasses.asdict(result).items()
+                   if k not in {"run_id", "outputs", "status", "inputs"}}
+        return StageOutput(outputs=result.outputs, counts=_run_counts(result), details=details)
+
+
+def _run_counts(result: CleanResult) -> dict[str, Any]:
+    return {"stems": result.num_stems, "kept": result.num_kept, "dropped": result.num_dropped,
+            "dropped_by_reason": result.dropped_by_reason, "scored": result.scored}
+
+
+CLEAN = CleanStage()
 
 
 def read_stems(workspace: Workspace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
@@ -245,7 +272,7 @@ class _Measured:
 
     key: tuple[str, str, str]
     sha256: str
-    checks: list[checks.CheckResult]
+    checks: list["CheckResult"]  # noqa: F821  (cleaning.checks.CheckResult)
     embeddings: np.ndarray | None
     windows: np.ndarray | None  # float32 (1, n * window_samples) at the separator rate: the kept windows
 
@@ -253,10 +280,11 @@ class _Measured:
 def _measure_track(track_rows: list[dict[str, Any]], mixture_row: dict[str, Any] | None,
                    config: CleanConfig) -> list[_Measured]:
     """The per-track task: decode once; checks, embeddings and unlearning windows for every stem."""
+    from cleaning import blind, checks
     from cleaning.audio import read_audio
     from cleaning.embed import load_embedder
 
-    embedder = load_embedder(config.embedder) if blind.FAD in config.methods else None
+    embedder = load_embedder(config.embedder) if methods.FAD in config.methods else None
     settings = config.unlearning_settings()
     mixture = read_audio(mixture_row["uri"])[0] if mixture_row and mixture_row.get("uri") else None
     limits = config.limits()
@@ -268,7 +296,7 @@ def _measure_track(track_rows: list[dict[str, Any]], mixture_row: dict[str, Any]
         embeddings = windows = None
         if passed and embedder is not None:
             embeddings = np.asarray(embedder.embed(audio, rate), dtype=np.float32)
-        if passed and blind.UNLEARNING in config.methods and row["role"] in config.sources:
+        if passed and methods.UNLEARNING in config.methods and row["role"] in config.sources:
             item = StemItem(row["track_id"], row["role"], row["instrument"], audio, rate)
             try:
                 windows = blind.stem_windows(item, settings).reshape(1, -1)
@@ -304,9 +332,9 @@ def _measure_tracks(stems: Sequence[dict[str, Any]], mixtures: Mapping[str, dict
 
 # scoring and deciding -------------------------------------------------------------------------------------
 
-def _score_and_decide(workspace: Workspace, config: CleanConfig, run_id: str, stems: Sequence[dict[str, Any]],
-                      reference_ids: set[str], measured: Mapping[tuple[str, str, str], _Measured],
-                      progress: Progress | None) -> CleanResult:
+def _score_and_decide(ctx: StageContext, config: CleanConfig, stems: Sequence[dict[str, Any]],
+                      reference_ids: set[str], measured: Mapping[tuple[str, str, str], _Measured]) -> CleanResult:
+    workspace, run_id = ctx.workspace, ctx.run_id
     keys = [(r["track_id"], r["role"], r["instrument"]) for r in stems]
     references = [k for k in keys if k[0] in reference_ids and all(c.passed for c in measured[k].checks)]
     candidates = [k for k in keys if k[0] not in reference_ids]
@@ -323,13 +351,12 @@ def _score_and_decide(workspace: Workspace, config: CleanConfig, run_id: str, st
     reused: list[str] = []
     unlearning_info: dict[str, Any] = {}
     for method in config.methods:
-        scores, was_cached, info = _method_scores(workspace, config, method, blind_candidates, references,
-                                                  measured, progress)
+        scores, was_cached, info = _method_scores(ctx, config, method, blind_candidates, references, measured)
         unlearning_info.update(info)
         if was_cached:
             reused.append(method)
         rule = config.rule(method)
-        drop = decide(scores, higher_is_worse=blind.HIGHER_IS_WORSE[method], **rule)
+        drop = decide(scores, higher_is_worse=methods.HIGHER_IS_WORSE[method], **rule)
         rule_text = (f"threshold {rule['threshold']}" if rule["threshold"] is not None
                      else f"drop ratio {rule['drop_ratio']}")
         scored[method] = int(np.isfinite(scores).sum())
@@ -354,8 +381,7 @@ def _score_and_decide(workspace: Workspace, config: CleanConfig, run_id: str, st
                        num_kept=len(keys) - num_dropped, num_dropped=num_dropped,
                        dropped_by_reason=dict(sorted(dropped_by_reason.items())), scored=scored,
                        reused_scores=reused, unlearning=unlearning_info,
-                       outputs={"stem_scores": str(run_path), "catalog_stem_scores": str(catalog_path),
-                                "summary": str(workspace.run_dir(run_id) / "summary.json")})
+                       outputs={"stem_scores": str(run_path), "catalog_stem_scores": str(catalog_path)})
 
 
 def _score_row(key: tuple[str, str, str], method: str, score: float, decision: str, reason: str,
@@ -364,11 +390,12 @@ def _score_row(key: tuple[str, str, str], method: str, score: float, decision: s
             "decision": decision, "reason": reason, "run_id": run_id}
 
 
-def _method_scores(workspace: Workspace, config: CleanConfig, method: str, candidates: Sequence[tuple],
-                   references: Sequence[tuple], measured: Mapping[tuple, _Measured],
-                   progress: Progress | None) -> tuple[np.ndarray, bool, dict[str, Any]]:
+def _method_scores(ctx: StageContext, config: CleanConfig, method: str, candidates: Sequence[tuple],
+                   references: Sequence[tuple], measured: Mapping[tuple, _Measured]
+                   ) -> tuple[np.ndarray, bool, dict[str, Any]]:
     """Scores of ``candidates`` by ``method`` (float64, aligned), from the cache when the inputs match."""
-    if method == blind.FAD:
+    workspace = ctx.workspace
+    if method == methods.FAD:
         settings: dict[str, Any] = {"embedder": config.embedder}
     else:
         settings = dataclasses.asdict(config.unlearning_settings())
@@ -384,10 +411,10 @@ def _method_scores(workspace: Workspace, config: CleanConfig, method: str, candi
         return scores, True, {}
     if not candidates:
         scores, info = np.zeros(0), {}
-    elif method == blind.FAD:
+    elif method == methods.FAD:
         scores, info = _fad_scores(config, candidates, references, measured), {}
     else:
-        scores, info = _unlearning_scores(config, candidates, references, measured, progress)
+        scores, info = _unlearning_scores(config, candidates, references, measured, ctx)
     rows = [_score_row(k, method, float(s), "", "", "") for k, s in zip(candidates, scores)]
     records.write_table(records.to_table(rows, records.STEM_SCORE), cache_path)
     return scores, False, info
@@ -395,6 +422,7 @@ def _method_scores(workspace: Workspace, config: CleanConfig, method: str, candi
 
 def _fad_scores(config: CleanConfig, candidates: Sequence[tuple], references: Sequence[tuple],
                 measured: Mapping[tuple, _Measured]) -> np.ndarray:
+    from cleaning import blind
     from cleaning.fad import gaussian_stats
 
     if not references:
@@ -403,16 +431,16 @@ def _fad_scores(config: CleanConfig, candidates: Sequence[tuple], references: Se
     for key in references:
         by_role.setdefault(key[1], []).append(measured[key].embeddings)
     stats = {role: gaussian_stats(np.concatenate(parts)) for role, parts in by_role.items()}
-    stats[blind.ALL_ROLES] = gaussian_stats(np.concatenate([p for parts in by_role.values() for p in parts]))
+    stats[methods.ALL_ROLES] = gaussian_stats(np.concatenate([p for parts in by_role.values() for p in parts]))
     return blind.fad_scores_from_embeddings([measured[k].embeddings for k in candidates],
                                             [k[1] for k in candidates], stats)
 
 
 def _unlearning_scores(config: CleanConfig, candidates: Sequence[tuple], references: Sequence[tuple],
-                       measured: Mapping[tuple, _Measured], progress: Progress | None
-                       ) -> tuple[np.ndarray, dict[str, Any]]:
+                       measured: Mapping[tuple, _Measured], ctx: StageContext) -> tuple[np.ndarray, dict[str, Any]]:
     import ray
 
+    progress = ctx.progress
     settings = config.unlearning_settings()
 
     def items(keys: Sequence[tuple]) -> list[StemItem]:
@@ -420,7 +448,7 @@ def _unlearning_scores(config: CleanConfig, candidates: Sequence[tuple], referen
                 if measured[k].windows is not None]
 
     scorable = [k for k in candidates if measured[k].windows is not None]
-    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    use_gpu = ctx.engine.num_gpus() > 0
     task = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(_unlearning_task)
     if progress is not None:
         progress("unlearning", 0, 1)
@@ -432,7 +460,9 @@ def _unlearning_scores(config: CleanConfig, candidates: Sequence[tuple], referen
 
 
 def _unlearning_task(candidates: list[StemItem], references: list[StemItem],
-                     settings: blind.UnlearningSettings) -> tuple[np.ndarray, dict[str, Any]]:
+                     settings: methods.UnlearningSettings) -> tuple[np.ndarray, dict[str, Any]]:
+    from cleaning import blind
+
     result = blind.unlearning_stem_scores(candidates, references, settings)
     return result.scores, {"forget_loss_before": result.forget_loss_before,
                            "forget_loss_after": result.forget_loss_after,

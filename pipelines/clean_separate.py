@@ -19,9 +19,11 @@ from typing import Any
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 
+from pipelines.catalog import catalog_id
+from pipelines.engines import Engine
+from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
 from provenance.records import Role
-from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
 STAGE = "separate"
@@ -67,15 +69,25 @@ class SeparateResult:
     num_stems: int
     skipped_tracks: int
     stems: list[dict[str, Any]] = field(default_factory=list)  # the new AudioFile rows
+    status: str = "ran"
+    stage_result: StageResult | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": STAGE, **dataclasses.asdict(self)}
+        if self.stage_result is not None:
+            return self.stage_result.to_json()
+        return {"stage": STAGE, **{k: v for k, v in dataclasses.asdict(self).items() if k != "stage_result"}}
+
+    @classmethod
+    def from_stage(cls, result: StageResult) -> "SeparateResult":
+        names = {f.name for f in dataclasses.fields(cls)} - {"run_id", "status", "stage_result"}
+        return cls(run_id=result.run_id, status=result.status, stage_result=result,
+                   **{k: v for k, v in result.details.items() if k in names})
 
 
 class _SeparatorActor:
     """Loads the separator once; separates, writes and measures one track per call."""
 
-    def __init__(self, spec: str, device: str) -> None:
+    def __init__(self, spec: str, device: str = "cpu") -> None:
         from cleaning.separate import load_separator
 
         self.separator = load_separator(spec)
@@ -104,70 +116,82 @@ class _SeparatorActor:
         return rows
 
 
-def run_separate(workspace: Workspace, config: SeparateConfig, progress: Progress | None = None) -> SeparateResult:
-    """Separate the catalog's stem-less mixtures (see the module docstring).
+def run_separate(workspace: Workspace, config: SeparateConfig, progress: Progress | None = None, *,
+                 engine: Engine | None = None) -> SeparateResult:
+    """Separate the catalog's stem-less mixtures (see the module docstring), through the stage runner.
 
     Raises:
         FileNotFoundError: no catalog, or a checkpoint path that does not exist.
         ValueError: an unknown pretrained name or a file that is not a demucs package; a ``tracks`` entry
             that is not a catalog mixture.
     """
-    import ray
+    return SeparateResult.from_stage(run_stage(SEPARATE, workspace, config, engine=engine, progress=progress))
 
-    from cleaning.separate import load_separator
-    from pipelines.ray_runtime import local_ray
 
+class SeparateStage(Stage):
+    """The separate stage on the contract: the catalog's stem-less mixtures and a separator → stems."""
+
+    name = STAGE
+    version = "1"
+    config_model = SeparateConfig
+    resources = Resources(engine="ray", cpus=1.0, gpus=1.0)
+    engine_keys = ("num_cpus", "address")
+    reads = ("audio_files", "separator")
+    writes = ("audio_files", "stems")
+
+    def inputs(self, ctx: StageContext, config: SeparateConfig) -> dict[str, str]:
+        from cleaning.separate import load_separator
+
+        rows = _catalog_rows(ctx.workspace)
+        unknown = sorted(set(config.tracks) - {r["track_id"] for r in rows if r["role"] == Role.MIXTURE.value})
+        if unknown:
+            raise ValueError(f"separate.tracks: {unknown} have no mixture in the catalog")
+        identity = load_separator(config.model)  # fails here, before any Run, on a bad name or file
+        return {"audio_files": catalog_id(ctx.workspace, ("audio_files",)),
+                "separator": f"{identity.name}@{identity.sha256}"}
+
+    def run(self, ctx: StageContext, config: SeparateConfig) -> StageOutput:
+        import ray
+
+        from cleaning.separate import load_separator
+
+        path = ctx.workspace.catalog_table("audio_files")
+        rows = _catalog_rows(ctx.workspace)
+        with_stems = {r["track_id"] for r in rows if r["role"] != Role.MIXTURE.value}
+        mixtures = {r["track_id"]: r for r in rows if r["role"] == Role.MIXTURE.value}
+        wanted = sorted(config.tracks or mixtures)
+        todo = [mixtures[t] for t in wanted if t not in with_stems]
+        identity = load_separator(config.model)
+        new_rows: list[dict[str, Any]] = []
+        if todo:
+            ctx.engine.ray()
+            actors = ctx.engine.actor_pool(_SeparatorActor, config.model, max_actors=config.num_actors or len(todo))
+            out_dir = str(ctx.workspace.root / "audio" / "separated")
+            pending = [actors[i % len(actors)].separate.remote(row, out_dir, config, ctx.run_id)
+                       for i, row in enumerate(todo)]
+            for done, ref in enumerate(pending, start=1):
+                new_rows.extend(ray.get(ref))
+                if ctx.progress is not None:
+                    ctx.progress("separate", done, len(todo))
+        outputs = {"audio_files": str(path)}
+        if new_rows:
+            added = {(n["track_id"], n["role"], n["instrument"]) for n in new_rows}
+            kept = [r for r in rows if (r["track_id"], r["role"], r["instrument"]) not in added]
+            records.write_table(records.to_table(kept + new_rows, records.AUDIO_FILE), path)
+            outputs["stems"] = str(records.write_table(records.to_table(new_rows, records.AUDIO_FILE),
+                                                       ctx.run_dir / "audio_files.parquet"))
+        details = {"separator": identity.name, "separator_sha256": identity.sha256, "num_tracks": len(todo),
+                   "num_stems": len(new_rows), "skipped_tracks": len(wanted) - len(todo), "stems": new_rows}
+        counts = {"tracks": len(todo), "stems": len(new_rows), "skipped": len(wanted) - len(todo),
+                  "separator": identity.name, "separator_sha256": identity.sha256}
+        return StageOutput(outputs=outputs, counts=counts, details=details)
+
+
+def _catalog_rows(workspace: Workspace) -> list[dict[str, Any]]:
     path = workspace.catalog_table("audio_files")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `linernotes ingest DELIVERY` first")
-    rows = pq.read_table(path).to_pylist()
-    with_stems = {r["track_id"] for r in rows if r["role"] != Role.MIXTURE.value}
-    mixtures = {r["track_id"]: r for r in rows if r["role"] == Role.MIXTURE.value}
-    unknown = sorted(set(config.tracks) - set(mixtures))
-    if unknown:
-        raise ValueError(f"separate.tracks: {unknown} have no mixture in the catalog")
-    wanted = sorted(config.tracks or mixtures)
-    todo = [mixtures[t] for t in wanted if t not in with_stems]
-    identity = load_separator(config.model)  # fails here, before any Ray work, on a bad name or file
-    store = LineageStore(workspace.store_url)
-    run_id = store.start_run(STAGE, {**config.model_dump(), "separator": identity.name,
-                                     "separator_sha256": identity.sha256})
-    run_dir = workspace.run_dir(run_id)
-    records.write_json({"stage": STAGE, "config": config.model_dump(), "separator": identity.name,
-                        "separator_sha256": identity.sha256}, run_dir / "config.json", default=str)
-    try:
-        new_rows: list[dict[str, Any]] = []
-        if todo:
-            with local_ray(address=config.address, num_cpus=config.num_cpus):
-                num_gpus = int(ray.cluster_resources().get("GPU", 0))
-                count = config.num_actors or (num_gpus or int(ray.cluster_resources().get("CPU", 1)))
-                count = max(1, min(count, len(todo)))
-                actor_class = ray.remote(num_cpus=1, num_gpus=1 if num_gpus else 0)(_SeparatorActor)
-                actors = [actor_class.remote(config.model, "cuda" if num_gpus else "cpu") for _ in range(count)]
-                out_dir = str(workspace.root / "audio" / "separated")
-                pending = [actors[i % count].separate.remote(row, out_dir, config, run_id)
-                           for i, row in enumerate(todo)]
-                for done, ref in enumerate(pending, start=1):
-                    new_rows.extend(ray.get(ref))
-                    if progress is not None:
-                        progress("separate", done, len(todo))
-        if new_rows:
-            kept = [r for r in rows if (r["track_id"], r["role"], r["instrument"]) not in
-                    {(n["track_id"], n["role"], n["instrument"]) for n in new_rows}]
-            table = records.to_table(kept + new_rows, records.AUDIO_FILE)
-            records.write_table(table, path)
-            records.write_table(records.to_table(new_rows, records.AUDIO_FILE), run_dir / "audio_files.parquet")
-        result = SeparateResult(run_id=run_id, separator=identity.name, separator_sha256=identity.sha256,
-                                num_tracks=len(todo), num_stems=len(new_rows),
-                                skipped_tracks=len(wanted) - len(todo), stems=new_rows)
-        records.write_json(result.to_json(), run_dir / "summary.json", default=str)
-        store.finish_run(run_id, {"tracks": len(todo), "stems": len(new_rows), "skipped": result.skipped_tracks,
-                                  "separator": identity.name, "separator_sha256": identity.sha256},
-                         {"audio_files": str(path), "summary": str(run_dir / "summary.json")})
-        return result
-    except BaseException as err:
-        store.finish_run(run_id, {}, status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        store.close()
+    return pq.read_table(path).to_pylist()
 
+
+SEPARATE = SeparateStage()

@@ -18,6 +18,7 @@ from typing import Any
 from provenance.policy import check_isrc, check_iswc, normalize_isrc, normalize_iswc, parse_bool, parse_territories
 from provenance.records import RejectionReason, Role, rejection, sha256_hex
 
+INGEST = "ingest"  # the stage that reads deliveries (pipelines.ingest.STAGE); the default ``stage`` of its rejections
 TRACK_COLUMNS = ("track_id", "isrc", "title", "artist", "rights_holder", "license_id", "attribution",
                  "genre", "tags", "description")
 TRACK_OPTIONAL = ("iswc", "bpm", "key")
@@ -151,7 +152,7 @@ def printable(value: str) -> str:
 
 # licences ---------------------------------------------------------------------------------------------
 
-def parse_license(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
+def parse_license(row: Mapping[str, Any], delivery_id: str, stage: str = INGEST,
                   run_id: str = "") -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """A licences.csv row → (a ``records.LICENSE`` row, None) or (None, a Rejection)."""
     license_id = row.get("license_id", "")
@@ -195,7 +196,7 @@ def _parse_date(value: Any, name: str) -> dt.date | None:
 
 # tracks -----------------------------------------------------------------------------------------------
 
-def parse_track(row: Mapping[str, Any], delivery_id: str, stage: str = "ingest",
+def parse_track(row: Mapping[str, Any], delivery_id: str, stage: str = INGEST,
                 run_id: str = "") -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """A tracks.csv row → (a ``records.TRACK`` row, None) or (None, a Rejection for a bad field)."""
     track_id = row.get("track_id", "")
@@ -251,7 +252,7 @@ def file_record_id(row: Mapping[str, Any]) -> str:
     return printable(f"{row.get('track_id', '')}/{row.get('role', '')}/{row.get('instrument', '')}:{row.get('path', '')}")
 
 
-def check_file_row(row: Mapping[str, Any], root: Path, stage: str = "ingest",
+def check_file_row(row: Mapping[str, Any], root: Path, stage: str = INGEST,
                    run_id: str = "") -> tuple[Path | None, dict[str, Any] | None]:
     """Check a files.csv row before decoding: role, path inside the delivery, file present.
 
@@ -281,3 +282,20 @@ def check_file_row(row: Mapping[str, Any], root: Path, stage: str = "ingest",
         return None, rejection("audio_file", record_id, stage, RejectionReason.MISSING_FILE,
                                f"no file at {row['path']!r}", run_id)
     return resolved, None
+
+
+def read_licenses(delivery: Delivery, run_id: str, stage: str = INGEST) -> tuple[dict[str, dict[str, Any]],
+                                                                                list[dict[str, Any]]]:
+    """The delivery's licence rows → ({license_id: ``records.LICENSE`` row}, Rejections for bad or repeated rows)."""
+    licenses: dict[str, dict[str, Any]] = {}
+    rejections: list[dict[str, Any]] = []
+    for row in delivery.licenses:
+        record, rej = parse_license(row, delivery.delivery_id, stage, run_id)
+        if rej is not None:
+            rejections.append(rej)
+        elif record["license_id"] in licenses:
+            rejections.append(rejection("license", record["license_id"], stage, RejectionReason.DUPLICATE_ID,
+                                        f"licenses.csv row {row['_row']} repeats a licence id", run_id))
+        else:
+            licenses[record["license_id"]] = record
+    return licenses, rejections

@@ -19,6 +19,7 @@ it arrives and marks it done. The same chunking on a resumed build gives bit-ide
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tarfile
@@ -33,6 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipelines.attribution_index import build_embedding_index, read_shard_index
 from pipelines.attribution_loss import DiffusionLoss, MelBatch
+from pipelines.engines import Engine
+from pipelines.inputs import resolve_checkpoint
+from pipelines.stage import Resources, Stage, StageContext, StageOutput
 from provenance import dtrak, records
 from provenance.records import canonical_json, sha256_hex
 from provenance.workspace import Workspace
@@ -202,14 +206,40 @@ class IndexResult:
                             "fisher": str(self.fisher_path)}}
 
 
+class IndexStage(Stage):
+    """The index stage on the contract: a checkpoint (and its dataset) → its attribution index."""
+
+    name = "index"
+    version = "1"
+    config_model = IndexConfig
+    resources = Resources(engine="ray", cpus=1.0, gpus=1.0)
+    reads = ("checkpoint", "dataset")
+    writes = ("embedding", "dtrak", "fisher")
+
+    def inputs(self, ctx: StageContext, config: IndexConfig) -> dict[str, str]:
+        checkpoint = resolve_checkpoint(ctx.store, ctx.workspace, ctx.select.get("checkpoint"))
+        return {"checkpoint": checkpoint["checkpoint_id"], "dataset": checkpoint["dataset_id"]}
+
+    def run(self, ctx: StageContext, config: IndexConfig) -> StageOutput:
+        checkpoint = ctx.store.get_checkpoint(ctx.inputs["checkpoint"])
+        payload = build_checkpoint_index(ctx.workspace, checkpoint, config, progress=ctx.progress,
+                                         engine=ctx.engine).to_json()
+        return StageOutput(outputs=payload["outputs"], counts=payload["counts"],
+                           details={"checkpoint_id": payload["checkpoint_id"], "dataset_id": payload["dataset_id"]})
+
+
+INDEX = IndexStage()
+
+
 def build_checkpoint_index(workspace: Workspace, checkpoint: Mapping[str, Any], config: IndexConfig,
-                           progress: Progress | None = None) -> IndexResult:
+                           progress: Progress | None = None, engine: Engine | None = None) -> IndexResult:
     """Build (or finish, or reuse) every part of ``checkpoint``'s attribution index. Idempotent: a complete
     index is reused; a partial one is resumed from its done-mask.
 
     Args:
         checkpoint: a lineage-store Checkpoint row (``checkpoint_id``, ``dataset_id``, ``uri``).
         progress: called as ``("D-TRAK features", done, total)`` per chunk and ``("indexing segments", ...)``.
+        engine: where the featurizer actors run (default: a local Ray for this call).
 
     Raises:
         FileNotFoundError: the checkpoint file, the dataset or a shard is missing.
@@ -224,19 +254,17 @@ def build_checkpoint_index(workspace: Workspace, checkpoint: Mapping[str, Any], 
     embedder = load_embedder(config.embedder)
     build_embedding_index(workspace, index.dataset_id, embedder, progress=progress)
     entries = train_entries(workspace, index.dataset_id)
-    computed = build_dtrak_features(workspace, index, entries, progress=progress)
+    computed = build_dtrak_features(workspace, index, entries, progress=progress, engine=engine)
     build_fisher(workspace, index, entries)
     return IndexResult(index.checkpoint_id, index.dataset_id, len(entries), computed,
                        index_dir(workspace, index.dataset_id, embedder.name), index.dtrak_dir, index.fisher_path)
 
 
 def build_dtrak_features(workspace: Workspace, index: CheckpointIndex, entries: Sequence[Mapping[str, Any]],
-                         progress: Progress | None = None) -> int:
-    """Featurize the pending rows with Ray actors, then finalize. Returns the number of rows computed now."""
-    import ray
+                         progress: Progress | None = None, engine: Engine | None = None) -> int:
+    """Featurize the pending rows with Ray actors, then finalize. Returns the number of rows computed now.
 
-    from pipelines.ray_runtime import ensure_ray
-
+    ``engine``: the run's engines (default: a local Ray opened and closed by this call when there is work)."""
     config = index.config
     store = dtrak.FeatureStore.open(index.dtrak_dir, [row["segment_id"] for row in entries], config.projection_dim,
                                     config.dtrak_identity(index.checkpoint_id))
@@ -245,35 +273,46 @@ def build_dtrak_features(workspace: Workspace, index: CheckpointIndex, entries: 
     chunks = [list(range(start, min(start + size, total))) for start in range(0, total, size)]
     todo = [chunk for chunk in chunks if any(row in pending for row in chunk)]
     if todo:
-        ensure_ray()
-        use_gpu = config.use_gpu and torch.cuda.is_available()
-        actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(DTrakFeaturizer)
-        actors = [actor_class.remote(str(index.checkpoint_path), config.objective, config.num_timesteps,
-                                     config.seed, config.projection_dim, "cuda" if use_gpu else "cpu",
-                                     torch_threads=None if config.num_workers == 1 else 1)
-                  for _ in range(min(config.num_workers, len(todo)))]
-        rows_wanted = [row for chunk in todo for row in chunk]
-        mels = iter_segment_mels(workspace.dataset_dir(index.dataset_id), [entries[row] for row in rows_wanted])
-        in_flight: dict[Any, list[int]] = {}
-        done_rows = total - len(pending)
-        try:
-            for number, chunk in enumerate(todo):
-                items = [next(mels) for _ in chunk]
-                actor = actors[number % len(actors)]
-                in_flight[actor.featurize.remote([m for _, m, _ in items], [t for _, _, t in items])] = chunk
-                while len(in_flight) >= 2 * len(actors) or (number == len(todo) - 1 and in_flight):
-                    ready, _ = ray.wait(list(in_flight), num_returns=1)
-                    finished = in_flight.pop(ready[0])
-                    store.write(finished, ray.get(ready[0]))
-                    done_rows += sum(1 for row in finished if row in pending)
-                    if progress is not None:
-                        progress("D-TRAK features", done_rows, total)
-        finally:
-            for actor in actors:
-                ray.kill(actor)
+        with contextlib.ExitStack() as stack:
+            engine = engine or stack.enter_context(Engine())
+            _featurize(engine, workspace, index, entries, todo, pending, store, progress)
     if not (index.dtrak_dir / "kernel_inverse.npy").is_file() or todo:
         dtrak.DTrakScorer.finalize(store, ridge=config.ridge)
     return sum(1 for chunk in todo for row in chunk if row in pending)
+
+
+def _featurize(engine: Engine, workspace: Workspace, index: CheckpointIndex, entries: Sequence[Mapping[str, Any]],
+               todo: list[list[int]], pending: set[int], store: dtrak.FeatureStore, progress: Progress | None) -> None:
+    """Send the ``todo`` chunks to ``DTrakFeaturizer`` actors (a GPU each when asked for and present); write each
+    chunk's features as it arrives."""
+    import ray
+
+    config, total = index.config, len(entries)
+    use_gpu = config.use_gpu and engine.num_gpus() > 0
+    actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(DTrakFeaturizer)
+    actors = [actor_class.remote(str(index.checkpoint_path), config.objective, config.num_timesteps,
+                                 config.seed, config.projection_dim, "cuda" if use_gpu else "cpu",
+                                 torch_threads=None if config.num_workers == 1 else 1)
+              for _ in range(min(config.num_workers, len(todo)))]
+    rows_wanted = [row for chunk in todo for row in chunk]
+    mels = iter_segment_mels(workspace.dataset_dir(index.dataset_id), [entries[row] for row in rows_wanted])
+    in_flight: dict[Any, list[int]] = {}
+    done_rows = total - len(pending)
+    try:
+        for number, chunk in enumerate(todo):
+            items = [next(mels) for _ in chunk]
+            actor = actors[number % len(actors)]
+            in_flight[actor.featurize.remote([m for _, m, _ in items], [t for _, _, t in items])] = chunk
+            while len(in_flight) >= 2 * len(actors) or (number == len(todo) - 1 and in_flight):
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                finished = in_flight.pop(ready[0])
+                store.write(finished, ray.get(ready[0]))
+                done_rows += sum(1 for row in finished if row in pending)
+                if progress is not None:
+                    progress("D-TRAK features", done_rows, total)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
 
 def build_fisher(workspace: Workspace, index: CheckpointIndex, entries: Sequence[Mapping[str, Any]]) -> Path:

@@ -34,17 +34,37 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pydantic import BaseModel, ConfigDict, Field
 
 from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
-from cleaning.kernels import warm_kernels
+from cleaning.warmup import warm_kernels
 from pipelines.config import config_dict, config_sha256
-from pipelines.delivery import Delivery, file_record_id, parse_license, read_delivery
-from pipelines.ingest_steps import (MEASURE_VERSION, STAGE, decide_tracks, finalize_track, link_duplicates,
-                                    measure_file, route_files)
+from pipelines.delivery import Delivery, file_record_id, read_delivery, read_licenses
+from pipelines.ingest_steps import (
+    MEASURE_VERSION,
+    STAGE,
+    decide_tracks,
+    finalize_track,
+    link_duplicates,
+    measure_file,
+    route_files,
+)
 from provenance.policy import OptOutRegistry, RunPurpose
-from provenance.records import (AUDIO_FILE, DEAL, DUPLICATE, LICENSE, REJECTION, RELEASE, TRACK, Purpose,
-                                RejectionReason, canonical_json, rejection, sha256_hex, to_table, write_table)
+from provenance.records import (
+    AUDIO_FILE,
+    DEAL,
+    DUPLICATE,
+    LICENSE,
+    REJECTION,
+    RELEASE,
+    TRACK,
+    Purpose,
+    RejectionReason,
+    canonical_json,
+    rejection,
+    sha256_hex,
+    to_table,
+    write_table,
+)
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
-
 
 CATALOG_TABLES = ("licenses", "tracks", "audio_files", "rejections", "duplicates", "releases", "deals")
 """The Parquet tables every ingest run writes into its run folder and the catalog."""
@@ -477,22 +497,6 @@ def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], r
         if c["accepted"] + c["rejected"] != c["input"]:
             raise AssertionError(f"ingest lost records in {table}: {c}")
     return counts
-
-
-def read_licenses(delivery: Delivery, run_id: str) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """The delivery's licence rows → ({license_id: ``records.LICENSE`` row}, Rejections for bad or repeated rows)."""
-    licenses: dict[str, dict[str, Any]] = {}
-    rejections: list[dict[str, Any]] = []
-    for row in delivery.licenses:
-        record, rej = parse_license(row, delivery.delivery_id, STAGE, run_id)
-        if rej is not None:
-            rejections.append(rej)
-        elif record["license_id"] in licenses:
-            rejections.append(rejection("license", record["license_id"], STAGE, RejectionReason.DUPLICATE_ID,
-                                        f"licenses.csv row {row['_row']} repeats a licence id", run_id))
-        else:
-            licenses[record["license_id"]] = record
-    return licenses, rejections
 
 
 def _read_opt_outs(path: str | None) -> OptOutRegistry:

@@ -26,11 +26,11 @@ from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_contain
 from cleaning.fingerprint import fingerprint, fingerprint_similarity
 from cleaning.measure import Levels, measure_audio, measure_levels
 from cleaning.quality import check_stem_formats, measure_stem_residual_db, measure_true_peak_dbtp
-from pipelines.delivery import check_file_row, file_record_id, parse_track
+from pipelines.delivery import INGEST, check_file_row, file_record_id, parse_track
 from provenance.policy import OptOutRegistry, RunPurpose, decide
 from provenance.records import RejectionReason, Role, canonical_json, rejection, safe_name, sha256_hex
 
-STAGE = "ingest"
+STAGE = INGEST
 
 def decide_tracks(track_id: str, rows: Iterable[Mapping[str, Any]], licenses: Mapping[str, Mapping[str, Any]],
                   run: RunPurpose, opt_outs: OptOutRegistry, delivery_id: str, run_id: str

@@ -16,13 +16,10 @@ from cleaning.audio import read_audio, write_audio
 from cleaning.measure import measure_pcm_sha256
 from cleaning.mel import MelConfig
 from pipelines.config import config_dict, config_sha256
+from pipelines.inputs import MissingInputError, read_dataset_manifest, resolve_checkpoint, resolve_dataset
 from provenance.records import canonical_json, sha256_hex
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
-
-
-class MissingInputError(FileNotFoundError):
-    """A stage's input is not in the workspace yet; the message says which command makes it."""
 
 
 @dataclass
@@ -69,36 +66,6 @@ class GenerateJobResult:
                 "checkpoint_id": self.checkpoint_id, "sampler": self.sampler, "duration_s": self.duration_s,
                 "outputs": {"wav": str(self.path)},
                 "attribution": self.attribution.to_json() if self.attribution else None}
-
-
-def resolve_dataset(store: LineageStore, workspace: Workspace, dataset_id: str | None) -> dict[str, Any]:
-    """The named dataset, or the newest one. Raises MissingInputError saying to run ``shard``."""
-    record = store.get_dataset(dataset_id) if dataset_id else store.latest_dataset()
-    if record is None:
-        what = f"dataset {dataset_id}" if dataset_id else "a dataset"
-        raise MissingInputError(f"no {what} in {workspace.root}: run `linernotes shard` first")
-    return record
-
-
-def resolve_checkpoint(store: LineageStore, workspace: Workspace, checkpoint_id: str | None) -> dict[str, Any]:
-    """The named checkpoint, or the newest one. Raises MissingInputError saying to run ``train``."""
-    record = store.get_checkpoint(checkpoint_id) if checkpoint_id else store.latest_checkpoint()
-    if record is None:
-        what = f"checkpoint {checkpoint_id}" if checkpoint_id else "a checkpoint"
-        raise MissingInputError(f"no {what} in {workspace.root}: run `linernotes train` first")
-    return record
-
-
-def read_dataset_manifest(workspace: Workspace, dataset_id: str) -> dict[str, Any]:
-    """A dataset's ``dataset.json`` (shards per split, shard config with its mel config).
-
-    Raises:
-        MissingInputError: the manifest is missing (re-run ``shard``).
-    """
-    path = workspace.dataset_dir(dataset_id) / "dataset.json"
-    if not path.is_file():
-        raise MissingInputError(f"dataset {dataset_id} has no manifest at {path}: re-run `linernotes shard`")
-    return json.loads(path.read_text())
 
 
 def find_resumable_train_run(store: LineageStore, run_id: str | None = None) -> dict[str, Any]:
@@ -287,37 +254,26 @@ def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str |
 @dataclass
 class IndexJobResult:
     run_id: str
-    result: Any  # pipelines.index.IndexResult
+    result: Any  # pipelines.stage.StageResult of the index stage
 
     def to_json(self) -> dict[str, Any]:
-        return {"run_id": self.run_id, **self.result.to_json()}
+        return self.result.to_json()
 
 
 def run_index(workspace: Workspace, config: Any, checkpoint_id: str | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> IndexJobResult:
-    """Build (or resume, or reuse) a checkpoint's attribution index (``pipelines.index``); register the Run.
+    """Build (or resume, or reuse) a checkpoint's attribution index (``pipelines.index``) through the stage runner.
 
     ``config`` is a ``pipelines.index.IndexConfig``; ``checkpoint_id`` defaults to the newest checkpoint.
 
     Raises:
         MissingInputError: no checkpoint.
     """
-    from pipelines.index import build_checkpoint_index
+    from pipelines.index import INDEX
+    from pipelines.stage import run_stage
 
-    store = LineageStore(workspace.store_url)
-    try:
-        checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
-        run_id = store.start_run("index", {**config_dict(config), "checkpoint_id": checkpoint["checkpoint_id"]})
-        try:
-            result = build_checkpoint_index(workspace, checkpoint, config, progress=progress)
-            payload = result.to_json()
-            store.finish_run(run_id, payload["counts"], payload["outputs"])
-        except BaseException as err:
-            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
-        return IndexJobResult(run_id, result)
-    finally:
-        store.close()
+    result = run_stage(INDEX, workspace, config, progress=progress, select={"checkpoint": checkpoint_id})
+    return IndexJobResult(result.run_id, result)
 
 
 def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float, out: str | Path | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.attribution_index import read_catalog_licenses
+from pipelines.catalog import read_catalog_licenses
 from provenance.policy import OptOutRegistry
 from provenance.store import LineageStore
 from provenance.workspace import Workspace

@@ -13,7 +13,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.delivery import parse_track, read_delivery
+from pipelines.delivery import INGEST as STAGE
+from pipelines.delivery import parse_track, read_delivery, read_licenses
 from provenance.policy import OptOutRegistry, RunPurpose, explain
 from provenance.records import Purpose
 from provenance.store import LineageStore
@@ -31,7 +32,6 @@ def explain_track(workspace: Workspace, track_id: str, run_id: str | None = None
         ExplainError: no (such) ingest run, or the track is not in that run's delivery.
         pipelines.delivery.DeliveryError: the run's delivery can no longer be read.
     """
-    from pipelines.ingest import STAGE, read_licenses
 
     store = LineageStore(workspace.store_url)
     try:

@@ -45,10 +45,12 @@ from pydantic import BaseModel, ConfigDict, model_validator
 
 from cleaning.audio import encode_flac, read_audio, resample, to_mono
 from cleaning.mel import MelConfig, log_mel
+from pipelines.catalog import catalog_id
+from pipelines.engines import Engine
+from pipelines.stage import CACHED, Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
 from provenance.policy import OptOutRegistry
 from provenance.records import RejectionReason, Split
-from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
 STAGE = "shard"
@@ -108,7 +110,10 @@ class ShardConfig(BaseModel):
 
 @dataclass
 class ShardResult:
-    """What a shard run produced. ``num_tracks_in == num_tracks + len(rejections)``."""
+    """What a shard run produced. ``num_tracks_in == num_tracks + len(rejections)``.
+
+    ``status`` is ``ran`` or ``cached`` (an earlier run with the same cache key; ``run_id`` is that run's).
+    """
 
     run_id: str
     dataset_id: str
@@ -120,9 +125,24 @@ class ShardResult:
     num_shards: int
     rejections: list[dict[str, Any]] = field(default_factory=list)
     reused: bool = False
+    status: str = "ran"
+    stage_result: StageResult | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "dataset_dir": str(self.dataset_dir)}
+        """The stage contract's result shape (``stage``, ``run_id``, ``status``, ``inputs``, ``outputs``,
+        ``counts``) with the shard details beside it (``segments_by_split``: the typed ``counts``)."""
+        if self.stage_result is not None:
+            return self.stage_result.to_json()
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in {"stage_result", "counts"}}
+        return {**fields, "stage": STAGE, "dataset_dir": str(self.dataset_dir), "segments_by_split": self.counts}
+
+    @classmethod
+    def from_stage(cls, result: StageResult) -> "ShardResult":
+        d = result.details
+        return cls(run_id=result.run_id, dataset_id=d["dataset_id"], dataset_dir=Path(d["dataset_dir"]),
+                   num_tracks_in=d["num_tracks_in"], num_tracks=d["num_tracks"], num_segments=d["num_segments"],
+                   counts=d["segments_by_split"], num_shards=d["num_shards"], rejections=d["rejections"],
+                   reused=d["reused"] or result.status == CACHED, status=result.status, stage_result=result)
 
 
 @dataclass(frozen=True)
@@ -143,66 +163,81 @@ class ShardPlan:
 # ---------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------
-def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | None = None) -> ShardResult:
-    """Shard the workspace's curated catalog into a content-addressed WebDataset dataset.
+def run_shard(workspace: Workspace, config: ShardConfig, progress: Progress | None = None, *,
+              engine: Engine | None = None) -> ShardResult:
+    """Shard the workspace's curated catalog into a content-addressed WebDataset dataset (through the runner).
 
     Args:
-        workspace: reads ``catalog/{tracks,audio_files,licenses}.parquet``; writes ``datasets/<dataset_id>/``
-            and ``runs/<run_id>/``; registers the run and the dataset in the lineage store.
+        workspace: reads ``catalog/{tracks,audio_files,licenses}.parquet`` and the opt-out registry; writes
+            ``datasets/<dataset_id>/`` and ``runs/<run_id>/``; registers the run and the dataset.
         config: the stage config.
         progress: called as ``progress(phase, done, total)`` with phase ``"segments"`` or ``"shards"``.
+        engine: the run's engines (default: a local Ray, opened and closed here).
 
     Raises:
         FileNotFoundError: a catalog table is missing (run ``linernotes ingest DELIVERY`` first).
         ShardInputError: a mixture no longer decodes or matches its catalog row (rate, length, channels):
             the catalog is stale, re-run ingest. Other worker failures arrive as Ray's ``RayError``.
     """
-    tracks, audio_files, license_ids = read_catalog(workspace)
-    workspace.ensure()
-    missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
-    plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris, read_opt_outs(workspace))
-    plan_sha256 = _plan_sha256(plan, config)
+    return ShardResult.from_stage(run_stage(SHARD, workspace, config, engine=engine, progress=progress))
 
-    store = LineageStore(workspace.store_url)
-    run_id = store.start_run(STAGE, {**config.resolved(), "config_sha256": config.sha256()})
-    run_dir = workspace.run_dir(run_id)
-    records.write_json({"stage": STAGE, "config": config.resolved(), "config_sha256": config.sha256()},
-                       run_dir / "config.json")
-    rejections = [{**r, "run_id": run_id} for r in plan.rejections]
-    try:
+
+class ShardStage(Stage):
+    """The shard stage on the contract: catalog (+ opt-outs) → a dataset."""
+
+    name = STAGE
+    version = "1"
+    config_model = ShardConfig
+    resources = Resources(engine="ray", cpus=1.0)
+    reads = ("catalog", "opt_outs")
+    writes = ("dataset", "rejections")
+
+    def inputs(self, ctx: StageContext, config: ShardConfig) -> dict[str, str]:
+        registry = ctx.store.list_opt_outs()
+        opt_outs = [{k: row[k] for k in ("kind", "value")} for row in registry]
+        return {"catalog": catalog_id(ctx.workspace),
+                "opt_outs": "optouts-" + records.sha256_hex(records.canonical_json(opt_outs))[:16]}
+
+    def resolved_config(self, config: ShardConfig) -> dict[str, Any]:
+        return config.resolved()
+
+    def run(self, ctx: StageContext, config: ShardConfig) -> StageOutput:
+        workspace, run_id = ctx.workspace, ctx.run_id
+        tracks, audio_files, license_ids = read_catalog(workspace)
+        missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
+        registry = OptOutRegistry.from_rows(ctx.store.list_opt_outs())
+        plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris, registry)
+        plan_sha256 = _plan_sha256(plan, config)
+        rejections = [{**r, "run_id": run_id} for r in plan.rejections]
         dataset_dir = _find_dataset(workspace, plan_sha256)
         reused = dataset_dir is not None
         if dataset_dir is None:
-            dataset_dir, reused = _build_dataset(workspace, plan, plan_sha256, config, run_id, progress)
-        result = _result(run_id, dataset_dir, plan, rejections, reused)
+            ctx.engine.ray()
+            dataset_dir, reused = _build_dataset(workspace, plan, plan_sha256, config, run_id, ctx.progress)
         manifest = json.loads((dataset_dir / "dataset.json").read_text())
-        store.add_dataset({"dataset_id": result.dataset_id, "run_id": run_id, "config_sha256": config.sha256(),
-                           "uri": str(dataset_dir), "num_tracks": result.num_tracks,
-                           "num_segments": result.num_segments,
-                           "num_train_segments": result.counts.get(Split.TRAIN.value, 0),
-                           "num_validation_segments": result.counts.get(Split.VALIDATION.value, 0),
-                           "num_shards": result.num_shards}, manifest["tracks"])
+        counts = manifest["counts"]
+        by_split = {split.value: counts[split.value] for split in Split}
+        ctx.store.add_dataset({"dataset_id": manifest["dataset_id"], "run_id": run_id,
+                               "config_sha256": config.sha256(), "uri": str(dataset_dir),
+                               "num_tracks": counts["tracks"], "num_segments": counts["segments"],
+                               "num_train_segments": by_split.get(Split.TRAIN.value, 0),
+                               "num_validation_segments": by_split.get(Split.VALIDATION.value, 0),
+                               "num_shards": counts["shards"]}, manifest["tracks"])
         rejections_path = records.write_table(records.to_table(rejections, records.REJECTION),
-                                              run_dir / "rejections.parquet")
-        counts = _run_counts(result)
-        records.write_json({**result.to_json(), "run_counts": counts}, run_dir / "summary.json")
-        store.finish_run(run_id, counts, {"dataset": str(dataset_dir), "rejections": str(rejections_path),
-                                          "summary": str(run_dir / "summary.json")})
-        return result
-    except BaseException as err:
-        store.finish_run(run_id, {}, status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        store.close()
+                                              ctx.run_dir / "rejections.parquet")
+        details = {"dataset_id": manifest["dataset_id"], "dataset_dir": str(dataset_dir),
+                   "num_tracks_in": plan.num_tracks_in, "num_tracks": counts["tracks"],
+                   "num_segments": counts["segments"], "segments_by_split": by_split,
+                   "num_shards": counts["shards"], "rejections": rejections, "reused": reused}
+        run_counts = {"tracks_in": plan.num_tracks_in, "accepted": counts["tracks"],
+                      "rejected": dict(sorted(Counter(r["reason"] for r in rejections).items())),
+                      "segments": counts["segments"], "segments_by_split": by_split, "shards": counts["shards"],
+                      "reused": reused}
+        return StageOutput(outputs={"dataset": str(dataset_dir), "rejections": str(rejections_path)},
+                           counts=run_counts, output_ids={"dataset": manifest["dataset_id"]}, details=details)
 
 
-def read_opt_outs(workspace: Workspace) -> OptOutRegistry:
-    """The opt-out registry of the workspace's lineage store: a shard run leaves out what it names."""
-    store = LineageStore(workspace.store_url)
-    try:
-        return OptOutRegistry.from_rows(store.list_opt_outs())
-    finally:
-        store.close()
+SHARD = ShardStage()
 
 
 def read_catalog(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
@@ -497,16 +532,11 @@ def _build_dataset(workspace: Workspace, plan: ShardPlan, plan_sha256: str, conf
 
 def _encode_with_ray(work: list[dict[str, Any]], config: ShardConfig) -> Iterator[dict[str, Any]]:
     """Sample rows from Ray Data, in plan order (``preserve_order``) so shards complete one by one."""
-    import ray
     import ray.data
     import ray.exceptions
 
-    from pipelines.ray_runtime import ensure_ray
-
     if not work:
         return
-    if not ray.is_initialized():
-        ensure_ray()
     with _quiet_ray_data():
         items = [{"work": records.canonical_json(item)} for item in work]
         ds = ray.data.from_items(items, override_num_blocks=min(len(items), 512))
@@ -589,23 +619,3 @@ def _find_dataset(workspace: Workspace, plan_sha256: str) -> Path | None:
                 (candidate / name).is_file() for name in manifest.get("shard_sha256", {})):
             return candidate
     return None
-
-
-def _result(run_id: str, dataset_dir: Path, plan: ShardPlan, rejections: list[dict[str, Any]],
-            reused: bool) -> ShardResult:
-    manifest = json.loads((dataset_dir / "dataset.json").read_text())
-    counts = manifest["counts"]
-    return ShardResult(
-        run_id=run_id, dataset_id=manifest["dataset_id"], dataset_dir=dataset_dir,
-        num_tracks_in=plan.num_tracks_in, num_tracks=counts["tracks"], num_segments=counts["segments"],
-        counts={split.value: counts[split.value] for split in Split}, num_shards=counts["shards"],
-        rejections=rejections, reused=reused,
-    )
-
-
-def _run_counts(result: ShardResult) -> dict[str, Any]:
-    return {"tracks_in": result.num_tracks_in, "accepted": result.num_tracks,
-            "rejected": dict(sorted(Counter(r["reason"] for r in result.rejections).items())),
-            "segments": result.num_segments, "segments_by_split": result.counts, "shards": result.num_shards,
-            "reused": result.reused}
-

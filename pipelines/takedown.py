@@ -183,7 +183,7 @@ def _affected(workspace: Workspace, store: LineageStore, run_id: str, kind: str,
 
 def _shard_config(workspace: Workspace, dataset_id: str) -> Any:
     """The shard config a dataset was built with (its ``dataset.json``)."""
-    from pipelines.jobs import read_dataset_manifest
+    from pipelines.inputs import read_dataset_manifest
     from pipelines.shard import ShardConfig
 
     resolved = dict(read_dataset_manifest(workspace, dataset_id)["config"])

@@ -399,6 +399,19 @@ def sha256_hex(data: bytes | str) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes, hex (read in 1 MiB blocks).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def safe_name(text: str, max_chars: int = 80) -> str:
     """``text`` as a file-name part: ASCII letters, digits, ``-`` and ``_`` kept, anything else ``_``,
     cut to ``max_chars``. Not unique: callers add a hash of the original."""

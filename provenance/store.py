@@ -7,17 +7,43 @@ in Parquet; the store holds the records that link them and the paths of the Parq
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import secrets
+import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata as package_metadata
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from provenance.records import canonical_json
+from provenance.records import canonical_json, sha256_hex
 
-CODE_VERSION = "0.1.0"
+
+@functools.cache
+def code_version() -> str:
+    """The installed package's version, plus ``+g<commit>`` (12 hex digits) when the code is a git checkout.
+
+    Part of every stage's cache key, so a new commit re-runs what it may compute differently. A checkout with
+    uncommitted changes still reports its last commit: the key names code, not edits.
+    """
+    try:
+        version = package_metadata.version("linernotes")
+    except package_metadata.PackageNotFoundError:
+        version = "0+unknown"
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return f"{version}+g{commit}" if commit else version
+
+
+CODE_VERSION = code_version()
 
 metadata = sa.MetaData()
 
@@ -34,7 +60,15 @@ runs = sa.Table(
     sa.Column("counts", sa.Text),  # JSON
     sa.Column("outputs", sa.Text),  # JSON: {name: path}
     sa.Column("error", sa.Text),
+    # the stage contract (pipelines/stage.py): the cache key, the content ids read and written, the parent run
+    sa.Column("cache_key", sa.String(64), index=True),
+    sa.Column("inputs", sa.Text),  # JSON: {name: content id}
+    sa.Column("output_ids", sa.Text),  # JSON: {name: content id}
+    sa.Column("parent_run_id", sa.String(64)),
 )
+# Columns added to ``runs`` after its first release: a store made before them gains them on first open.
+_ADDED_RUN_COLUMNS = ("cache_key", "inputs", "output_ids", "parent_run_id")
+_RUN_JSON = ("counts", "outputs", "config", "inputs", "output_ids")
 
 datasets = sa.Table(
     "datasets", metadata,
@@ -140,6 +174,26 @@ class LineageStore:
         self.url = url
         self.engine = sa.create_engine(url, future=True)
         metadata.create_all(self.engine)
+        self._migrate()
+
+    def __enter__(self) -> "LineageStore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _migrate(self) -> None:
+        """Add the run columns a store made by an earlier version lacks (ALTER TABLE … ADD COLUMN, nullable)."""
+        present = {c["name"] for c in sa.inspect(self.engine).get_columns("runs")}
+        missing = [name for name in _ADDED_RUN_COLUMNS if name not in present]
+        if not missing:
+            return
+        preparer = self.engine.dialect.identifier_preparer
+        with self._begin() as c:
+            for name in missing:
+                column = runs.c[name]
+                kind = column.type.compile(dialect=self.engine.dialect)
+                c.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {preparer.quote(name)} {kind}"))
 
     @contextmanager
     def _begin(self) -> Iterator[sa.Connection]:
@@ -150,36 +204,65 @@ class LineageStore:
         self.engine.dispose()
 
     # runs -------------------------------------------------------------------------------------------
-    def start_run(self, kind: str, config: Mapping[str, Any], run_id: str | None = None) -> str:
-        """Register a run as ``running``; returns its id. ``config`` is the resolved stage config."""
-        from provenance.records import sha256_hex
+    def start_run(self, kind: str, config: Mapping[str, Any], run_id: str | None = None, *,
+                  cache_key: str | None = None, inputs: Mapping[str, str] | None = None,
+                  parent_run_id: str | None = None) -> str:
+        """Register a run as ``running``; returns its id. ``config`` is the resolved stage config.
 
+        Prefer :meth:`run`, which cannot leave the run ``running``."""
         run_id = run_id or new_run_id(kind)
         config_json = canonical_json(config)
         with self._begin() as c:
             c.execute(runs.insert().values(
                 run_id=run_id, kind=kind, spec_sha256=sha256_hex(config_json), config=config_json,
-                code_version=CODE_VERSION, status="running", started_at=utc_now(),
+                code_version=CODE_VERSION, status="running", started_at=utc_now(), cache_key=cache_key,
+                inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id,
             ))
         return run_id
 
     def finish_run(self, run_id: str, counts: Mapping[str, Any], outputs: Mapping[str, Any] | None = None,
-                   status: str = "succeeded", error: str | None = None) -> None:
+                   status: str = "succeeded", error: str | None = None,
+                   output_ids: Mapping[str, str] | None = None) -> None:
         with self._begin() as c:
             c.execute(runs.update().where(runs.c.run_id == run_id).values(
                 status=status, finished_at=utc_now(), counts=canonical_json(counts),
-                outputs=canonical_json(outputs or {}), error=error,
+                outputs=canonical_json(outputs or {}), error=error, output_ids=canonical_json(dict(output_ids or {})),
             ))
 
+    @contextmanager
+    def run(self, kind: str, config: Mapping[str, Any], *, cache_key: str | None = None,
+            inputs: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> Iterator["RunRecord"]:
+        """A Run for the ``with`` block: registered ``running``; ``succeeded`` with what the block put on the
+        yielded record (``counts``, ``outputs``, ``output_ids``) when it ends; ``failed`` with
+        ``"ErrorType: message"`` when it raises (KeyboardInterrupt included), and the error propagates."""
+        record = RunRecord(self.start_run(kind, config, cache_key=cache_key, inputs=inputs,
+                                          parent_run_id=parent_run_id))
+        try:
+            yield record
+        except BaseException as err:
+            self.finish_run(record.run_id, record.counts, record.outputs, status="failed",
+                            error=f"{type(err).__name__}: {err}", output_ids=record.output_ids)
+            raise
+        self.finish_run(record.run_id, record.counts, record.outputs, output_ids=record.output_ids)
+
+    def find_cached_run(self, kind: str, cache_key: str) -> dict[str, Any] | None:
+        """The newest ``succeeded`` run of ``kind`` with ``cache_key``, or None."""
+        query = (sa.select(runs).where((runs.c.kind == kind) & (runs.c.cache_key == cache_key)
+                                       & (runs.c.status == "succeeded"))
+                 .order_by(runs.c.started_at.desc()).limit(1))
+        with self.engine.connect() as c:
+            row = c.execute(query).first()
+        return None if row is None else self._decode(dict(row._mapping), _RUN_JSON)
+
     def get_run(self, run_id: str) -> dict[str, Any] | None:
-        return self._one(runs, runs.c.run_id == run_id, json_fields=("counts", "outputs", "config"))
+        return self._one(runs, runs.c.run_id == run_id, json_fields=_RUN_JSON)
 
     def list_runs(self, kind: str | None = None) -> list[dict[str, Any]]:
         query = sa.select(runs).order_by(runs.c.started_at)
         if kind:
             query = query.where(runs.c.kind == kind)
         with self.engine.connect() as c:
-            return [self._decode(dict(r._mapping), ("counts", "outputs", "config")) for r in c.execute(query)]
+            return [self._decode(dict(r._mapping), _RUN_JSON) for r in c.execute(query)]
 
     # datasets ---------------------------------------------------------------------------------------
     def add_dataset(self, record: Mapping[str, Any], track_segments: Mapping[str, int]) -> None:
@@ -374,6 +457,16 @@ class LineageStore:
             if row.get(name):
                 row[name] = json.loads(row[name])
         return row
+
+
+@dataclass
+class RunRecord:
+    """What a running stage reports back to :meth:`LineageStore.run`: set its fields inside the block."""
+
+    run_id: str
+    counts: dict[str, Any] = field(default_factory=dict)
+    outputs: dict[str, Any] = field(default_factory=dict)
+    output_ids: dict[str, str] = field(default_factory=dict)
 
 
 def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:

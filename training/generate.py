@@ -26,7 +26,8 @@ from cleaning.mel import MelConfig, log_mel
 from training.conditioning import stack_conditions
 from training.config import TrainConfig
 from training.model import MelUNet
-from training.parameterization import Parameterization, build_parameterization
+from training.objectives import build_parameterization
+from training.parameterization import Parameterization
 from training.text import TextEncoder
 from training.vocoder import load_vocoder
 

@@ -13,7 +13,8 @@ target along that path, and a sampler that integrates back. Here:
 Every parameterization offers the same calls: ``per_example_loss`` / ``loss`` (the trainer, D-TRAK and
 unlearning use them), ``sample`` (with classifier-free guidance, Ho & Salimans 2022, and inpainting of
 known mel frames by replacement, RePaint, Lugmayr et al. 2022, without its resampling jumps), and the
-integer step count ``num_steps`` (T) that ``timesteps`` index.
+integer step count ``num_steps`` (T) that ``timesteps`` index. ``training.objectives.build_parameterization``
+builds the one a ``TrainConfig`` names.
 
 Conditions: ``texts`` (a sequence of strings, ``""`` the null text) and, optionally, ``conditions``: float32
 ``(batch, K)`` musical-condition vectors (``training.conditioning``; NaN = unknown). ``conditions`` is
@@ -198,18 +199,3 @@ def _call(model: DenoiserModel, x: torch.Tensor, model_time: torch.Tensor, texts
     if conditions is None:
         return model(x, model_time, list(texts))
     return model(x, model_time, list(texts), conditions=conditions.to(x.device))
-
-
-def build_parameterization(config: Any) -> Parameterization:
-    """The parameterization a ``TrainConfig`` asks for (``prediction``: ``epsilon``, ``v`` or ``flow``).
-
-    Raises:
-        ValueError: unknown ``prediction``.
-    """
-    from training.diffusion import GaussianDiffusion
-    from training.flow import FlowMatching
-
-    if config.prediction == "flow":
-        return FlowMatching(config.diffusion_steps)
-    return GaussianDiffusion(config.diffusion_steps, config.beta_schedule, config.beta_start, config.beta_end,
-                             config.prediction)

@@ -46,11 +46,11 @@ import torch.distributed as dist
 from torch import nn
 
 from cleaning.mel import MelConfig
-from training.config import TrainConfig
 from training.conditioning import encode_conditions
+from training.config import TrainConfig
 from training.data import MelBatchStream, shard_statistics
 from training.model import build_model
-from training.parameterization import build_parameterization
+from training.objectives import build_parameterization
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_FORMAT = 2

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.cli_clean import _render_evaluate
 from pipelines.clean_evaluate import EvaluateConfig, run_evaluate
+from pipelines.cli.clean import _render_evaluate
 from pipelines.config import load_config
 
 pytestmark = pytest.mark.bench

@@ -126,8 +126,8 @@ def _decode_costs(path: str, repeats: int = 3) -> list[tuple[str, float]]:
 
 
 _WARM = ("import json, time; t = time.process_time(); import cleaning.fingerprint, cleaning.kernels, "
-         "cleaning.measure, cleaning.quality; t1 = time.process_time(); "
-         "wall = cleaning.kernels.warm_kernels(); "
+         "cleaning.measure, cleaning.quality, cleaning.warmup; t1 = time.process_time(); "
+         "wall = cleaning.warmup.warm_kernels(); "
          "print(json.dumps({'import_cpu_s': t1 - t, 'cpu_s': time.process_time() - t1, 'wall_s': wall}))")
 
 
@@ -141,7 +141,7 @@ def _kernel_load(cache_dir: Path) -> dict[str, float]:
 
 
 def _init_worker() -> None:
-    from cleaning.kernels import warm_kernels
+    from cleaning.warmup import warm_kernels
 
     warm_kernels()
 

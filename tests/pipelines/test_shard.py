@@ -16,7 +16,7 @@ import soundfile as sf
 
 from cleaning.audio import read_audio, resample, to_mono, write_audio
 from cleaning.measure import measure_pcm_sha256
-from pipelines.ray_runtime import ensure_ray, local_ray
+from pipelines.engines import Engine, EngineConfig
 from pipelines.shard import (
     ShardConfig,
     ShardInputError,
@@ -125,8 +125,11 @@ def test_rerun_reuses_and_a_fresh_run_gives_identical_bytes(sharded, tmp_path, a
     assert first.reused is False and first.dataset_id.startswith("ds-")
     assert {".tar", ".parquet", ".json"} == {Path(n).suffix for n in before}
 
-    again = run_shard(workspace, CONFIG)
-    assert again.reused is True and again.dataset_id == first.dataset_id and again.run_id != first.run_id
+    again = run_shard(workspace, CONFIG)  # the same inputs and config: cached, the first run's result, no new Run
+    assert again.status == "cached" and first.status == "ran"
+    assert again.reused is True and again.dataset_id == first.dataset_id and again.run_id == first.run_id
+    with LineageStore(workspace.store_url) as store:
+        assert [r["run_id"] for r in store.list_runs("shard")] == [first.run_id]
     assert _file_digests(again.dataset_dir) == before
 
     # A second workspace with the same catalog runs Ray again from scratch: same bytes, same id.
@@ -359,9 +362,9 @@ def test_plan_is_pure_and_order_independent(tmp_path):
 
 
 # --- ray runtime ----------------------------------------------------------------------------------------------
-def test_ensure_ray_leaves_a_running_ray_alone(ray_local):
-    assert ensure_ray() is False
-    with local_ray(num_cpus=1):
+def test_engine_leaves_a_running_ray_alone(ray_local):
+    with Engine(EngineConfig(num_cpus=1)) as engine:
+        engine.ray()
         assert ray_local.is_initialized()
-    assert ray_local.is_initialized()  # local_ray did not start it, so it did not shut it down
+    assert ray_local.is_initialized()  # the engine did not start it, so it did not shut it down
     assert ray_local.cluster_resources()["CPU"] == 2

@@ -13,7 +13,7 @@ from training.conditioning import stack_conditions
 from training.config import TrainConfig
 from training.data import iter_mel_samples, measure_mel_stats, read_dataset_info
 from training.model import build_model
-from training.parameterization import build_parameterization
+from training.objectives import build_parameterization
 from training.train import update_ema
 
 SMALL = dict(base_channels=16, channel_mults=(1, 2), text_dim=16, text_buckets=64, diffusion_steps=100,

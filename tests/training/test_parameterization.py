@@ -9,13 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import TrainConfig
 from training.conditioning import CONDITION_NAMES, stack_conditions
+from training.config import TrainConfig
 from training.data import iter_mel_samples, measure_mel_stats, read_dataset_info
 from training.diffusion import GaussianDiffusion
 from training.flow import FlowMatching
 from training.model import MelUNet, build_model
-from training.parameterization import build_parameterization
+from training.objectives import build_parameterization
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,5 +1,5 @@
 """``linernotes clean …``: blind stem cleaning (``run``), demucs separation (``separate``) and the evaluation
-of the cleaning methods (``evaluate``). Registered in ``pipelines/cli.py`` as the ``clean`` sub-app."""
+of the cleaning methods (``evaluate``). """
 
 from __future__ import annotations
 
@@ -9,15 +9,20 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
+from pipelines.cli.common import (
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    emit,
+    errors,
+    open_workspace,
+    out_console,
+    progress_bar,
+    render_generic,
+)
 from provenance.workspace import DEFAULT_WORKDIR
-
-# The option types of pipelines/cli.py, repeated here: this module is imported at the end of pipelines/cli.py, which
-# may be running as ``__main__`` (``python -m pipelines.cli``), so it must not import pipelines.cli at import time.
-WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder (lineage store, tables, "
-                                          "datasets, checkpoints, generations).", envvar="LINERNOTES_WORKDIR")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")]
 
 clean_app = typer.Typer(no_args_is_help=True, help="Blind stem cleaning (FAD, unlearning), demucs separation, "
                         "and the evaluation of cleaning.")
@@ -34,21 +39,19 @@ def clean_run(
     json_mode: JsonOpt = False,
 ) -> None:
     """Check and score every catalog stem; keep or drop by the config's rules; delete nothing (Ray)."""
-    from pipelines.cli import _emit, _errors, _progress, _workspace
 
-    with _errors():
+    with errors():
         from pipelines.clean import CleanConfig, run_clean
         from pipelines.config import load_config, parse_overrides
 
         cfg = load_config(CleanConfig, config, parse_overrides(overrides or []), reference_tracks=reference_track,
                           methods=method)
-        with _progress(json_mode) as progress:
-            result = run_clean(_workspace(workdir), cfg, progress=progress)
-        _emit(result.to_json(), json_mode, _render_clean)
+        with progress_bar(json_mode) as progress:
+            result = run_clean(open_workspace(workdir), cfg, progress=progress)
+        emit(result.to_json(), json_mode, _render_clean)
 
 
 def _render_clean(payload: dict[str, Any]) -> None:
-    from pipelines.cli import out_console
 
     out_console.print(f"[bold]clean {payload['run_id']}[/]: {payload['num_stems']} stems "
                       f"({payload['num_reference']} reference), kept {payload['num_kept']}, "
@@ -73,17 +76,16 @@ def clean_separate(
     json_mode: JsonOpt = False,
 ) -> None:
     """Separate the mixtures of catalog tracks that have no stems into stems with demucs (Ray actors)."""
-    from pipelines.cli import _emit, _errors, _progress, _render_generic, _workspace
 
-    with _errors():
+    with errors():
         from pipelines.clean_separate import SeparateConfig, run_separate
         from pipelines.config import load_config, parse_overrides
 
         cfg = load_config(SeparateConfig, config, parse_overrides(overrides or []), model=model, tracks=track)
-        with _progress(json_mode) as progress:
-            result = run_separate(_workspace(workdir), cfg, progress=progress)
+        with progress_bar(json_mode) as progress:
+            result = run_separate(open_workspace(workdir), cfg, progress=progress)
         payload = result.to_json()
-        _emit(payload, json_mode, lambda p: _render_generic("separate")({k: v for k, v in p.items() if k != "stems"}))
+        emit(payload, json_mode, lambda p: render_generic("separate")({k: v for k, v in p.items() if k != "stems"}))
 
 
 @clean_app.command("evaluate")
@@ -99,20 +101,18 @@ def clean_evaluate(
     """Plant contamination into clean stems; AUROC and precision per method and kind; separator SDR trained on
     uncontaminated, contaminated, cleaned and drop-planted sets (paired within a seed); an HTML report with
     plots."""
-    from pipelines.cli import _emit, _errors, _progress
 
-    with _errors():
+    with errors():
         from pipelines.clean_evaluate import EvaluateConfig, run_evaluate
         from pipelines.config import load_config, parse_overrides
 
         cfg = load_config(EvaluateConfig, config, parse_overrides(overrides or []), source=source, delivery=delivery)
-        with _progress(json_mode) as progress:
+        with progress_bar(json_mode) as progress:
             summary = run_evaluate(cfg, out, progress=progress)
-        _emit({k: v for k, v in summary.items() if k != "per_seed"}, json_mode, _render_evaluate)
+        emit({k: v for k, v in summary.items() if k != "per_seed"}, json_mode, _render_evaluate)
 
 
 def _render_evaluate(payload: dict[str, Any]) -> None:
-    from pipelines.cli import out_console
 
     out_console.print(payload["description"], highlight=False)
     table = Table(title="detection (mean ± std over seeds)", title_justify="left")
@@ -135,3 +135,6 @@ def _render_evaluate(payload: dict[str, Any]) -> None:
                           f"{f['mean']:.1f} ± {f['std']:.1f} % (paper: {payload['paper_gap_closed_percent']} %)",
                           highlight=False)
     out_console.print(f"report: {payload['outputs']['report']}")
+
+
+app.add_typer(clean_app, name="clean")

@@ -1,5 +1,5 @@
 """``linernotes evaluate`` (FAD per checkpoint and a run report) and ``linernotes variations`` (a batch of
-generations over seeds, guidance scales and durations). Registered on the main app by ``pipelines.cli``."""
+generations over seeds, guidance scales and durations). """
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from pipelines.cli.common import CliError, app, emit, errors, progress_bar, render_generic
 from provenance.workspace import DEFAULT_WORKDIR, Workspace
 
 
+@app.command()
 def evaluate(
     run: Annotated[Optional[str], typer.Option(help="Train run id; default the newest succeeded train run.")] = None,
     embedder: Annotated[str, typer.Option(help="Embedding space of the FAD (cleaning.embed.load_embedder).")]
@@ -30,18 +32,17 @@ def evaluate(
 ) -> None:
     """FAD of generations against held-out validation segments for every checkpoint of a train run, and a
     report (evaluation.parquet, loss_fad.png, report.html) in the evaluate run's folder."""
-    from pipelines.cli import CliError, _emit, _errors, _progress, _render_generic
 
-    with _errors():
+    with errors():
         if num_references < 1:
             raise CliError(f"--num-references must be ≥ 1, got {num_references}")
         if steps is not None and steps < 1:
             raise CliError(f"--steps must be ≥ 1, got {steps}")
-        with _progress(json_mode) as progress:
+        with progress_bar(json_mode) as progress:
             payload = run_evaluate(Workspace.at(workdir).ensure(), run, embedder=embedder,
                                    num_references=num_references, num_steps=steps, guidance_scale=guidance_scale,
                                    sampler=sampler, vocoder=vocoder, seed=seed, progress=progress)
-        _emit(payload, json_mode, _render_generic("evaluate"))
+        emit(payload, json_mode, render_generic("evaluate"))
 
 
 def run_evaluate(workspace: Workspace, train_run_id: str | None = None, *, embedder: str = "mel-stats",
@@ -100,6 +101,7 @@ def run_evaluate(workspace: Workspace, train_run_id: str | None = None, *, embed
         store.close()
 
 
+@app.command()
 def variations(
     prompt: Annotated[str, typer.Option(help="Text the model is conditioned on.")],
     seed: Annotated[list[int], typer.Option(help="Seeds (repeatable).")],
@@ -118,12 +120,11 @@ def variations(
 ) -> None:
     """A batch of variations (every seed × guidance scale × duration) written as WAVs with a variations.json."""
     from cleaning.audio import write_audio
-    from pipelines.cli import CliError, _emit, _errors, _render_generic
-    from pipelines.jobs import resolve_checkpoint
+    from pipelines.inputs import resolve_checkpoint
     from provenance.store import LineageStore
     from training.generate import generate_variations
 
-    with _errors():
+    with errors():
         durations = duration_s or [5.0]
         if any(not 0 < d <= 600 for d in durations):
             raise CliError(f"--duration-s must be in (0, 600] seconds, got {durations}")
@@ -153,6 +154,6 @@ def variations(
                 raise
         finally:
             store.close()
-        _emit({"stage": "variations", "run_id": run_id, "counts": {"generations": len(items)},
+        emit({"stage": "variations", "run_id": run_id, "counts": {"generations": len(items)},
                "outputs": {"folder": str(folder), "wavs": [item["wav"] for item in items]}}, json_mode,
-              _render_generic("variations"))
+              render_generic("variations"))

@@ -1,77 +1,33 @@
-"""The ``linernotes`` command line: one command per stage, each taking ``--workdir`` and ``--json``.
-
-With ``--json`` a command prints exactly one JSON object on stdout (what it did: counts, ids, paths) and
-sends progress to stderr. On bad arguments or missing inputs it exits non-zero with a one-line reason.
-"""
+"""The chain's commands: ``ingest``, ``shard``, ``train``, ``submit``, ``generate``, ``attribute``, ``index``,
+``demo``. Each is a thin shell: it builds the stage's config, runs the stage, prints its result."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from provenance.workspace import DEFAULT_WORKDIR, Workspace
-
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
-app = typer.Typer(name="linernotes", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Curate licensed music catalogs, train diffusion models on them, attribute what they generate.")
-err_console = Console(stderr=True)
-out_console = Console()
-
-WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder (lineage store, tables, "
-                                          "datasets, checkpoints, generations).", envvar="LINERNOTES_WORKDIR")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")]
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")]
-
-
-class CliError(Exception):
-    """An error the user can fix; printed as one line, exit code 2."""
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn the errors a user can act on into a one-line message and a non-zero exit."""
-    from cleaning.audio import AudioDecodeError
-    from pipelines.config import ConfigError
-    from pipelines.delivery import DeliveryError
-
-    try:
-        yield
-    except (CliError, ConfigError, DeliveryError, FileNotFoundError, AudioDecodeError, ValueError) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from err
-    except KeyboardInterrupt as err:
-        err_console.print("[bold red]interrupted[/]")
-        raise typer.Exit(130) from err
-
-
-def _say(message: str) -> None:
-    """A status line on stderr (stdout stays free for ``--json``)."""
-    err_console.print(f"[dim]›[/] {message}", highlight=False)
-
-
-def _emit(payload: dict[str, Any], json_mode: bool, render: Callable[[dict[str, Any]], None]) -> None:
-    if json_mode:
-        sys.stdout.write(json.dumps(payload, default=str) + "\n")
-    else:
-        render(payload)
-
-
-def _workspace(workdir: Path) -> Workspace:
-    return Workspace.at(workdir).ensure()
-
+from pipelines.cli.common import (
+    CliError,
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    emit,
+    errors,
+    open_workspace,
+    out_console,
+    progress_bar,
+    render_generic,
+    say,
+)
+from provenance.workspace import DEFAULT_WORKDIR
 
 # ingest -----------------------------------------------------------------------------------------------
 
@@ -91,7 +47,7 @@ def ingest(
     json_mode: JsonOpt = False,
 ) -> None:
     """Admit a delivery's recordings under the rights policy; decode and measure every file (Apache Beam)."""
-    with _errors():
+    with errors():
         from pipelines.config import load_config, parse_overrides
         from pipelines.ingest import IngestConfig, run_ingest
 
@@ -105,11 +61,11 @@ def ingest(
         cfg = load_config(IngestConfig, config, parse_overrides(overrides or []), purpose=purpose,
                           territory=territory, as_of=as_of, opt_out_csv=str(opt_out) if opt_out else None,
                           license_id=license_id)
-        result = run_ingest(delivery, _workspace(workdir), cfg, status=_say)
-        _emit(result.to_json(), json_mode, _render_ingest)
+        result = run_ingest(delivery, open_workspace(workdir), cfg, status=say)
+        emit(result.to_json(), json_mode, render_ingest)
 
 
-def _render_ingest(payload: dict[str, Any]) -> None:
+def render_ingest(payload: dict[str, Any]) -> None:
     table = Table(title=f"ingest {payload['run_id']}", title_justify="left")
     for column in ("table", "input", "accepted", "rejected", "rejected by reason"):
         table.add_column(column, justify="right" if column in {"input", "accepted", "rejected"} else "left")
@@ -137,15 +93,15 @@ def shard(
     json_mode: JsonOpt = False,
 ) -> None:
     """Cut the curated catalog into segments and write deterministic WebDataset shards (Ray Data)."""
-    with _errors():
+    with errors():
         from pipelines.config import load_config, parse_overrides
         from pipelines.shard import ShardConfig, run_shard
 
         cfg = load_config(ShardConfig, config, parse_overrides(overrides or []), segment_s=segment_s,
                           sample_rate_hz=sample_rate_hz, validation_fraction=validation_fraction)
-        with _progress(json_mode) as progress:
-            result = run_shard(_workspace(workdir), cfg, progress=progress)
-        _emit(result.to_json(), json_mode, _render_generic("shard"))
+        with progress_bar(json_mode) as progress:
+            result = run_shard(open_workspace(workdir), cfg, progress=progress)
+        emit(result.to_json(), json_mode, render_generic("shard"))
 
 
 # train ------------------------------------------------------------------------------------------------
@@ -168,8 +124,7 @@ def train(
                                                             "(continue with --resume).")] = None,
 ) -> None:
     """Train the mel-spectrogram diffusion model on a dataset's train shards (Ray Train, TorchTrainer)."""
-    with _errors():
-        from pipelines.cli_train import check_resume_options
+    with errors():
         from pipelines.config import load_config, parse_overrides
         from pipelines.jobs import run_train
         from training.config import TrainConfig
@@ -178,15 +133,12 @@ def train(
                              overrides)
         cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,
                           batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
-        with _progress(json_mode) as progress:
-            result = run_train(_workspace(workdir), cfg, dataset_id=dataset, status=_say,
+        with progress_bar(json_mode) as progress:
+            result = run_train(open_workspace(workdir), cfg, dataset_id=dataset, status=say,
                                progress=progress, resume=resume_run or resume, stop_after_steps=stop_after_steps)
-        _emit(result.to_json(), json_mode, _render_generic("train"))
+        emit(result.to_json(), json_mode, render_generic("train"))
 
 
-from pipelines.cli_train import submit as _submit  # noqa: E402  (linernotes submit, issue 5b)
-
-app.command(name="submit")(_submit)
 
 
 # generate ---------------------------------------------------------------------------------------------
@@ -216,7 +168,7 @@ def generate(
     json_mode: JsonOpt = False,
 ) -> None:
     """Generate a track (sampler + vocoder), register it, and attribute it to training recordings."""
-    with _errors():
+    with errors():
         from pipelines.jobs import run_generate
 
         if duration_s <= 0 or duration_s > 600:
@@ -226,20 +178,20 @@ def generate(
         if context is not None and not context.is_file():
             raise CliError(f"no audio file at --context {context}")
         conditions = {k: v for k, v in {"bpm": bpm, "key": key, "instrument": instrument}.items() if v is not None}
-        with _progress(json_mode) as progress:
-            result = run_generate(_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
+        with progress_bar(json_mode) as progress:
+            result = run_generate(open_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
                                   num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
-                                  status=_say, progress=progress, sampler=sampler, conditions=conditions or None,
+                                  status=say, progress=progress, sampler=sampler, conditions=conditions or None,
                                   context_path=context, regenerate_s=regenerate_s, vocoder=vocoder)
         payload = result.to_json()
-        _emit(payload, json_mode, _render_generation)
+        emit(payload, json_mode, render_generation)
 
 
-def _render_generation(payload: dict[str, Any]) -> None:
+def render_generation(payload: dict[str, Any]) -> None:
     out_console.print(f"generation {payload['generation_id']} ({payload['sampler']}, {payload['duration_s']:g} s) "
                       f"→ {payload['outputs']['wav']}")
     if payload.get("attribution"):
-        _render_attribution(payload["attribution"])
+        render_attribution(payload["attribution"])
 
 
 # attribute --------------------------------------------------------------------------------------------
@@ -258,14 +210,27 @@ def attribute(
     json_mode: JsonOpt = False,
 ) -> None:
     """Which training recordings does this audio draw on, and who holds their rights?"""
-    with _errors():
-        from pipelines.cli_attribution import attribute_file
+    with errors():
+        from pipelines.attribution_methods import METHODS, AttributeConfig
+        from pipelines.config import load_config, parse_overrides
+        from pipelines.jobs import run_attribute_file
 
-        attribute_file(file, dataset, top_k, method, checkpoint, prompt, config, overrides, _workspace(workdir),
-                       json_mode, _progress, _emit, _render_attribution)
+        if not file.is_file():
+            raise CliError(f"no audio file at {file}")
+        if top_k < 1:
+            raise CliError(f"--top-k must be ≥ 1, got {top_k}")
+        if method not in METHODS:
+            raise CliError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
+        settings = load_config(AttributeConfig, config, parse_overrides(overrides or []))
+        with progress_bar(json_mode) as progress:
+            result = run_attribute_file(open_workspace(workdir), file, dataset_id=dataset, top_k=top_k,
+                                        progress=progress, method=method, checkpoint_id=checkpoint, text=prompt,
+                                        index_config=settings.index_config(),
+                                        unlearning=settings.unlearning_settings())
+        emit(result.to_json(), json_mode, render_attribution)
 
 
-def _render_attribution(payload: dict[str, Any]) -> None:
+def render_attribution(payload: dict[str, Any]) -> None:
     segments = Table(title=f"training segments ({payload['method']})", title_justify="left")
     for column in ("rank", "segment", "score", "share"):
         segments.add_column(column, justify="right" if column != "segment" else "left")
@@ -296,160 +261,129 @@ def demo(
     json_mode: JsonOpt = False,
 ) -> None:
     """Render a public-domain demo delivery, then run ingest → shard → train → generate → attribute."""
-    with _errors():
+    with errors():
         from pipelines.demo import run_demo
 
-        with _progress(json_mode) as progress:
-            result = run_demo(_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
-                              steps=steps, status=_say, progress=progress)
-        _emit(result, json_mode, _render_demo)
+        with progress_bar(json_mode) as progress:
+            result = run_demo(open_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
+                              steps=steps, status=say, progress=progress)
+        emit(result, json_mode, _render_demo)
 
 
 def _render_demo(payload: dict[str, Any]) -> None:
-    _render_ingest(payload["ingest"])
-    _render_generic("shard")(payload["shard"])
-    _render_generic("train")(payload["train"])
-    _render_generation(payload["generate"])
+    render_ingest(payload["ingest"])
+    render_generic("shard")(payload["shard"])
+    render_generic("train")(payload["train"])
+    render_generation(payload["generate"])
     out_console.print(f"\n[bold]done in {payload['elapsed_s']:.0f} s.[/] outputs under {payload['workdir']}:")
     for name, path in payload["outputs"].items():
         out_console.print(f"  {name:<12} {path}")
 
 
-# rights -----------------------------------------------------------------------------------------------
+def check_resume_options(resume: bool, *given: Any) -> None:
+    """``--resume`` takes the interrupted run's own config and dataset: refuse options that would differ."""
 
-rights_app = typer.Typer(no_args_is_help=True, help="Explain rights decisions; register opt-outs.")
-app.add_typer(rights_app, name="rights")
+    if resume and any(value not in (None, [], False) for value in given):
+        raise CliError("--resume continues a run with its own config and dataset: drop the other train options")
 
-
-@rights_app.command("explain")
-def rights_explain(
-    track_id: Annotated[str, typer.Argument(help="A track id from a delivery's tracks.csv.")],
-    run: Annotated[Optional[str], typer.Option(help="Ingest run id; default the newest that saw the track.")] = None,
-    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
-    json_mode: JsonOpt = False,
-) -> None:
-    """Why was a track admitted or rejected? Every policy check, passed or not, and what the run recorded."""
-    with _errors():
-        from pipelines.rights import explain_track
-
-        _emit(explain_track(_workspace(workdir), track_id, run), json_mode, _render_explain)
-
-
-def _render_explain(payload: dict[str, Any]) -> None:
-    purpose = payload["purpose"]
-    out_console.print(f"[bold]{payload['track_id']}[/] in ingest run {payload['run_id']} "
-                      f"({purpose['purpose']}, {purpose['territory']}, as of {purpose['as_of']})", highlight=False)
-    if payload["field_check"]:
-        out_console.print(f"[red]✗ fields:[/] {payload['field_check']}")
-    table = Table(show_header=True, title_justify="left")
-    for column in ("", "check", "detail"):
-        table.add_column(column, overflow="fold")
-    for check in payload["checks"]:
-        table.add_row("[green]✓[/]" if check["passed"] else "[red]✗[/]", check["name"], check["detail"])
-    out_console.print(table)
-    recorded = payload["recorded"]
-    out_console.print(f"recorded by the run: [bold]{recorded['status']}[/]")
-    for rej in recorded["rejections"]:
-        out_console.print(f"  {rej['record_kind']} {rej['record_id']}: {rej['reason']} — {rej['detail']}", highlight=False)
-    if payload["duplicate_rows"]:
-        out_console.print(f"{payload['duplicate_rows']} later row(s) repeat this id and were rejected as duplicate_id")
-
-
-@rights_app.command("opt-out")
-def rights_opt_out(
-    rights_holder: Annotated[Optional[str], typer.Option(help="Opt out every recording of this rights holder.")] = None,
-    track: Annotated[Optional[str], typer.Option(help="Opt out one track id.")] = None,
-    isrc: Annotated[Optional[str], typer.Option(help="Opt out one ISRC.")] = None,
-    reason: Annotated[str, typer.Option(help="Why (kept with the opt-out).")] = "",
-    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
-    json_mode: JsonOpt = False,
-) -> None:
-    """Register an opt-out in the lineage store; every later ingest rejects what it names (opted_out)."""
-    with _errors():
-        from pipelines.rights import add_opt_out
-        from provenance.policy import normalize_isrc
-
-        given = [(k, v) for k, v in (("rights_holder", rights_holder), ("track_id", track),
-                                      ("isrc", normalize_isrc(isrc) if isrc else None)) if v]
-        if len(given) != 1:
-            raise CliError("give exactly one of --rights-holder, --track, --isrc")
-        payload = add_opt_out(_workspace(workdir), given[0][0], given[0][1], reason)
-        _emit(payload, json_mode, lambda p: out_console.print(
-            f"opt-out {p['kind']}={p['value']} {'registered' if p['added'] else 'was already registered'}; "
-            f"{p['opt_outs']} opt-out(s) in the registry", highlight=False))
-
-
-# runs -------------------------------------------------------------------------------------------------
 
 @app.command()
-def runs(workdir: WorkdirOpt = Path(DEFAULT_WORKDIR), json_mode: JsonOpt = False) -> None:
-    """List the runs registered in the lineage store."""
-    with _errors():
-        from provenance.store import LineageStore
+def submit(
+    address: Annotated[str, typer.Option(help="The cluster's dashboard (Ray Jobs API), http://HEAD:8265.",
+                                         envvar="RAY_API_SERVER_ADDRESS")],
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Segments per step (per worker).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Ray Train workers.")] = None,
+    use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu", help="Train on GPUs.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(help="Dataset id; default the newest.")] = None,
+    cluster_workdir: Annotated[Optional[str], typer.Option(help="The workspace path as the cluster's nodes see "
+                                                           "it; default the same path as --workdir.")] = None,
+    working_dir: Annotated[Optional[Path], typer.Option(help="Upload this folder (e.g. the repository) as the "
+                                                        "job's working directory.")] = None,
+    command: Annotated[str, typer.Option(help="How the cluster runs linernotes.")] = "linernotes",
+    token: Annotated[Optional[str], typer.Option(help="Ray auth token; default $RAY_AUTH_TOKEN or "
+                                                 "~/.ray/auth_token.", envvar="RAY_AUTH_TOKEN")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the job and print its train result.")] = False,
+    timeout_s: Annotated[float, typer.Option("--timeout-s", help="How long --wait waits (and, up to 600 s, how "
+                                             "long to retry while a new cluster's job agent starts).")] = 3600.0,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value.")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder.",
+                                          envvar="LINERNOTES_WORKDIR")] = Path("./linernotes-work"),
+    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Send the same training job `linernotes train` runs here to a Ray cluster (Ray Jobs API)."""
 
-        store = LineageStore(_workspace(workdir).store_url)
-        rows = store.list_runs()
-        store.close()
-        if json_mode:
-            _emit({"runs": rows}, True, lambda p: None)
-            return
-        table = Table(title="runs", title_justify="left")
-        for column in ("run", "kind", "status", "started", "counts"):
+    with errors():
+        from pipelines.config import load_config, parse_overrides
+        from pipelines.submit import submit_train
+        from training.config import TrainConfig
+
+        cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,
+                          batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
+        try:
+            result = submit_train(address, cfg, cluster_workdir or str(workdir.expanduser().resolve()),
+                                  dataset_id=dataset, working_dir=str(working_dir) if working_dir else None,
+                                  token=token, command=command, wait=wait, timeout_s=timeout_s,
+                                  agent_wait_s=min(timeout_s, 600.0), status=say)
+        except (ConnectionError, TimeoutError, RuntimeError) as err:
+            raise CliError(str(err)) from err
+        emit(result.to_json(), json_mode, render_generic("submit"))
+
+
+@app.command()
+def index(
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id; default the newest.")] = None,
+    projection_dim: Annotated[Optional[int], typer.Option(help="D-TRAK feature dimension (512–32768).")] = None,
+    num_workers: Annotated[Optional[int], typer.Option(help="Ray actors featurizing segments.")] = None,
+    use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu", help="One GPU per actor.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value.")] = None,
+    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder.",
+                                          envvar="LINERNOTES_WORKDIR")] = Path(DEFAULT_WORKDIR),
+    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")] = False,
+) -> None:
+    """Build a checkpoint's attribution index: embedding index, D-TRAK features (resumable), Fisher."""
+    with errors():
+        from pipelines.config import load_config, parse_overrides
+        from pipelines.index import IndexConfig
+        from pipelines.jobs import run_index
+
+        if workdir is not None and not os.fspath(workdir):
+            raise CliError("--workdir must not be empty")
+        index_config = load_config(IndexConfig, config, parse_overrides(overrides or []),
+                                   projection_dim=projection_dim, num_workers=num_workers, use_gpu=use_gpu)
+        with progress_bar(json_mode) as progress:
+            result = run_index(open_workspace(workdir), index_config, checkpoint_id=checkpoint, progress=progress)
+        emit(result.to_json(), json_mode, render_generic("index"))
+
+
+# stages -----------------------------------------------------------------------------------------------
+
+@app.command()
+def stages(json_mode: JsonOpt = False) -> None:
+    """Every stage on the stage contract: what it reads and writes, its resources, and its config keys (the
+    config reference: `--set key=value` and `--config FILE` take these keys)."""
+    with errors():
+        from pipelines.stage import STAGES, describe_stage, get_stage
+
+        described = [describe_stage(get_stage(name)) for name in STAGES]
+        emit({"stages": described}, json_mode, _render_stages)
+
+
+def _render_stages(payload: dict[str, Any]) -> None:
+    for stage in payload["stages"]:
+        resources = stage["resources"]
+        out_console.print(f"[bold]{stage['stage']}[/] v{stage['version']}: reads {', '.join(stage['reads']) or '—'}; "
+                          f"writes {', '.join(stage['writes'])}; engine {resources['engine']}, per task {resources['cpus']:g} CPU"
+                          + (f" and {resources['gpus']:g} GPU where the cluster has GPUs" if resources["gpus"] else ""),
+                          highlight=False)
+        table = Table(show_header=True, box=None, pad_edge=False)
+        for column in ("key", "type", "default", "description"):
             table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(row["run_id"], row["kind"], row["status"], row["started_at"],
-                          json.dumps(row.get("counts") or {})[:120])
+        schema = stage["config_schema"]
+        for key, spec in schema.get("properties", {}).items():
+            kind = spec.get("type") or " | ".join(str(a.get("type", a.get("$ref", "?"))) for a in spec.get("anyOf", []))
+            engine = " (engine)" if key in stage["engine_keys"] else ""
+            table.add_row(key, kind, json.dumps(spec.get("default")), (spec.get("description") or "") + engine)
         out_console.print(table)
-
-
-# helpers ----------------------------------------------------------------------------------------------
-
-def _render_generic(stage: str) -> Callable[[dict[str, Any]], None]:
-    def render(payload: dict[str, Any]) -> None:
-        table = Table(title=f"{stage} {payload.get('run_id', '')}", title_justify="left", show_header=False)
-        table.add_column("key", style="bold")
-        table.add_column("value", overflow="fold")
-        for key, value in payload.items():
-            if key in {"stage", "run_id"}:
-                continue
-            table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
-        out_console.print(table)
-    return render
-
-
-@contextmanager
-def _progress(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr, driven by ``(message, done, total)`` callbacks."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err_console, transient=False) as progress:
-        tasks: dict[str, Any] = {}
-
-        def update(message: str, done: int, total: int) -> None:
-            if message not in tasks:
-                tasks[message] = progress.add_task(message, total=total)
-            progress.update(tasks[message], completed=done, total=total)
-
-        yield update
-
-
-# Commands that live in their own modules (one per area).
-from pipelines.cli_attribution import index  # noqa: E402  (index per checkpoint)
-from pipelines.cli_clean import clean_app  # noqa: E402  (clean run | separate | evaluate)
-from pipelines.cli_eval import evaluate, variations  # noqa: E402  (FAD per checkpoint; batches of variations)
-from pipelines.cli_lineage import register as _register_lineage  # noqa: E402  (lineage, takedown, report, serve)
-
-app.command()(index)
-app.command()(evaluate)
-app.command()(variations)
-app.add_typer(clean_app, name="clean")
-_register_lineage(app)
-
-
-def main() -> None:  # pragma: no cover - console entry
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

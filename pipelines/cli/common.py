@@ -1,0 +1,114 @@
+"""What every ``linernotes`` command shares: the app, the common options, one-line errors, JSON output, progress.
+
+Every command module imports this one and nothing imports the command modules but ``pipelines.cli`` (no circle).
+With ``--json`` a command prints exactly one JSON object on stdout (what it did: counts, ids, paths) and sends
+progress to stderr. On bad arguments or missing inputs it exits 2 with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from provenance.workspace import STORE_URL_ENV, Workspace
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+app = typer.Typer(name="linernotes", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Curate licensed music catalogs, train diffusion models on them, attribute what they generate.")
+err_console = Console(stderr=True)
+out_console = Console()
+
+WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder (lineage store, tables, "
+                                          "datasets, checkpoints, generations).", envvar="LINERNOTES_WORKDIR")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")]
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")]
+
+
+class CliError(Exception):
+    """An error the user can fix; printed as one line, exit code 2."""
+
+
+@contextmanager
+def errors() -> Iterator[None]:
+    """Turn the errors a user can act on into a one-line message and a non-zero exit."""
+    from cleaning.audio import AudioDecodeError
+    from pipelines.config import ConfigError
+    from pipelines.delivery import DeliveryError
+
+    try:
+        yield
+    except (CliError, ConfigError, DeliveryError, FileNotFoundError, AudioDecodeError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from err
+    except KeyboardInterrupt as err:
+        err_console.print("[bold red]interrupted[/]")
+        raise typer.Exit(130) from err
+
+
+def say(message: str) -> None:
+    """A status line on stderr (stdout stays free for ``--json``)."""
+    err_console.print(f"[dim]›[/] {message}", highlight=False)
+
+
+def emit(payload: dict[str, Any], json_mode: bool, render: Callable[[dict[str, Any]], None]) -> None:
+    if json_mode:
+        sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    else:
+        render(payload)
+
+
+def open_workspace(workdir: Path) -> Workspace:
+    """The workspace at ``workdir``, its folders made."""
+    return Workspace.at(workdir).ensure()
+
+
+def render_generic(stage: str) -> Callable[[dict[str, Any]], None]:
+    def render(payload: dict[str, Any]) -> None:
+        table = Table(title=f"{stage} {payload.get('run_id', '')}", title_justify="left", show_header=False)
+        table.add_column("key", style="bold")
+        table.add_column("value", overflow="fold")
+        for key, value in payload.items():
+            if key in {"stage", "run_id"}:
+                continue
+            table.add_row(key, json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value))
+        out_console.print(table)
+    return render
+
+
+@contextmanager
+def progress_bar(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar on stderr, driven by ``(message, done, total)`` callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err_console, transient=False) as progress:
+        tasks: dict[str, Any] = {}
+
+        def update(message: str, done: int, total: int) -> None:
+            if message not in tasks:
+                tasks[message] = progress.add_task(message, total=total)
+            progress.update(tasks[message], completed=done, total=total)
+
+        yield update
+
+
+@app.callback()
+def _store_url(store_url: Annotated[Optional[str], typer.Option(
+        "--store-url", envvar=STORE_URL_ENV, show_envvar=True,
+        help="Lineage store SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db "
+             "(default: the workspace's lineage.sqlite).")] = None) -> None:
+    """Curate licensed music catalogs, train diffusion models on them, attribute what they generate."""
+    if store_url:
+        os.environ[STORE_URL_ENV] = store_url  # read by Workspace.at in every command

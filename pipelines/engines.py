@@ -1,0 +1,117 @@
+"""The engines stages run on, opened once per run and handed to every stage (no stage starts or stops Ray).
+
+- **Ray** (separate, clean, shard, index): a local Ray started in this process with an explicit CPU count, no
+  dashboard and a modest object store, or a cluster by address (``ray://HEAD:10001``, ``auto``, or
+  ``$RAY_ADDRESS`` inside a Ray Job). A Ray that is already initialized (a notebook, a test's session Ray, a Ray
+  Job's driver) is used as it is and never shut down here.
+
+Engine settings are not stage settings: they live in :class:`EngineConfig` and never enter a stage's cache key
+(the same data sharded on a laptop or a cluster is the same dataset).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+DEFAULT_OBJECT_STORE_MEMORY_BYTES = 512 * 1024 * 1024
+
+# The repository root, so that Ray workers import ``provenance``/``cleaning``/``pipelines`` from the same
+# tree as the driver even when the package is not installed (a local Ray only).
+_REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class EngineConfig(BaseModel):
+    """Where the stages' distributed work runs. Frozen; unknown keys are rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ray_address: str | None = Field(None, description="Ray cluster to join (ray://HEAD:10001 or auto); "
+                                    "null: $RAY_ADDRESS when set, else a local Ray in this process.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs a local Ray may use; null: every CPU.")
+    object_store_memory_bytes: int = Field(DEFAULT_OBJECT_STORE_MEMORY_BYTES, gt=0,
+                                           description="Object store of a local Ray, in bytes.")
+
+
+class Engine:
+    """The engines of one run. Use as a context manager; ``ray()`` starts or joins Ray on first need.
+
+    Args:
+        config: the engine settings (default: a local Ray on every CPU).
+    """
+
+    def __init__(self, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self._started_ray = False
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def ray(self) -> None:
+        """Make Ray usable in this process: join the configured cluster or start a local Ray, once.
+
+        Raises:
+            ConnectionError: (from Ray) the configured address cannot be reached.
+        """
+        import ray
+
+        if ray.is_initialized():
+            return
+        address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        else:
+            python_path = os.pathsep.join(p for p in (str(_REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            ray.init(num_cpus=self.config.num_cpus or os.cpu_count() or 1, include_dashboard=False,
+                     object_store_memory=self.config.object_store_memory_bytes, log_to_driver=False,
+                     configure_logging=True, logging_level=logging.WARNING,
+                     runtime_env={"env_vars": {"PYTHONPATH": python_path}})
+        self._started_ray = True
+
+    def num_gpus(self) -> int:
+        """GPUs in the Ray cluster (0 on a CPU-only machine); starts Ray if needed."""
+        import ray
+
+        self.ray()
+        return int(ray.cluster_resources().get("GPU", 0))
+
+    def actor_pool(self, actor_class: type, *args: Any, max_actors: int | None = None, use_gpu: bool | None = None,
+                   **kwargs: Any) -> list[Any]:
+        """Ray actors of ``actor_class``, each constructed once with ``args``/``kwargs`` (its ``setup``: load a
+        model once per worker, as NeMo Curator's stages do), one CPU each, or one GPU each when the cluster has
+        GPUs. The caller spreads its calls over the returned handles.
+
+        Args:
+            max_actors: at most this many (e.g. the number of work items); None: one per GPU, else one per CPU.
+            use_gpu: None: when the cluster has GPUs; False: never. The constructor gets ``device="cuda"`` or
+                ``"cpu"`` when it declares a ``device`` parameter and ``kwargs`` does not set it.
+        """
+        import inspect
+
+        import ray
+
+        gpus = self.num_gpus() if use_gpu in (None, True) else 0
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        count = max(1, min(gpus or cpus, max_actors or gpus or cpus))
+        if "device" in inspect.signature(actor_class.__init__).parameters and "device" not in kwargs:
+            kwargs["device"] = "cuda" if gpus else "cpu"
+        remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(actor_class)
+        return [remote.remote(*args, **kwargs) for _ in range(count)]
+
+    def close(self) -> None:
+        """Shut down what this engine started; a Ray it found running stays up."""
+        if self._started_ray:
+            import ray
+
+            ray.shutdown()
+            self._started_ray = False
+
+    def describe(self) -> dict[str, Any]:
+        return self.config.model_dump()

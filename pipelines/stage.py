@@ -1,0 +1,285 @@
+"""The stage contract and its runner: every stage has one shape, and the plumbing every stage needs is here, once.
+
+A **stage** (after NeMo Curator's ``ProcessingStage`` and datatrove's pipeline block) has a name, a version, a
+typed config (a frozen pydantic model), resources, declared **inputs** (the content ids of what it reads: a
+catalog version, stem decisions, a dataset, a checkpoint) and a ``run`` that returns its **outputs** (paths, with
+content ids) and its **counts** (accepted, rejected by reason, …). A stage does the work and nothing else.
+
+The **runner** (:func:`run_stage`), and only it:
+
+1. opens the lineage store and the engines (or takes the run's, when a whole run shares them);
+2. asks the stage for its inputs, which validates them before any Run exists (a bad reference track, a missing
+   catalog: a clear error and no Run);
+3. computes the stage's **cache key**: sha256 of its name and version, the code version (package version and git
+   commit), the resolved config without engine settings, and the inputs' content ids. A ``succeeded`` Run with the
+   same key whose outputs are all still there (files unchanged, by sha256) makes the stage ``cached``: no work, no
+   new Run, the earlier Run's result;
+4. otherwise registers a Run (:meth:`provenance.store.LineageStore.run`: ``running``, then ``succeeded``, or
+   ``failed`` with the error, never left ``running``), writes ``runs/<run_id>/config.json`` (resolved config, its
+   sha256, the cache key, the inputs) before the stage starts, runs the stage, and writes ``summary.json``.
+
+Work resumed *inside* a stage (ingest's per-file cache, the D-TRAK done-mask, Ray Train checkpoints) stays in the
+stage. Every stage's result has one JSON shape: ``stage``, ``run_id``, ``status`` (``ran`` or ``cached``),
+``inputs``, ``outputs``, ``counts``, and the stage's own details beside them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pipelines.engines import Engine, EngineConfig
+from provenance import records
+from provenance.store import CODE_VERSION, LineageStore
+from provenance.workspace import Workspace
+
+Progress = Callable[[str, int, int], None]
+Status = Callable[[str], None]
+
+RAN = "ran"
+CACHED = "cached"
+
+
+class Resources(BaseModel):
+    """What one unit of a stage's work needs, and which engine runs it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    engine: Literal["local", "ray", "beam", "ray-train"] = "local"
+    cpus: float = 1.0
+    gpus: float = 0.0  # used when the cluster has GPUs
+
+
+@dataclass
+class StageContext:
+    """What the runner hands a stage's ``inputs`` and ``run``.
+
+    ``select`` names which upstream outputs to read (``{"dataset": id, "checkpoint": id}``; absent or None: the
+    newest), for ``inputs`` to resolve into content ids. ``inputs``, ``run_id`` and ``run_dir`` are set only inside
+    ``run`` (a Run exists then). ``store`` is open for the stage to register the records it creates (a Dataset, a
+    Checkpoint), never to register Runs.
+    """
+
+    workspace: Workspace
+    store: LineageStore
+    engine: Engine
+    progress: Progress | None = None
+    status: Status | None = None
+    select: Mapping[str, str | None] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+    run_id: str = ""
+    run_dir: Path | None = None
+
+    def say(self, message: str) -> None:
+        if self.status is not None:
+            self.status(message)
+
+
+@dataclass
+class StageOutput:
+    """What a stage's ``run`` returns.
+
+    Attributes:
+        outputs: name → path (str) of every file or folder it wrote that a later stage or user reads.
+        counts: accepted, rejected by reason and the stage's other tallies (JSON-ready).
+        output_ids: name → content id of outputs that have one (a dataset id, a catalog id); files without one
+            are identified by their sha256 by the runner.
+        details: the stage's own result fields (JSON-ready), reported beside the common ones.
+    """
+
+    outputs: dict[str, str]
+    counts: dict[str, Any]
+    output_ids: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """A stage's result, ran or cached: the one shape every stage reports (``to_json``)."""
+
+    stage: str
+    run_id: str
+    status: str  # ran | cached
+    inputs: dict[str, str]
+    outputs: dict[str, str]
+    counts: dict[str, Any]
+    output_ids: dict[str, str] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.details, "stage": self.stage, "run_id": self.run_id, "status": self.status,
+                "inputs": self.inputs, "outputs": self.outputs, "output_ids": self.output_ids, "counts": self.counts}
+
+
+class Stage(ABC):
+    """One stage of the chain. Subclasses set the class attributes and implement ``run`` (and usually ``inputs``).
+
+    Attributes:
+        name: the stage's name (the Run kind, the CLI command, the run spec key).
+        version: bump when the stage computes something different from the same inputs and config.
+        config_model: the frozen pydantic config.
+        resources: the engine and the CPUs/GPUs of one unit of work.
+        engine_keys: config keys that choose where work runs, not what it computes (kept out of the cache key).
+        reads: names of the inputs, as :meth:`inputs` returns them; writes: names of the outputs.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    config_model: ClassVar[type[BaseModel]]
+    resources: ClassVar[Resources] = Resources()
+    engine_keys: ClassVar[tuple[str, ...]] = ()
+    reads: ClassVar[tuple[str, ...]] = ()
+    writes: ClassVar[tuple[str, ...]] = ()
+
+    def inputs(self, ctx: StageContext, config: Any) -> dict[str, str]:
+        """Content ids of what the stage reads (name → id); validates them. Runs before any Run is registered.
+
+        Raises:
+            FileNotFoundError, ValueError: an input is missing or unusable (the message says which and the fix).
+        """
+        return {}
+
+    @abstractmethod
+    def run(self, ctx: StageContext, config: Any) -> StageOutput:
+        """Do the work; the runner has registered the Run (``ctx.run_id``) and opened the engines."""
+
+    def resolved_config(self, config: Any) -> dict[str, Any]:
+        """The config as recorded and hashed (every field; subclasses add derived values)."""
+        return json.loads(config.model_dump_json())
+
+    def engine_config(self, config: Any) -> EngineConfig:
+        """Engine settings a stage config carries for the command line (``address``, ``num_cpus``)."""
+        values = {"ray_address": getattr(config, "address", None), "num_cpus": getattr(config, "num_cpus", None)}
+        return EngineConfig(**{k: v for k, v in values.items() if v is not None})
+
+
+def cache_key(stage: Stage, config: Any, inputs: Mapping[str, str]) -> str:
+    """sha256 over the stage's name and version, the code version, the config without engine keys, and inputs."""
+    resolved = {k: v for k, v in stage.resolved_config(config).items() if k not in stage.engine_keys}
+    return records.sha256_hex(records.canonical_json({
+        "stage": stage.name, "version": stage.version, "code_version": CODE_VERSION,
+        "config": resolved, "inputs": dict(sorted(inputs.items())),
+    }))
+
+
+def config_sha256(stage: Stage, config: Any) -> str:
+    """sha256 of the resolved config without engine keys (written next to every output)."""
+    resolved = {k: v for k, v in stage.resolved_config(config).items() if k not in stage.engine_keys}
+    return records.sha256_hex(records.canonical_json(resolved))
+
+
+def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine | None = None,
+              progress: Progress | None = None, status: Status | None = None,
+              select: Mapping[str, str | None] | None = None, parent_run_id: str | None = None,
+              force: bool = False) -> StageResult:
+    """Run ``stage`` with ``config`` on ``workspace`` through the contract (see the module docstring).
+
+    Args:
+        engine: the run's engines; None: this call opens them from the config's engine keys and closes them.
+        progress: ``progress(phase, done, total)`` callbacks; status: one-line status messages.
+        select: which upstream outputs the stage reads (``{"dataset": id}``; default the newest).
+        parent_run_id: the whole run this stage belongs to (``linernotes run``), recorded on the Run.
+        force: run even when a cached result exists.
+
+    Returns:
+        The result; ``status`` is ``cached`` when an earlier Run with the same cache key still has its outputs.
+
+    Raises:
+        Whatever the stage's ``inputs`` or ``run`` raise; a Run registered before the error is marked ``failed``.
+    """
+    own_engine = engine is None
+    engine = engine or Engine(stage.engine_config(config))
+    workspace.ensure()
+    try:
+        with LineageStore(workspace.store_url) as store:
+            ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}))
+            inputs = stage.inputs(ctx, config)
+            key = cache_key(stage, config, inputs)
+            if not force and (cached := _cached_result(store, stage, key)) is not None:
+                ctx.say(f"{stage.name}: cached (run {cached.run_id})")
+                return cached
+            return _run(stage, ctx, config, inputs, key, parent_run_id)
+    finally:
+        if own_engine:
+            engine.close()
+
+
+def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], key: str,
+         parent_run_id: str | None) -> StageResult:
+    resolved = stage.resolved_config(config)
+    sha = config_sha256(stage, config)
+    recorded = {k: v for k, v in resolved.items() if k not in stage.engine_keys}
+    with ctx.store.run(stage.name, {**recorded, "config_sha256": sha}, cache_key=key, inputs=inputs,
+                       parent_run_id=parent_run_id) as run:
+        ctx.inputs, ctx.run_id, ctx.run_dir = inputs, run.run_id, ctx.workspace.run_dir(run.run_id)
+        records.write_json({"stage": stage.name, "version": stage.version, "config": resolved, "config_sha256": sha,
+                            "cache_key": key, "inputs": inputs, "engine": ctx.engine.describe()},
+                           ctx.run_dir / "config.json", default=str)
+        output = stage.run(ctx, config)
+        summary_path = ctx.run_dir / "summary.json"
+        outputs = {**output.outputs, "summary": str(summary_path)}
+        ids = {**output.output_ids}
+        result = StageResult(stage.name, run.run_id, RAN, inputs, outputs, output.counts, ids, output.details)
+        records.write_json(result.to_json(), summary_path, default=str)
+        ids.update({name: "sha256:" + records.file_sha256(path) for name, path in outputs.items()
+                    if name not in ids and Path(path).is_file()})
+        run.counts, run.outputs, run.output_ids = output.counts, outputs, ids
+    return StageResult(stage.name, run.run_id, RAN, inputs, outputs, output.counts, output.output_ids, output.details)
+
+
+def _cached_result(store: LineageStore, stage: Stage, key: str) -> StageResult | None:
+    """The result of the newest succeeded Run with ``key``, when every output it recorded is still as it was."""
+    run = store.find_cached_run(stage.name, key)
+    if run is None:
+        return None
+    outputs, ids = run.get("outputs") or {}, run.get("output_ids") or {}
+    for name, path in outputs.items():
+        if not Path(path).exists():
+            return None
+        digest = ids.get(name, "")
+        if digest.startswith("sha256:") and (not Path(path).is_file() or records.file_sha256(path) != digest[7:]):
+            return None
+    summary = json.loads(Path(outputs["summary"]).read_text()) if "summary" in outputs else {}
+    common = {"stage", "run_id", "status", "inputs", "outputs", "output_ids", "counts"}
+    details = {k: v for k, v in summary.items() if k not in common}
+    stage_ids = {k: v for k, v in ids.items() if not v.startswith("sha256:")}
+    return StageResult(stage.name, run["run_id"], CACHED, run.get("inputs") or {}, outputs, run.get("counts") or {},
+                       stage_ids, details)
+
+
+# the registry ---------------------------------------------------------------------------------------------
+
+#: Every stage on the contract, in chain order: name → ``module:attribute`` of its Stage instance (imported on use,
+#: so listing names costs nothing).
+STAGES: dict[str, str] = {
+    "separate": "pipelines.clean_separate:SEPARATE",
+    "clean": "pipelines.clean:CLEAN",
+    "shard": "pipelines.shard:SHARD",
+    "index": "pipelines.index:INDEX",
+}
+
+
+def get_stage(name: str) -> Stage:
+    """The Stage named ``name``.
+
+    Raises:
+        KeyError: no stage has that name (the message lists the stages).
+    """
+    if name not in STAGES:
+        raise KeyError(f"no stage {name!r}; the stages are {', '.join(STAGES)}")
+    module, _, attribute = STAGES[name].partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def describe_stage(stage: Stage) -> dict[str, Any]:
+    """A stage as ``linernotes stages`` shows it: reads, writes, resources, and the JSON Schema of its config."""
+    return {"stage": stage.name, "version": stage.version, "reads": list(stage.reads), "writes": list(stage.writes),
+            "resources": stage.resources.model_dump(), "engine_keys": list(stage.engine_keys),
+            "config_schema": stage.config_model.model_json_schema()}
