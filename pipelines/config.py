@@ -35,10 +35,11 @@ def parse_overrides(pairs: Iterable[str]) -> dict[str, Any]:
 
 
 def load_config(model: type[ConfigT], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None,
-                **defaults: Any) -> ConfigT:
+                /, **defaults: Any) -> ConfigT:
     """Build ``model`` from ``defaults`` (e.g. CLI options), then a YAML file, then overrides (last wins).
 
-    ``None`` values in ``defaults`` are ignored so unset CLI options keep the model's defaults.
+    ``None`` values in ``defaults`` are ignored so unset CLI options keep the model's defaults. The first three
+    parameters are positional-only, so a config may have keys named ``model``, ``path`` or ``overrides``.
 
     Raises:
         ConfigError: the file is missing or not a mapping, or a key is unknown or a value invalid.

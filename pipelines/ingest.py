@@ -46,6 +46,7 @@ from pipelines.ingest_steps import (
     measure_file,
     route_files,
 )
+from pipelines.stage import Resources, Stage, StageContext, StageOutput
 from provenance.policy import OptOutRegistry, RunPurpose
 from provenance.records import (
     AUDIO_FILE,
@@ -111,16 +112,24 @@ class IngestConfig(BaseModel):
 
 @dataclass
 class IngestResult:
-    """What an ingest run did. ``counts`` reconcile: for each table, accepted + rejected = input rows."""
+    """What an ingest run did. ``counts`` reconcile: for each table, accepted + rejected = input rows.
+
+    ``status`` is ``ran`` or ``cached`` (an earlier run with the same cache key; ``run_id`` is that run's)."""
 
     run_id: str
     delivery_id: str
     counts: dict[str, Any]
     outputs: dict[str, str]
     rejections: list[dict[str, Any]] = field(default_factory=list)
+    status: str = "ran"
+    stage_result: Any = field(default=None, repr=False)  # pipelines.stage.StageResult
 
     def to_json(self) -> dict[str, Any]:
-        return {"stage": STAGE, "run_id": self.run_id, "delivery_id": self.delivery_id,
+        """The stage contract's result shape (``stage``, ``run_id``, ``status``, ``inputs``, ``outputs``,
+        ``counts``) with ``delivery_id`` beside it."""
+        if self.stage_result is not None:
+            return self.stage_result.to_json()
+        return {"stage": STAGE, "run_id": self.run_id, "status": self.status, "delivery_id": self.delivery_id,
                 "counts": self.counts, "outputs": self.outputs}
 
 
@@ -229,104 +238,136 @@ def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mappin
 
 
 def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestConfig,
-               status: Callable[[str], None] | None = None) -> IngestResult:
-    """Run ingest end to end: read the delivery, run the Beam pipeline, write the catalog, register the run.
+               status: Callable[[str], None] | None = None, *, engine: Any = None) -> IngestResult:
+    """Run ingest end to end through the stage runner: read the delivery, run the Beam pipeline, write the
+    catalog, register the run. An unchanged delivery, config and opt-out registry whose catalog tables are still
+    as that run wrote them is ``cached``: no work, that run's result.
 
     Raises:
         pipelines.delivery.DeliveryError: a table-level problem (before any audio is read).
         FileNotFoundError: the opt-out CSV does not exist.
     """
-    say = status or (lambda message: None)
-    delivery = read_delivery(delivery_root, default_license_id=config.license_id)
-    opt_outs = _read_opt_outs(config.opt_out_csv)
-    workspace.ensure()
-    store = LineageStore(workspace.store_url)
-    opt_outs = opt_outs.merged(OptOutRegistry.from_rows(store.list_opt_outs()))
-    fingerprint = run_fingerprint(delivery, config, opt_outs)
-    run_id = store.start_run(STAGE, {**config.to_dict(), "delivery": str(delivery.root),
-                                     "delivery_id": delivery.delivery_id})
-    run_dir = workspace.run_dir(run_id)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        reusable = _find_reusable_run(store, workspace, fingerprint)
-        if reusable is not None:
-            say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
-            return _reuse_run(store, workspace, reusable, run_id, delivery)
-        say("checking the delivery tables (Great Expectations)")
-        delivered = delivery  # every input row, for reconciliation
-        delivery, expectation_rejections, delivery_report, prerejected = check_delivery_expectations(
-            delivery, run_dir, run_id)
-        licenses, license_rejections = read_licenses(delivery, run_id)
-        license_rejections += expectation_rejections
-        license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
-                                         error["detail"], run_id) for error in delivery.message_errors]
-        say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
-        with tempfile.TemporaryDirectory(dir=run_dir, prefix=".beam-") as staging_name:
-            staging = Path(staging_name)
-            options = PipelineOptions(["--runner=DirectRunner", *config.beam_options])
-            with beam.Pipeline(options=options) as pipeline:
-                build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
-                               staging, run_id, workspace.root / "cache" / "measurements", prerejected)
-            tracks = _read_jsonl(staging, "tracks")
-            audio_files = _read_jsonl(staging, "audio_files")
-            rejections = license_rejections + _read_jsonl(staging, "rejections")
-        decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
-        say("linking duplicate recordings")
-        tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
-            tracks, audio_files, config.near_duplicate_threshold, run_id)
-        rejections += duplicate_rejections
-        for row in audio_files:
-            row.pop("_fingerprint", None)
-            row.pop("_record_id", None)
-        say("writing the curated catalog")
-        tracks.sort(key=lambda r: r["track_id"])
-        audio_files.sort(key=lambda r: (r["track_id"], r["role"], r["instrument"]))
-        rejections.sort(key=lambda r: (r["record_kind"], r["record_id"], r["reason"]))
-        license_rows = sorted(licenses.values(), key=lambda r: r["license_id"])
-        tables = {
-            "licenses": to_table(license_rows, LICENSE),
-            "tracks": to_table(tracks, TRACK),
-            "audio_files": to_table(audio_files, AUDIO_FILE),
-            "rejections": to_table(rejections, REJECTION),
-            "duplicates": to_table(sorted(duplicates, key=lambda d: d["track_id"]), DUPLICATE),
-        }
-        # DDEX: the releases and deals of the messages that could be read (empty tables for a CSV delivery,
-        # so that the catalog never shows an earlier delivery's)
-        tables["releases"] = to_table([{**row, "run_id": run_id} for row in delivered.releases], RELEASE)
-        tables["deals"] = to_table([{**row, "run_id": run_id} for row in delivered.deals], DEAL)
-        outputs = {}
-        for name, table in tables.items():
-            write_table(table, run_dir / f"{name}.parquet")
-            outputs[name] = str(write_table(table, workspace.catalog_table(name)))
-        counts = reconcile(delivered, tracks, audio_files, rejections, len(license_rows))
-        # files and built mixtures that were decoded and measured by this run, or taken from the cache
-        counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
-        counts["duplicates"] = dict(sorted(Counter(d["kind"] for d in duplicates).items()))
-        if delivered.format == "ddex":
-            counts["ddex"] = {"releases": len(delivered.releases), "deals": len(delivered.deals),
-                              "deals_granting_ai_training": sum(d["grants_ai_training"] for d in delivered.deals)}
-        say("checking the curated catalog (Great Expectations)")
-        curated_report = _validate_curated(audio_files, counts, run_dir)
-        counts["expectations"] = {
-            "delivery": {"success": delivery_report.success, "rows_rejected": len(expectation_rejections)},
-            "curated": {"success": curated_report.success,
-                        "failed": sorted({name for rows in curated_report.failed_rows.values()
-                                          for names in rows.values() for name in names}
-                                         | set(curated_report.table_errors))},
-        }
-        outputs["data_docs"] = str(curated_report.data_docs_index)
-        outputs["fingerprint"] = fingerprint
-        (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
-                                                             "config_sha256": config_sha256(config)}))
-        (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id, "counts": counts, "outputs": outputs},
-                                                         indent=2, default=str))
-        store.finish_run(run_id, counts, outputs)
-    except BaseException as err:
-        store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-        raise
-    finally:
-        store.close()
-    return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
+    from pipelines.stage import run_stage
+
+    result = run_stage(INGEST_STAGE, workspace, config, status=status, engine=engine,
+                       select={"delivery": str(delivery_root)})
+    rejections = pq.read_table(result.outputs["rejections"]).to_pylist() if "rejections" in result.outputs else []
+    return IngestResult(result.run_id, result.details["delivery_id"], result.counts, result.outputs, rejections,
+                        status=result.status, stage_result=result)
+
+
+class IngestStage(Stage):
+    """The ingest stage on the contract: a delivery (+ licences, opt-outs) → the curated catalog (Apache Beam)."""
+
+    name = STAGE
+    version = "1"
+    config_model = IngestConfig
+    resources = Resources(engine="beam", cpus=1.0)
+    engine_keys = ("beam_options",)
+    reads = ("delivery", "opt_outs")
+    writes = CATALOG_TABLES + ("data_docs",)
+
+    def inputs(self, ctx: StageContext, config: IngestConfig) -> dict[str, str]:
+        root = ctx.select.get("delivery")
+        if not root:
+            raise ValueError("ingest needs a delivery folder: `linernotes ingest DELIVERY`")
+        delivery = read_delivery(root, default_license_id=config.license_id)
+        opt_outs = _read_opt_outs(config.opt_out_csv).merged(OptOutRegistry.from_rows(ctx.store.list_opt_outs()))
+        ctx.prepared.update(delivery=delivery, opt_outs=opt_outs)
+        return {"delivery": "dlv-" + run_fingerprint(delivery, config, opt_outs)[:16]}
+
+    def record(self, ctx: StageContext, config: IngestConfig) -> dict[str, Any]:
+        delivery = ctx.prepared["delivery"]
+        return {"delivery": str(delivery.root), "delivery_id": delivery.delivery_id}
+
+    def run(self, ctx: StageContext, config: IngestConfig) -> StageOutput:
+        delivery, opt_outs = ctx.prepared["delivery"], ctx.prepared["opt_outs"]
+        fingerprint = run_fingerprint(delivery, config, opt_outs)
+        reusable = _find_reusable_run(ctx.store, ctx.workspace, fingerprint)
+        if reusable is not None:  # the catalog was overwritten since: point it at that run's tables again
+            ctx.say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
+            counts, outputs = _reuse_run(ctx.workspace, reusable)
+        else:
+            counts, outputs = _ingest(ctx, config, delivery, opt_outs)
+        return StageOutput(outputs=outputs, counts=counts, details={"delivery_id": delivery.delivery_id,
+                                                                    "fingerprint": fingerprint})
+
+
+INGEST_STAGE = IngestStage()
+
+
+def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
+            opt_outs: OptOutRegistry) -> tuple[dict[str, Any], dict[str, str]]:
+    """Check, decode and measure the delivery (Beam), link duplicates, write and check the curated catalog."""
+    say, workspace, run_id, run_dir = ctx.say, ctx.workspace, ctx.run_id, ctx.run_dir
+    say("checking the delivery tables (Great Expectations)")
+    delivered = delivery  # every input row, for reconciliation
+    delivery, expectation_rejections, delivery_report, prerejected = check_delivery_expectations(
+        delivery, run_dir, run_id)
+    licenses, license_rejections = read_licenses(delivery, run_id)
+    license_rejections += expectation_rejections
+    license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
+                                     error["detail"], run_id) for error in delivery.message_errors]
+    say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
+    with tempfile.TemporaryDirectory(dir=run_dir, prefix=".beam-") as staging_name:
+        staging = Path(staging_name)
+        options = PipelineOptions(["--runner=DirectRunner", *config.beam_options])
+        with beam.Pipeline(options=options) as pipeline:
+            build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
+                           staging, run_id, workspace.root / "cache" / "measurements", prerejected)
+        tracks = _read_jsonl(staging, "tracks")
+        audio_files = _read_jsonl(staging, "audio_files")
+        rejections = license_rejections + _read_jsonl(staging, "rejections")
+    decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
+    say("linking duplicate recordings")
+    tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
+        tracks, audio_files, config.near_duplicate_threshold, run_id)
+    rejections += duplicate_rejections
+    for row in audio_files:
+        row.pop("_fingerprint", None)
+        row.pop("_record_id", None)
+    say("writing the curated catalog")
+    tracks.sort(key=lambda r: r["track_id"])
+    audio_files.sort(key=lambda r: (r["track_id"], r["role"], r["instrument"]))
+    rejections.sort(key=lambda r: (r["record_kind"], r["record_id"], r["reason"]))
+    license_rows = sorted(licenses.values(), key=lambda r: r["license_id"])
+    tables = {
+        "licenses": to_table(license_rows, LICENSE),
+        "tracks": to_table(tracks, TRACK),
+        "audio_files": to_table(audio_files, AUDIO_FILE),
+        "rejections": to_table(rejections, REJECTION),
+        "duplicates": to_table(sorted(duplicates, key=lambda d: d["track_id"]), DUPLICATE),
+    }
+    # DDEX: the releases and deals of the messages that could be read (empty tables for a CSV delivery,
+    # so that the catalog never shows an earlier delivery's)
+    tables["releases"] = to_table([{**row, "run_id": run_id} for row in delivered.releases], RELEASE)
+    tables["deals"] = to_table([{**row, "run_id": run_id} for row in delivered.deals], DEAL)
+    outputs = {}
+    for name, table in tables.items():
+        write_table(table, run_dir / f"{name}.parquet")
+        outputs[name] = str(write_table(table, workspace.catalog_table(name)))
+    counts = reconcile(delivered, tracks, audio_files, rejections, len(license_rows))
+    # files and built mixtures that were decoded and measured by this run, or taken from the cache
+    counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
+    counts["duplicates"] = dict(sorted(Counter(d["kind"] for d in duplicates).items()))
+    if delivered.format == "ddex":
+        counts["ddex"] = {"releases": len(delivered.releases), "deals": len(delivered.deals),
+                          "deals_granting_ai_training": sum(d["grants_ai_training"] for d in delivered.deals)}
+    say("checking the curated catalog (Great Expectations)")
+    curated_report = _validate_curated(audio_files, counts, run_dir)
+    counts["expectations"] = {
+        "delivery": {"success": delivery_report.success, "rows_rejected": len(expectation_rejections)},
+        "curated": {"success": curated_report.success,
+                    "failed": sorted({name for rows in curated_report.failed_rows.values()
+                                      for names in rows.values() for name in names}
+                                     | set(curated_report.table_errors))},
+    }
+    outputs["data_docs"] = str(curated_report.data_docs_index)
+    (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
+                                                         "config_sha256": config_sha256(config)}))
+    (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id, "counts": counts, "outputs": outputs},
+                                                     indent=2, default=str))
+    return counts, outputs
 
 
 def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
@@ -435,9 +476,12 @@ def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRe
 
 
 def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: str) -> dict[str, Any] | None:
+    """The newest succeeded ingest run of the same delivery fingerprint whose run-folder tables and audio are all
+    still there (the catalog itself may have been overwritten since)."""
+    delivery_id = "dlv-" + fingerprint[:16]
     for run in reversed(store.list_runs(STAGE)):
-        outputs = run.get("outputs") or {}
-        if run["status"] != "succeeded" or outputs.get("fingerprint") != fingerprint:
+        same = (run.get("inputs") or {}).get("delivery") == delivery_id
+        if run["status"] != "succeeded" or not same:
             continue
         run_dir = workspace.run_dir(run["run_id"])
         tables = [run_dir / f"{name}.parquet" for name in CATALOG_TABLES]
@@ -449,21 +493,15 @@ def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: s
     return None
 
 
-def _reuse_run(store: LineageStore, workspace: Workspace, previous: Mapping[str, Any], run_id: str,
-               delivery: Delivery) -> IngestResult:
-    """Point the catalog at an identical earlier run's tables; register this run as a reuse of it."""
+def _reuse_run(workspace: Workspace, previous: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Point the catalog at an identical earlier run's tables: (counts with ``reused_from``, outputs)."""
     source = workspace.run_dir(previous["run_id"])
     outputs: dict[str, str] = {}
     for name in CATALOG_TABLES:
         outputs[name] = str(write_table(pq.read_table(source / f"{name}.parquet"), workspace.catalog_table(name)))
     counts = {**previous["counts"], "work": {"audio_measured": 0, "audio_from_cache": 0},
               "reused_from": previous["run_id"]}
-    outputs["fingerprint"] = previous["outputs"]["fingerprint"]
-    (workspace.run_dir(run_id) / "summary.json").write_text(json.dumps(
-        {"run_id": run_id, "counts": counts, "outputs": outputs}, indent=2, default=str))
-    store.finish_run(run_id, counts, outputs)
-    rejections = pq.read_table(source / "rejections.parquet").to_pylist()
-    return IngestResult(run_id, delivery.delivery_id, counts, outputs, rejections)
+    return counts, outputs
 
 
 def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], rejections: list[dict],

@@ -15,8 +15,9 @@ import numpy as np
 from cleaning.audio import read_audio, write_audio
 from cleaning.measure import measure_pcm_sha256
 from cleaning.mel import MelConfig
-from pipelines.config import config_dict, config_sha256
+from pipelines.config import config_dict
 from pipelines.inputs import MissingInputError, read_dataset_manifest, resolve_checkpoint, resolve_dataset
+from pipelines.stage import Resources, Stage, StageContext, StageOutput
 from provenance.records import canonical_json, sha256_hex
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -25,18 +26,24 @@ from provenance.workspace import Workspace
 @dataclass
 class TrainJobResult:
     run_id: str
-    checkpoint_id: str
+    checkpoint_id: str  # "" when the run stopped before the end
     dataset_id: str
     step: int
     checkpoint_path: Path
     losses: list[float] = field(default_factory=list)
+    status: str = "ran"  # ran | cached
+    stage_result: Any = field(default=None, repr=False)  # pipelines.stage.StageResult
 
     def to_json(self) -> dict[str, Any]:
-        first = float(np.mean(self.losses[: max(1, len(self.losses) // 10)])) if self.losses else None
-        last = float(np.mean(self.losses[-max(1, len(self.losses) // 10):])) if self.losses else None
+        """The stage contract's result shape with the train details (``checkpoint_id``, ``loss``) beside it."""
+        if self.stage_result is not None:
+            payload = self.stage_result.to_json()
+            payload.pop("losses", None)
+            return {**payload, "checkpoint_id": self.checkpoint_id,
+                    "outputs": {**payload["outputs"], "checkpoint": str(self.checkpoint_path)}}
         return {"stage": "train", "run_id": self.run_id, "checkpoint_id": self.checkpoint_id,
-                "dataset_id": self.dataset_id, "counts": {"steps": self.step},
-                "loss": {"first": first, "last": last}, "outputs": {"checkpoint": str(self.checkpoint_path)}}
+                "dataset_id": self.dataset_id, "counts": {"steps": self.step}, "loss": _loss_summary(self.losses),
+                "outputs": {"checkpoint": str(self.checkpoint_path)}}
 
 
 @dataclass
@@ -96,86 +103,128 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
               status: Callable[[str], None] | None = None,
               progress: Callable[[str, int, int], None] | None = None,
               resume: bool | str = False, stop_after_steps: int | None = None) -> TrainJobResult:
-    """Train on a dataset's train shards with Ray Train; register the Run and the Checkpoint.
+    """Train on a dataset's train shards with Ray Train through the stage runner; register the Checkpoint.
 
     ``config`` is a ``training.config.TrainConfig`` (ignored when resuming: the resumed run's own config is
     used). Ray Train's run folder is ``config.storage_path`` (default ``WORKDIR/ray_results``) / the first
     run id. ``resume`` (True, or a run id) continues an interrupted run from its newest checkpoint under a
     new Run that records ``resumes``; ``stop_after_steps`` checkpoints and stops early (the Run ends
     ``stopped``; ``--resume`` continues it). The checkpoint id is ``ckpt-`` + 16 hex of the sha256 of the
-    checkpoint file; only a finished run registers one.
+    checkpoint file; only a finished run registers one. The same config on the same dataset as a finished run
+    whose checkpoint is still there is ``cached``: no training, that run's result.
 
     Raises:
         MissingInputError: no dataset, or nothing to resume.
     """
-    from pipelines.ray_runtime import ensure_ray
-    from provenance.store import new_run_id
+    from pipelines.stage import run_stage
     from training.config import TrainConfig
-    from training.train import train
 
-    say = status or (lambda message: None)
-    store = LineageStore(workspace.store_url)
-    try:
-        run_id = new_run_id("train")
-        extra: dict[str, Any] = {"ray_run_name": run_id}
-        if resume:
+    options: dict[str, Any] = {"stop_after_steps": stop_after_steps}
+    if resume:
+        with LineageStore(workspace.store_url) as store:
             previous = find_resumable_train_run(store, resume if isinstance(resume, str) else None)
-            stored = dict(previous["config"])
-            extra = {"ray_run_name": _ray_run_name(previous), "resumes": previous["run_id"]}
-            dataset_id = stored.get("dataset_id")
-            config = TrainConfig(**{k: v for k, v in stored.items() if k in TrainConfig.model_fields})
-        dataset = resolve_dataset(store, workspace, dataset_id)
+        stored = dict(previous["config"])
+        options.update(ray_run_name=_ray_run_name(previous), resumes=previous["run_id"])
+        dataset_id = stored.get("dataset_id")
+        config = TrainConfig(**{k: v for k, v in stored.items() if k in TrainConfig.model_fields})
+    result = run_stage(TRAIN, workspace, config, status=status, progress=progress, select={"dataset": dataset_id},
+                       options=options)
+    d = result.details
+    checkpoint = Path(result.outputs["checkpoint"]) if "checkpoint" in result.outputs else Path(d["checkpoint_path"])
+    return TrainJobResult(result.run_id, d.get("checkpoint_id", ""), d["dataset_id"], d["step"], checkpoint,
+                          d["losses"], status=result.status, stage_result=result)
+
+
+class TrainStage(Stage):
+    """The train stage on the contract: a dataset → a checkpoint (Ray Train, resumable from its checkpoints)."""
+
+    name = "train"
+    version = "1"
+    resources = Resources(engine="ray-train", cpus=1.0, gpus=1.0)
+    engine_keys = ("storage_path",)
+    reads = ("dataset",)
+    writes = ("checkpoint",)
+
+    @property
+    def config_model(self) -> type:  # type: ignore[override]  (training.config is imported on use)
+        from training.config import TrainConfig
+
+        return TrainConfig
+
+    def inputs(self, ctx: StageContext, config: Any) -> dict[str, str]:
         from pipelines.takedown import check_dataset_cleared
 
-        check_dataset_cleared(workspace, store, dataset["dataset_id"])  # no training on taken-down recordings
-        manifest = read_dataset_manifest(workspace, dataset["dataset_id"])
-        dataset_dir = workspace.dataset_dir(dataset["dataset_id"])
-        shard_paths = [str(dataset_dir / name) for name in manifest["shards"]["train"]]
-        if not shard_paths:
+        dataset = resolve_dataset(ctx.store, ctx.workspace, ctx.select.get("dataset"))
+        check_dataset_cleared(ctx.workspace, ctx.store, dataset["dataset_id"])  # no training on taken-down recordings
+        manifest = read_dataset_manifest(ctx.workspace, dataset["dataset_id"])
+        if not manifest["shards"]["train"]:
             raise MissingInputError(f"dataset {dataset['dataset_id']} has no train shards")
-        mel_config = MelConfig(**manifest["config"]["mel"])
+        return {"dataset": dataset["dataset_id"]}
+
+    def record(self, ctx: StageContext, config: Any) -> dict[str, Any]:
+        resumes = ctx.options.get("resumes")
+        return {"dataset_id": ctx.inputs["dataset"], "ray_run_name": ctx.options.get("ray_run_name") or ctx.run_id,
+                **({"resumes": resumes} if resumes else {})}
+
+    def run(self, ctx: StageContext, config: Any) -> StageOutput:
+        from training.train import train
+
+        workspace, dataset_id = ctx.workspace, ctx.inputs["dataset"]
+        ray_run_name = self.record(ctx, config)["ray_run_name"]
+        manifest = read_dataset_manifest(workspace, dataset_id)
+        dataset_dir = workspace.dataset_dir(dataset_id)
+        shard_paths = [str(dataset_dir / name) for name in manifest["shards"]["train"]]
         storage_path = config.storage_path or str(workspace.root / "ray_results")
-        store.start_run("train", {**config_dict(config), "dataset_id": dataset["dataset_id"], **extra}, run_id=run_id)
-        try:
-            ensure_ray()
-            verb = f"resuming {extra['resumes']}:" if "resumes" in extra else "training"
-            say(f"{verb} {config.steps} steps on {len(shard_paths)} shard(s) of {dataset['dataset_id']} "
-                f"(run folder {storage_path}/{extra['ray_run_name']})")
-            result = train(shard_paths, dataset["dataset_id"], mel_config, config, storage_path=storage_path,
-                           run_name=extra["ray_run_name"], progress=progress, stop_after_steps=stop_after_steps)
-            losses = [float(x) for x in result.losses]
-            if not result.finished:
-                job = TrainJobResult(run_id, "", dataset["dataset_id"], result.step, Path(result.checkpoint_path),
-                                     losses)
-                store.finish_run(run_id, {"steps": result.step, **{f"loss_{k}": v for k, v in
-                                                                   job.to_json()["loss"].items()}},
-                                 {"checkpoint_uri": result.checkpoint_uri, "ray_run_name": extra["ray_run_name"]},
-                                 status="stopped")
-                return job
-            checkpoint_id = "ckpt-" + sha256_hex(Path(result.checkpoint_path).read_bytes())[:16]
-            target_dir = workspace.checkpoint_dir(checkpoint_id)
-            target_dir.mkdir(parents=True, exist_ok=True)
-            target = target_dir / "checkpoint.pt"
-            tmp = target_dir / ".checkpoint.pt.tmp"
-            shutil.copyfile(result.checkpoint_path, tmp)
-            tmp.replace(target)
-            (target_dir / "config.json").write_text(json.dumps(
-                {"train": config_dict(config), "config_sha256": config_sha256(config),
-                 "dataset_id": dataset["dataset_id"], "step": result.step, "run_id": run_id}, indent=2))
-            if store.get_checkpoint(checkpoint_id) is None:
-                store.add_checkpoint({"checkpoint_id": checkpoint_id, "dataset_id": dataset["dataset_id"],
-                                      "run_id": run_id, "step": result.step, "config_sha256": config_sha256(config),
-                                      "uri": str(target)})
-            job = TrainJobResult(run_id, checkpoint_id, dataset["dataset_id"], result.step, target, losses)
-            store.finish_run(run_id, {"steps": result.step, **{f"loss_{k}": v for k, v in job.to_json()["loss"].items()}},
-                             {"checkpoint": str(target), "checkpoint_id": checkpoint_id,
-                              "checkpoint_uri": result.checkpoint_uri, "ray_run_name": extra["ray_run_name"]})
-            return job
-        except BaseException as err:
-            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
-    finally:
-        store.close()
+        ctx.engine.ray()
+        verb = f"resuming {ctx.options['resumes']}:" if ctx.options.get("resumes") else "training"
+        ctx.say(f"{verb} {config.steps} steps on {len(shard_paths)} shard(s) of {dataset_id} "
+                f"(run folder {storage_path}/{ray_run_name})")
+        result = train(shard_paths, dataset_id, MelConfig(**manifest["config"]["mel"]), config,
+                       storage_path=storage_path, run_name=ray_run_name, progress=ctx.progress,
+                       stop_after_steps=ctx.options.get("stop_after_steps"))
+        losses = [float(x) for x in result.losses]
+        loss = _loss_summary(losses)
+        counts = {"steps": result.step, **{f"loss_{k}": v for k, v in loss.items()}}
+        details = {"dataset_id": dataset_id, "step": result.step, "losses": losses, "loss": loss,
+                   "ray_run_name": ray_run_name, "checkpoint_uri": result.checkpoint_uri}
+        if not result.finished:
+            return StageOutput(outputs={}, counts=counts, details={**details, "checkpoint_path": result.checkpoint_path},
+                               status="stopped")
+        checkpoint_id = "ckpt-" + sha256_hex(Path(result.checkpoint_path).read_bytes())[:16]
+        target = _commit_checkpoint(ctx, config, result, checkpoint_id, dataset_id)
+        return StageOutput(outputs={"checkpoint": str(target)}, counts=counts,
+                           output_ids={"checkpoint": checkpoint_id}, details={**details, "checkpoint_id": checkpoint_id})
+
+
+TRAIN = TrainStage()
+
+
+def _loss_summary(losses: list[float]) -> dict[str, float | None]:
+    """Mean of the first and of the last tenth of the per-step losses (None without steps)."""
+    if not losses:
+        return {"first": None, "last": None}
+    tenth = max(1, len(losses) // 10)
+    return {"first": float(np.mean(losses[:tenth])), "last": float(np.mean(losses[-tenth:]))}
+
+
+def _commit_checkpoint(ctx: StageContext, config: Any, result: Any, checkpoint_id: str, dataset_id: str) -> Path:
+    """Copy the finished checkpoint to ``checkpoints/<id>/checkpoint.pt`` (atomically), write its config.json,
+    register the Checkpoint."""
+    from pipelines.stage import config_sha256
+
+    sha = config_sha256(TRAIN, config)
+    target_dir = ctx.workspace.checkpoint_dir(checkpoint_id)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target, tmp = target_dir / "checkpoint.pt", target_dir / ".checkpoint.pt.tmp"
+    shutil.copyfile(result.checkpoint_path, tmp)
+    tmp.replace(target)
+    (target_dir / "config.json").write_text(json.dumps(
+        {"train": config_dict(config), "config_sha256": sha, "dataset_id": dataset_id, "step": result.step,
+         "run_id": ctx.run_id}, indent=2))
+    if ctx.store.get_checkpoint(checkpoint_id) is None:
+        ctx.store.add_checkpoint({"checkpoint_id": checkpoint_id, "dataset_id": dataset_id, "run_id": ctx.run_id,
+                                  "step": result.step, "config_sha256": sha, "uri": str(target)})
+    return target
 
 
 def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, query_id: str,
@@ -218,18 +267,14 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
         run_config = {"method": method, "query_id": query_id, "dataset_id": dataset["dataset_id"], "top_k": top_k}
         if checkpoint is not None:
             run_config["checkpoint_id"] = checkpoint["checkpoint_id"]
-        run_id = store.start_run(kind, run_config)
-        try:
+        with store.run(kind, run_config) as run:
             attributor = load_attributor(workspace, method, dataset_id=dataset["dataset_id"], checkpoint=checkpoint,
                                          config=index_config, settings=unlearning, progress=progress)
             result = attributor.attribute(audio, sample_rate_hz, query_id, top_k=top_k, text=text)
-            store.add_attributions(query_id, method, run_id, dataset["dataset_id"], result.rows())
-            store.finish_run(run_id, {"segments": len(result.segments), "tracks": len(result.tracks),
-                                      "rights_holders": len(result.rights_holders)})
-        except BaseException as err:
-            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
-        return AttributeJobResult(run_id, query_id, dataset["dataset_id"], result)
+            store.add_attributions(query_id, method, run.run_id, dataset["dataset_id"], result.rows())
+            run.counts = {"segments": len(result.segments), "tracks": len(result.tracks),
+                          "rights_holders": len(result.rights_holders)}
+        return AttributeJobResult(run.run_id, query_id, dataset["dataset_id"], result)
     finally:
         if own_store:
             store.close()
@@ -306,8 +351,8 @@ def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float
                    "vocoder": str(vocoder) if vocoder else None}
         request.update({key: value for key, value in options.items() if value is not None})
         context_audio, context_rate = read_audio(context_path) if context_path else (None, None)
-        run_id = store.start_run("generate", request)
-        try:
+        with store.run("generate", request) as run:
+            run_id = run.run_id
             say(f"sampling {duration_s:g} s from {checkpoint['checkpoint_id']}")
             result = generate(checkpoint["uri"], prompt=prompt, seed=seed, duration_s=duration_s,
                               num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
@@ -328,10 +373,7 @@ def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float
             (gen_dir / "generation.json").write_text(json.dumps(record, indent=2))
             if store.get_generation(generation_id) is None:
                 store.add_generation(record)
-            store.finish_run(run_id, {"generations": 1}, {"wav": str(path), "generation_id": generation_id})
-        except BaseException as err:
-            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
+            run.counts, run.outputs = {"generations": 1}, {"wav": str(path), "generation_id": generation_id}
         say("attributing the generation")
         written, sample_rate_hz = read_audio(wav)
         attribution = run_attribute(workspace, written, sample_rate_hz, generation_id,

@@ -64,15 +64,11 @@ def build_report(workspace: Workspace, generation_id: str, method: str = "embedd
             have = f"stored: {', '.join(methods)}" if methods else "none stored"
             raise ReportError(f"generation {generation_id} has no {method} attribution ({have})")
         attribution = summarize_attribution(rows, known_tracks(workspace, store))
-        run_id = store.start_run("report", {"generation_id": generation_id, "method": method, "top_k": top_k})
-        try:
+        with store.run("report", {"generation_id": generation_id, "method": method, "top_k": top_k}) as run:
             payload = _write(workspace, generation, attribution, method, top_k)
-            store.finish_run(run_id, {"segments": payload["segments"], "players": payload["players"]},
-                             {"report": payload["report"]})
-        except BaseException as err:
-            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
-        return {"run_id": run_id, **payload}
+            run.counts, run.outputs = {"segments": payload["segments"], "players": payload["players"]}, \
+                {"report": payload["report"]}
+        return {"run_id": run.run_id, **payload}
     finally:
         store.close()
 

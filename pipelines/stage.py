@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipelines.engines import Engine, EngineConfig
 from provenance import records
-from provenance.store import CODE_VERSION, LineageStore
+from provenance.store import CODE_VERSION, LineageStore, new_run_id
 from provenance.workspace import Workspace
 
 Progress = Callable[[str, int, int], None]
@@ -62,7 +62,8 @@ class StageContext:
     """What the runner hands a stage's ``inputs`` and ``run``.
 
     ``select`` names which upstream outputs to read (``{"dataset": id, "checkpoint": id}``; absent or None: the
-    newest), for ``inputs`` to resolve into content ids. ``inputs``, ``run_id`` and ``run_dir`` are set only inside
+    newest), for ``inputs`` to resolve into content ids. ``options`` are run controls that change how the work runs,
+    never what it computes (``stop_after_steps``, which interrupted run to resume); they stay out of the cache key. ``inputs``, ``run_id`` and ``run_dir`` are set only inside
     ``run`` (a Run exists then). ``store`` is open for the stage to register the records it creates (a Dataset, a
     Checkpoint), never to register Runs.
     """
@@ -73,6 +74,8 @@ class StageContext:
     progress: Progress | None = None
     status: Status | None = None
     select: Mapping[str, str | None] = field(default_factory=dict)
+    options: Mapping[str, Any] = field(default_factory=dict)
+    prepared: dict[str, Any] = field(default_factory=dict)  # what ``inputs`` read, for ``run`` not to read twice
     inputs: dict[str, str] = field(default_factory=dict)
     run_id: str = ""
     run_dir: Path | None = None
@@ -92,12 +95,15 @@ class StageOutput:
         output_ids: name → content id of outputs that have one (a dataset id, a catalog id); files without one
             are identified by their sha256 by the runner.
         details: the stage's own result fields (JSON-ready), reported beside the common ones.
+        status: the Run's status: ``succeeded``, or ``stopped`` when the stage stopped on purpose before the end
+            (a stopped Run is never a cached result; the stage resumes it).
     """
 
     outputs: dict[str, str]
     counts: dict[str, Any]
     output_ids: dict[str, str] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
+    status: str = "succeeded"
 
 
 @dataclass
@@ -154,6 +160,11 @@ class Stage(ABC):
         """The config as recorded and hashed (every field; subclasses add derived values)."""
         return json.loads(config.model_dump_json())
 
+    def record(self, ctx: StageContext, config: Any) -> dict[str, Any]:
+        """Facts recorded in the Run's config beside the resolved config, never hashed (the dataset a train run
+        read, the Ray Train run it continues). ``ctx.run_id`` and ``ctx.inputs`` are set."""
+        return {}
+
     def engine_config(self, config: Any) -> EngineConfig:
         """Engine settings a stage config carries for the command line (``address``, ``num_cpus``)."""
         values = {"ray_address": getattr(config, "address", None), "num_cpus": getattr(config, "num_cpus", None)}
@@ -177,14 +188,15 @@ def config_sha256(stage: Stage, config: Any) -> str:
 
 def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine | None = None,
               progress: Progress | None = None, status: Status | None = None,
-              select: Mapping[str, str | None] | None = None, parent_run_id: str | None = None,
-              force: bool = False) -> StageResult:
+              select: Mapping[str, str | None] | None = None, options: Mapping[str, Any] | None = None,
+              parent_run_id: str | None = None, force: bool = False) -> StageResult:
     """Run ``stage`` with ``config`` on ``workspace`` through the contract (see the module docstring).
 
     Args:
         engine: the run's engines; None: this call opens them from the config's engine keys and closes them.
         progress: ``progress(phase, done, total)`` callbacks; status: one-line status messages.
         select: which upstream outputs the stage reads (``{"dataset": id}``; default the newest).
+        options: run controls outside the cache key (see :class:`StageContext`).
         parent_run_id: the whole run this stage belongs to (``linernotes run``), recorded on the Run.
         force: run even when a cached result exists.
 
@@ -199,7 +211,7 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
     workspace.ensure()
     try:
         with LineageStore(workspace.store_url) as store:
-            ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}))
+            ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}), dict(options or {}))
             inputs = stage.inputs(ctx, config)
             key = cache_key(stage, config, inputs)
             if not force and (cached := _cached_result(store, stage, key)) is not None:
@@ -215,10 +227,11 @@ def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], k
          parent_run_id: str | None) -> StageResult:
     resolved = stage.resolved_config(config)
     sha = config_sha256(stage, config)
-    recorded = {k: v for k, v in resolved.items() if k not in stage.engine_keys}
-    with ctx.store.run(stage.name, {**recorded, "config_sha256": sha}, cache_key=key, inputs=inputs,
-                       parent_run_id=parent_run_id) as run:
-        ctx.inputs, ctx.run_id, ctx.run_dir = inputs, run.run_id, ctx.workspace.run_dir(run.run_id)
+    ctx.inputs, ctx.run_id = inputs, new_run_id(stage.name)
+    ctx.run_dir = ctx.workspace.run_dir(ctx.run_id)
+    extras = stage.record(ctx, config)
+    with ctx.store.run(stage.name, {**resolved, **extras, "config_sha256": sha}, run_id=ctx.run_id, cache_key=key,
+                       inputs=inputs, parent_run_id=parent_run_id, spec_sha256=sha) as run:
         records.write_json({"stage": stage.name, "version": stage.version, "config": resolved, "config_sha256": sha,
                             "cache_key": key, "inputs": inputs, "engine": ctx.engine.describe()},
                            ctx.run_dir / "config.json", default=str)
@@ -230,7 +243,7 @@ def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], k
         records.write_json(result.to_json(), summary_path, default=str)
         ids.update({name: "sha256:" + records.file_sha256(path) for name, path in outputs.items()
                     if name not in ids and Path(path).is_file()})
-        run.counts, run.outputs, run.output_ids = output.counts, outputs, ids
+        run.counts, run.outputs, run.output_ids, run.status = output.counts, outputs, ids, output.status
     return StageResult(stage.name, run.run_id, RAN, inputs, outputs, output.counts, output.output_ids, output.details)
 
 
@@ -259,9 +272,11 @@ def _cached_result(store: LineageStore, stage: Stage, key: str) -> StageResult |
 #: Every stage on the contract, in chain order: name → ``module:attribute`` of its Stage instance (imported on use,
 #: so listing names costs nothing).
 STAGES: dict[str, str] = {
+    "ingest": "pipelines.ingest:INGEST_STAGE",
     "separate": "pipelines.clean_separate:SEPARATE",
     "clean": "pipelines.clean:CLEAN",
     "shard": "pipelines.shard:SHARD",
+    "train": "pipelines.jobs:TRAIN",
     "index": "pipelines.index:INDEX",
 }
 

@@ -4,7 +4,7 @@ Ray Jobs API (``ray.job_submission.JobSubmissionClient``, the cluster's dashboar
 The job's entrypoint is ``linernotes train --workdir W --json --set key=value ...`` with every field of the
 resolved ``TrainConfig``, so the cluster trains exactly the config validated here (readable in the Ray
 dashboard's job view). Inside the job Ray sets ``RAY_ADDRESS``, so the entrypoint joins the cluster
-(``pipelines.ray_runtime.ensure_ray``) and Ray Train places its workers there. The workspace ``W`` must be
+(``pipelines.engines.Engine.ray``) and Ray Train places its workers there. The workspace ``W`` must be
 a path the cluster's nodes share (an NFS / PVC mount), and ``storage_path`` a folder or bucket every
 worker reaches (``s3://``, ``gs://``).
 

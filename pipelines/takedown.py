@@ -89,8 +89,8 @@ def run_takedown(workspace: Workspace, kind: str, value: str, reason: str = "", 
     say = status or (lambda message: None)
     store = LineageStore(workspace.store_url)
     try:
-        run_id = store.start_run(STAGE, {"kind": kind, "value": value, "reason": reason, "rebuild": rebuild})
-        try:
+        with store.run(STAGE, {"kind": kind, "value": value, "reason": reason, "rebuild": rebuild}) as run:
+            run_id = run.run_id
             if kind == "rights_holder":  # the registry matches names case-insensitively: reuse the spelling on file
                 value = next((o["value"] for o in store.list_opt_outs() if o["kind"] == kind
                               and o["value"].casefold() == value.casefold()), value)
@@ -116,12 +116,9 @@ def run_takedown(workspace: Workspace, kind: str, value: str, reason: str = "", 
             report.parent.mkdir(parents=True, exist_ok=True)
             result.report_path = str(report)
             report.write_text(json.dumps(result.to_json(), indent=2, default=str) + "\n")
-            store.finish_run(run_id, result.to_json()["counts"], {"report": str(report),
-                                                                   "datasets": [r["dataset_id"] for r in result.rebuilt]})
-            return result
-        except BaseException as err:
-            store.finish_run(run_id, {}, {}, status="failed", error=f"{type(err).__name__}: {err}")
-            raise
+            run.counts = result.to_json()["counts"]
+            run.outputs = {"report": str(report), "datasets": [r["dataset_id"] for r in result.rebuilt]}
+        return result
     finally:
         store.close()
 

@@ -206,15 +206,17 @@ class LineageStore:
     # runs -------------------------------------------------------------------------------------------
     def start_run(self, kind: str, config: Mapping[str, Any], run_id: str | None = None, *,
                   cache_key: str | None = None, inputs: Mapping[str, str] | None = None,
-                  parent_run_id: str | None = None) -> str:
-        """Register a run as ``running``; returns its id. ``config`` is the resolved stage config.
+                  parent_run_id: str | None = None, spec_sha256: str | None = None) -> str:
+        """Register a run as ``running``; returns its id. ``config`` is the resolved stage config as recorded;
+        ``spec_sha256`` its hash (default: of ``config``; the runner passes the hash of the config alone, without
+        what it records beside it).
 
         Prefer :meth:`run`, which cannot leave the run ``running``."""
         run_id = run_id or new_run_id(kind)
         config_json = canonical_json(config)
         with self._begin() as c:
             c.execute(runs.insert().values(
-                run_id=run_id, kind=kind, spec_sha256=sha256_hex(config_json), config=config_json,
+                run_id=run_id, kind=kind, spec_sha256=spec_sha256 or sha256_hex(config_json), config=config_json,
                 code_version=CODE_VERSION, status="running", started_at=utc_now(), cache_key=cache_key,
                 inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id,
             ))
@@ -230,20 +232,23 @@ class LineageStore:
             ))
 
     @contextmanager
-    def run(self, kind: str, config: Mapping[str, Any], *, cache_key: str | None = None,
-            inputs: Mapping[str, str] | None = None, parent_run_id: str | None = None) -> Iterator["RunRecord"]:
-        """A Run for the ``with`` block: registered ``running``; ``succeeded`` with what the block put on the
-        yielded record (``counts``, ``outputs``, ``output_ids``) when it ends; ``failed`` with
-        ``"ErrorType: message"`` when it raises (KeyboardInterrupt included), and the error propagates."""
-        record = RunRecord(self.start_run(kind, config, cache_key=cache_key, inputs=inputs,
-                                          parent_run_id=parent_run_id))
+    def run(self, kind: str, config: Mapping[str, Any], *, run_id: str | None = None, cache_key: str | None = None,
+            inputs: Mapping[str, str] | None = None, parent_run_id: str | None = None,
+            spec_sha256: str | None = None) -> Iterator["RunRecord"]:
+        """A Run for the ``with`` block: registered ``running``; when the block ends, ``record.status``
+        (``succeeded``, or ``stopped`` for work that stopped on purpose and can be resumed) with what the block put
+        on the yielded record (``counts``, ``outputs``, ``output_ids``); ``failed`` with ``"ErrorType: message"``
+        when it raises (KeyboardInterrupt included), and the error propagates."""
+        record = RunRecord(self.start_run(kind, config, run_id, cache_key=cache_key, inputs=inputs,
+                                          parent_run_id=parent_run_id, spec_sha256=spec_sha256))
         try:
             yield record
         except BaseException as err:
             self.finish_run(record.run_id, record.counts, record.outputs, status="failed",
                             error=f"{type(err).__name__}: {err}", output_ids=record.output_ids)
             raise
-        self.finish_run(record.run_id, record.counts, record.outputs, output_ids=record.output_ids)
+        self.finish_run(record.run_id, record.counts, record.outputs, status=record.status,
+                        output_ids=record.output_ids)
 
     def find_cached_run(self, kind: str, cache_key: str) -> dict[str, Any] | None:
         """The newest ``succeeded`` run of ``kind`` with ``cache_key``, or None."""
@@ -467,6 +472,7 @@ class RunRecord:
     counts: dict[str, Any] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)
     output_ids: dict[str, str] = field(default_factory=dict)
+    status: str = "succeeded"
 
 
 def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:

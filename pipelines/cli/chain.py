@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,6 +24,7 @@ from pipelines.cli.common import (
     out_console,
     progress_bar,
     render_generic,
+    run_stage_command,
     say,
 )
 from provenance.workspace import DEFAULT_WORKDIR
@@ -48,9 +48,6 @@ def ingest(
 ) -> None:
     """Admit a delivery's recordings under the rights policy; decode and measure every file (Apache Beam)."""
     with errors():
-        from pipelines.config import load_config, parse_overrides
-        from pipelines.ingest import IngestConfig, run_ingest
-
         if as_of is not None:
             try:
                 dt.date.fromisoformat(as_of)
@@ -58,11 +55,9 @@ def ingest(
                 raise CliError(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)") from err
         if opt_out is not None and not opt_out.is_file():
             raise CliError(f"--opt-out {opt_out} does not exist")
-        cfg = load_config(IngestConfig, config, parse_overrides(overrides or []), purpose=purpose,
-                          territory=territory, as_of=as_of, opt_out_csv=str(opt_out) if opt_out else None,
-                          license_id=license_id)
-        result = run_ingest(delivery, open_workspace(workdir), cfg, status=say)
-        emit(result.to_json(), json_mode, render_ingest)
+    run_stage_command("ingest", config, overrides, workdir, json_mode, render_ingest,
+                      select={"delivery": str(delivery)}, purpose=purpose, territory=territory, as_of=as_of,
+                      opt_out_csv=str(opt_out) if opt_out else None, license_id=license_id)
 
 
 def render_ingest(payload: dict[str, Any]) -> None:
@@ -93,15 +88,8 @@ def shard(
     json_mode: JsonOpt = False,
 ) -> None:
     """Cut the curated catalog into segments and write deterministic WebDataset shards (Ray Data)."""
-    with errors():
-        from pipelines.config import load_config, parse_overrides
-        from pipelines.shard import ShardConfig, run_shard
-
-        cfg = load_config(ShardConfig, config, parse_overrides(overrides or []), segment_s=segment_s,
-                          sample_rate_hz=sample_rate_hz, validation_fraction=validation_fraction)
-        with progress_bar(json_mode) as progress:
-            result = run_shard(open_workspace(workdir), cfg, progress=progress)
-        emit(result.to_json(), json_mode, render_generic("shard"))
+    run_stage_command("shard", config, overrides, workdir, json_mode, render_generic("shard"), segment_s=segment_s,
+                      sample_rate_hz=sample_rate_hz, validation_fraction=validation_fraction)
 
 
 # train ------------------------------------------------------------------------------------------------
@@ -337,25 +325,15 @@ def index(
     projection_dim: Annotated[Optional[int], typer.Option(help="D-TRAK feature dimension (512–32768).")] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="Ray actors featurizing segments.")] = None,
     use_gpu: Annotated[Optional[bool], typer.Option("--use-gpu/--no-gpu", help="One GPU per actor.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")] = None,
-    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value.")] = None,
-    workdir: Annotated[Path, typer.Option("--workdir", "-w", help="Workspace folder.",
-                                          envvar="LINERNOTES_WORKDIR")] = Path(DEFAULT_WORKDIR),
-    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
 ) -> None:
     """Build a checkpoint's attribution index: embedding index, D-TRAK features (resumable), Fisher."""
-    with errors():
-        from pipelines.config import load_config, parse_overrides
-        from pipelines.index import IndexConfig
-        from pipelines.jobs import run_index
-
-        if workdir is not None and not os.fspath(workdir):
-            raise CliError("--workdir must not be empty")
-        index_config = load_config(IndexConfig, config, parse_overrides(overrides or []),
-                                   projection_dim=projection_dim, num_workers=num_workers, use_gpu=use_gpu)
-        with progress_bar(json_mode) as progress:
-            result = run_index(open_workspace(workdir), index_config, checkpoint_id=checkpoint, progress=progress)
-        emit(result.to_json(), json_mode, render_generic("index"))
+    run_stage_command("index", config, overrides, workdir, json_mode, render_generic("index"),
+                      select={"checkpoint": checkpoint}, projection_dim=projection_dim, num_workers=num_workers,
+                      use_gpu=use_gpu)
 
 
 # stages -----------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ from pipelines.cli.common import (
     app,
     emit,
     errors,
-    open_workspace,
     out_console,
     progress_bar,
     render_generic,
+    run_stage_command,
 )
 from provenance.workspace import DEFAULT_WORKDIR
 
@@ -39,16 +39,8 @@ def clean_run(
     json_mode: JsonOpt = False,
 ) -> None:
     """Check and score every catalog stem; keep or drop by the config's rules; delete nothing (Ray)."""
-
-    with errors():
-        from pipelines.clean import CleanConfig, run_clean
-        from pipelines.config import load_config, parse_overrides
-
-        cfg = load_config(CleanConfig, config, parse_overrides(overrides or []), reference_tracks=reference_track,
-                          methods=method)
-        with progress_bar(json_mode) as progress:
-            result = run_clean(open_workspace(workdir), cfg, progress=progress)
-        emit(result.to_json(), json_mode, _render_clean)
+    run_stage_command("clean", config, overrides, workdir, json_mode, _render_clean,
+                      reference_tracks=reference_track, methods=method)
 
 
 def _render_clean(payload: dict[str, Any]) -> None:
@@ -76,16 +68,9 @@ def clean_separate(
     json_mode: JsonOpt = False,
 ) -> None:
     """Separate the mixtures of catalog tracks that have no stems into stems with demucs (Ray actors)."""
-
-    with errors():
-        from pipelines.clean_separate import SeparateConfig, run_separate
-        from pipelines.config import load_config, parse_overrides
-
-        cfg = load_config(SeparateConfig, config, parse_overrides(overrides or []), model=model, tracks=track)
-        with progress_bar(json_mode) as progress:
-            result = run_separate(open_workspace(workdir), cfg, progress=progress)
-        payload = result.to_json()
-        emit(payload, json_mode, lambda p: render_generic("separate")({k: v for k, v in p.items() if k != "stems"}))
+    run_stage_command("separate", config, overrides, workdir, json_mode,
+                      lambda p: render_generic("separate")({k: v for k, v in p.items() if k != "stems"}),
+                      model=model, tracks=track)
 
 
 @clean_app.command("evaluate")

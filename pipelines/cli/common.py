@@ -74,6 +74,23 @@ def open_workspace(workdir: Path) -> Workspace:
     return Workspace.at(workdir).ensure()
 
 
+def run_stage_command(stage: str, config_file: Path | None, overrides: list[str] | None, workdir: Path,
+                      json_mode: bool, render: Callable[[dict[str, Any]], None],
+                      select: dict[str, str | None] | None = None, **options: Any) -> None:
+    """The body of every stage command: the stage's config from the command's options, then ``--config FILE``,
+    then ``--set key=value`` (last wins); the stage through the runner, with a progress bar; its result printed
+    (one JSON object with ``--json``, else ``render``). ``select`` names the upstream outputs to read."""
+    from pipelines.config import load_config, parse_overrides
+    from pipelines.stage import get_stage, run_stage
+
+    with errors():
+        stage_ = get_stage(stage)
+        config = load_config(stage_.config_model, config_file, parse_overrides(overrides or []), **options)
+        with progress_bar(json_mode) as progress:
+            result = run_stage(stage_, open_workspace(workdir), config, progress=progress, status=say, select=select)
+        emit(result.to_json(), json_mode, render)
+
+
 def render_generic(stage: str) -> Callable[[dict[str, Any]], None]:
     def render(payload: dict[str, Any]) -> None:
         table = Table(title=f"{stage} {payload.get('run_id', '')}", title_justify="left", show_header=False)

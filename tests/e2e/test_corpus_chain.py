@@ -101,6 +101,16 @@ def test_no_track_in_both_splits(chain):
     assert {s for v in splits.values() for s in v} == {"train", "validation"}
 
 
+# The dataset ids of the corpus under SHARD_ARGS, computed with the code before the stage contract (e82e40a): moving
+# the stages onto the contract changed no byte of a dataset. A change that moves them must say why.
+DATASET_IDS = {"commercial": "ds-62ecd5d3905920ac", "non-commercial": "ds-391f342af441031f"}
+
+
+def test_the_stage_contract_changed_no_dataset(chain):
+    assert chain["shard"]["dataset_id"] == DATASET_IDS["commercial"]
+    assert chain["shard_nc"]["dataset_id"] == DATASET_IDS["non-commercial"]
+
+
 def test_shard_rerun_is_byte_identical(chain):
     first, again = Path(chain["shard"]["dataset_dir"]), Path(chain["shard_rerun"]["dataset_dir"])
     assert chain["shard"]["dataset_id"] == chain["shard_rerun"]["dataset_id"]

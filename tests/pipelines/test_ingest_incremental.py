@@ -53,8 +53,12 @@ def test_rerun_does_no_new_work_and_a_changed_file_is_measured_again(tmp_path):
     first = ingest(delivery, workspace)
     assert first.counts["work"] == {"audio_measured": 9, "audio_from_cache": 0}  # 6 stems + 3 mixtures
     before = catalog(workspace)
-    again = ingest(delivery, workspace)
-    assert again.counts["reused_from"] == first.run_id and again.counts["work"]["audio_measured"] == 0
+    again = ingest(delivery, workspace)  # nothing changed: the runner reports the first run, cached
+    assert again.status == "cached" and again.run_id == first.run_id
+    assert catalog(workspace) == before
+    (workspace.catalog_table("tracks")).unlink()  # the catalog overwritten since (here: lost): no new measuring
+    restored = ingest(delivery, workspace)
+    assert restored.counts["reused_from"] == first.run_id and restored.counts["work"]["audio_measured"] == 0
     assert catalog(workspace) == before
 
     changed = delivery / "audio" / "t01-bass.flac"

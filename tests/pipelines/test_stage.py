@@ -22,13 +22,14 @@ from provenance.store import LineageStore
 from provenance.workspace import Workspace
 from tests.pipelines.test_clean import _catalog as clean_catalog
 from tests.pipelines.test_clean_separate import _checkpoint as tiny_separator
+from tests.pipelines.test_ingest import LICENSES, track, write_csv
 from tests.pipelines.test_shard import make_catalog as shard_catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 LINERNOTES = Path(sys.executable).with_name("linernotes")
 
 
-UPSTREAM = {"index": {"checkpoint": "ckpt-0", "dataset": "ds-0"}}
+UPSTREAM = {"index": {"checkpoint": "ckpt-0", "dataset": "ds-0"}, "train": {"dataset": "ds-0"}}
 
 
 def stage_config(name: str, tmp_path: Path):
@@ -39,6 +40,14 @@ def stage_config(name: str, tmp_path: Path):
         from pipelines.index import IndexConfig
 
         return IndexConfig()
+    if name == "train":
+        from training.config import TrainConfig
+
+        return TrainConfig()
+    if name == "ingest":
+        from pipelines.ingest import IngestConfig
+
+        return IngestConfig(as_of="2026-11-21")
     return {"shard": ShardConfig(segment_s=0.5, sample_rate_hz=16000, n_fft=256, hop_length=128),
             "clean": CleanConfig(methods=[])}[name]
 
@@ -54,6 +63,16 @@ def linernotes(*args: str, workdir: Path) -> subprocess.CompletedProcess:
 def _payload(done: subprocess.CompletedProcess) -> dict:
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def tiny_delivery(root: Path) -> Path:
+    """A CSV delivery of one licensed track whose file is missing (enough to resolve ingest's inputs)."""
+    root.mkdir(parents=True)
+    write_csv(root / "licenses.csv", LICENSES[:1], list(LICENSES[0]))
+    write_csv(root / "tracks.csv", [track("a", "L-open")], list(track("a", "L-open")))
+    write_csv(root / "files.csv", [{"track_id": "a", "role": "mixture", "instrument": "", "path": "a.wav"}],
+              ["track_id", "role", "instrument", "path"])
+    return root
 
 
 def _minimal_catalog(root: Path) -> Workspace:
@@ -83,8 +102,9 @@ def test_a_stage_that_raises_leaves_its_run_failed_with_the_error(tmp_path, monk
     monkeypatch.setattr(stage, "run", fail)
     if name in UPSTREAM:  # stages that read a model: their input is named, not made (the runner is under test)
         monkeypatch.setattr(stage, "inputs", lambda ctx, config: dict(UPSTREAM[name]))
+    select = {"delivery": str(tiny_delivery(tmp_path / "delivery"))} if name == "ingest" else None
     with pytest.raises(RuntimeError, match="broke"):
-        run_stage(stage, workspace, stage_config(name, tmp_path))
+        run_stage(stage, workspace, stage_config(name, tmp_path), select=select)
     with LineageStore(workspace.store_url) as store:
         (run,) = store.list_runs(name)
     assert run["status"] == "failed" and run["error"] == f"RuntimeError: {name} broke" and run["finished_at"]
