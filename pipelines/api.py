@@ -32,7 +32,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from provenance.store import CODE_VERSION, LineageStore
+from provenance.store import LineageStore, code_version
 from provenance.workspace import Workspace
 
 TOKEN_ENV = "LINERNOTES_API_TOKEN"
@@ -66,7 +66,7 @@ def create_app(workspace: Workspace, token: str | None = None,
         token: the bearer token that authorises writes; ``None`` or empty refuses every write (403).
         max_upload_bytes: largest audio upload ``POST /attribute`` accepts (413 above it).
     """
-    app = FastAPI(title="linernotes", version=CODE_VERSION,
+    app = FastAPI(title="linernotes", version=code_version(),
                   description="Attribution and lineage of generated music; opt-outs and takedowns. "
                               "Writes need `Authorization: Bearer <token>`.")
     bearer = HTTPBearer(auto_error=False, description="The server's API token ($LINERNOTES_API_TOKEN).")
@@ -89,7 +89,7 @@ def create_app(workspace: Workspace, token: str | None = None,
     def health() -> dict[str, Any]:
         import sqlalchemy as sa
 
-        return {"status": "ok", "version": CODE_VERSION,
+        return {"status": "ok", "version": code_version(),
                 "store_backend": sa.make_url(workspace.store_url).get_backend_name()}
 
     @app.get("/lineage/{entity_id}", tags=["lineage"])

@@ -82,7 +82,7 @@ class CleanConfig(BaseModel):
     unlearning_threshold: float | None = None
     # FAD
     embedder: str = "mel-stats"
-    # unlearning: cleaning.methods.UnlearningSettings, whose defaults these are (one source of truth)
+    # unlearning: cleaning.blind_settings.UnlearningSettings, whose defaults these are (one source of truth)
     sources: list[str] = list(_UNLEARNING.sources)
     sample_rate_hz: int = _UNLEARNING.sample_rate_hz
     separator_channels: int = _UNLEARNING.channels

@@ -135,7 +135,7 @@ class SeparateStage(Stage):
     version = "1"
     config_model = SeparateConfig
     resources = Resources(engine="ray", cpus=1.0, gpus=1.0)
-    engine_keys = ("num_cpus", "address")
+    engine_keys = ("num_cpus", "address", "num_actors")
     reads = ("audio_files", "separator")
     writes = ("audio_files", "stems")
 
@@ -165,7 +165,9 @@ class SeparateStage(Stage):
         new_rows: list[dict[str, Any]] = []
         if todo:
             ctx.engine.ray()
-            actors = ctx.engine.actor_pool(_SeparatorActor, config.model, max_actors=config.num_actors or len(todo))
+            actors = ctx.engine.actor_pool(_SeparatorActor, config.model,
+                                           count=min(config.num_actors, len(todo)) if config.num_actors else None,
+                                           max_actors=len(todo))
             out_dir = str(ctx.workspace.root / "audio" / "separated")
             pending = [actors[i % len(actors)].separate.remote(row, out_dir, config, ctx.run_id)
                        for i, row in enumerate(todo)]

@@ -15,6 +15,7 @@ from typing import Any
 
 from pipelines.config import load_config
 from pipelines.demo_delivery import build_demo_delivery
+from pipelines.engines import Engine
 from pipelines.ingest import IngestConfig, run_ingest
 from pipelines.jobs import run_generate, run_train
 from pipelines.shard import ShardConfig, run_shard
@@ -40,15 +41,18 @@ def run_demo(workspace: Workspace, num_tracks: int = 6, track_duration_s: float 
     delivery = build_demo_delivery(delivery_dir, num_tracks=num_tracks, max_duration_s=track_duration_s,
                                    progress=render_progress)
 
-    say("ingest: rights policy for a commercial, worldwide run; decode and measure every stem (Beam)")
-    ingest = run_ingest(delivery.path, workspace, IngestConfig(purpose="commercial", territory="Worldwide",
-                                                               as_of=dt.date.today()), status=say)
-    say(f"shard: {DEMO_SEGMENT_S:g} s segments at 32 kHz, WebDataset tars (Ray Data)")
-    shard = run_shard(workspace, ShardConfig(segment_s=DEMO_SEGMENT_S, validation_fraction=DEMO_VALIDATION_FRACTION),
-                      progress=progress)
-    train_config = load_config(TrainConfig, steps=steps)
-    say(f"train: {steps} steps of the mel diffusion U-Net (Ray Train, 1 CPU worker)")
-    train = run_train(workspace, train_config, dataset_id=shard.dataset_id, status=say, progress=progress)
+    with Engine() as engine:  # one local Ray for shard and train
+        say("ingest: rights policy for a commercial, worldwide run; decode and measure every stem (Beam)")
+        ingest = run_ingest(delivery.path, workspace, IngestConfig(purpose="commercial", territory="Worldwide",
+                                                                   as_of=dt.date.today()), status=say, engine=engine)
+        say(f"shard: {DEMO_SEGMENT_S:g} s segments at 32 kHz, WebDataset tars (Ray Data)")
+        shard = run_shard(workspace, ShardConfig(segment_s=DEMO_SEGMENT_S,
+                                                 validation_fraction=DEMO_VALIDATION_FRACTION),
+                          progress=progress, engine=engine)
+        train_config = load_config(TrainConfig, steps=steps)
+        say(f"train: {steps} steps of the mel diffusion U-Net (Ray Train, 1 CPU worker)")
+        train = run_train(workspace, train_config, dataset_id=shard.dataset_id, status=say, progress=progress,
+                          engine=engine)
     output = workspace.root / "demo-generation.wav"
     generation = run_generate(workspace, DEMO_PROMPT, seed=0, duration_s=DEMO_GENERATION_S, out=output,
                               checkpoint_id=train.checkpoint_id, status=say, progress=progress)

@@ -1,8 +1,8 @@
 """The engines stages run on, opened once per run and handed to every stage (no stage starts or stops Ray).
 
-- **Ray** (separate, clean, shard, index): a local Ray started in this process with an explicit CPU count, no
-  dashboard and a modest object store, or a cluster by address (``ray://HEAD:10001``, ``auto``, or
-  ``$RAY_ADDRESS`` inside a Ray Job). A Ray that is already initialized (a notebook, a test's session Ray, a Ray
+- **Ray** (separate, clean, shard, index, and train's Ray Train workers): a local Ray started in this process
+  with an explicit CPU count, no dashboard and a modest object store, or a cluster by address
+  (``ray://HEAD:10001``, ``auto``, or ``$RAY_ADDRESS`` inside a Ray Job). A Ray that is already initialized (a notebook, a test's session Ray, a Ray
   Job's driver) is used as it is and never shut down here.
 
 Engine settings are not stage settings: they live in :class:`EngineConfig` and never enter a stage's cache key
@@ -82,14 +82,16 @@ class Engine:
         self.ray()
         return int(ray.cluster_resources().get("GPU", 0))
 
-    def actor_pool(self, actor_class: type, *args: Any, max_actors: int | None = None, use_gpu: bool | None = None,
-                   **kwargs: Any) -> list[Any]:
+    def actor_pool(self, actor_class: type, *args: Any, count: int | None = None, max_actors: int | None = None,
+                   use_gpu: bool | None = None, **kwargs: Any) -> list[Any]:
         """Ray actors of ``actor_class``, each constructed once with ``args``/``kwargs`` (its ``setup``: load a
         model once per worker, as NeMo Curator's stages do), one CPU each, or one GPU each when the cluster has
         GPUs. The caller spreads its calls over the returned handles.
 
         Args:
-            max_actors: at most this many (e.g. the number of work items); None: one per GPU, else one per CPU.
+            count: exactly this many actors (Ray queues those it cannot place yet).
+            max_actors: without ``count``: one per GPU, else one per CPU, at most this many (e.g. the number of
+                work items).
             use_gpu: None: when the cluster has GPUs; False: never. The constructor gets ``device="cuda"`` or
                 ``"cpu"`` when it declares a ``device`` parameter and ``kwargs`` does not set it.
         """
@@ -99,7 +101,7 @@ class Engine:
 
         gpus = self.num_gpus() if use_gpu in (None, True) else 0
         cpus = int(ray.cluster_resources().get("CPU", 1))
-        count = max(1, min(gpus or cpus, max_actors or gpus or cpus))
+        count = count or max(1, min(gpus or cpus, max_actors or gpus or cpus))
         if "device" in inspect.signature(actor_class.__init__).parameters and "device" not in kwargs:
             kwargs["device"] = "cuda" if gpus else "cpu"
         remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(actor_class)

@@ -220,6 +220,12 @@ class IndexStage(Stage):
         checkpoint = resolve_checkpoint(ctx.store, ctx.workspace, ctx.select.get("checkpoint"))
         return {"checkpoint": checkpoint["checkpoint_id"], "dataset": checkpoint["dataset_id"]}
 
+    def outputs_valid(self, run: Mapping[str, Any]) -> bool:
+        """The D-TRAK features are finalized and the Fisher is there."""
+        outputs = run.get("outputs") or {}
+        return (Path(outputs.get("dtrak", "")) / "kernel_inverse.npy").is_file() and Path(
+            outputs.get("fisher", "")).is_file()
+
     def run(self, ctx: StageContext, config: IndexConfig) -> StageOutput:
         checkpoint = ctx.store.get_checkpoint(ctx.inputs["checkpoint"])
         payload = build_checkpoint_index(ctx.workspace, checkpoint, config, progress=ctx.progress,
@@ -287,6 +293,7 @@ def _featurize(engine: Engine, workspace: Workspace, index: CheckpointIndex, ent
     chunk's features as it arrives."""
     import ray
 
+    engine.ray()
     config, total = index.config, len(entries)
     use_gpu = config.use_gpu and engine.num_gpus() > 0
     actor_class = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0)(DTrakFeaturizer)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
 from cleaning.warmup import warm_kernels
-from pipelines.config import config_dict, config_sha256
+from pipelines.config import config_dict
 from pipelines.delivery import Delivery, file_record_id, read_delivery, read_licenses
 from pipelines.ingest_steps import (
     MEASURE_VERSION,
@@ -280,6 +280,12 @@ class IngestStage(Stage):
         delivery = ctx.prepared["delivery"]
         return {"delivery": str(delivery.root), "delivery_id": delivery.delivery_id}
 
+    def outputs_valid(self, run: Mapping[str, Any]) -> bool:
+        """The catalog's audio (delivered files and built mixtures) is still there."""
+        path = (run.get("outputs") or {}).get("audio_files")
+        uris = pq.read_table(path, columns=["uri"])["uri"].to_pylist() if path else []
+        return all(Path(uri).is_file() for uri in uris if uri)
+
     def run(self, ctx: StageContext, config: IngestConfig) -> StageOutput:
         delivery, opt_outs = ctx.prepared["delivery"], ctx.prepared["opt_outs"]
         fingerprint = run_fingerprint(delivery, config, opt_outs)
@@ -363,10 +369,6 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
                                      | set(curated_report.table_errors))},
     }
     outputs["data_docs"] = str(curated_report.data_docs_index)
-    (run_dir / "config.json").write_text(canonical_json({"config": config.to_dict(),
-                                                         "config_sha256": config_sha256(config)}))
-    (run_dir / "summary.json").write_text(json.dumps({"run_id": run_id, "counts": counts, "outputs": outputs},
-                                                     indent=2, default=str))
     return counts, outputs
 
 

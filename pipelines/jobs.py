@@ -102,7 +102,8 @@ def _ray_run_name(run: dict[str, Any]) -> str:
 def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
               status: Callable[[str], None] | None = None,
               progress: Callable[[str, int, int], None] | None = None,
-              resume: bool | str = False, stop_after_steps: int | None = None) -> TrainJobResult:
+              resume: bool | str = False, stop_after_steps: int | None = None,
+              engine: Any = None, force: bool = False) -> TrainJobResult:
     """Train on a dataset's train shards with Ray Train through the stage runner; register the Checkpoint.
 
     ``config`` is a ``training.config.TrainConfig`` (ignored when resuming: the resumed run's own config is
@@ -111,7 +112,9 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
     new Run that records ``resumes``; ``stop_after_steps`` checkpoints and stops early (the Run ends
     ``stopped``; ``--resume`` continues it). The checkpoint id is ``ckpt-`` + 16 hex of the sha256 of the
     checkpoint file; only a finished run registers one. The same config on the same dataset as a finished run
-    whose checkpoint is still there is ``cached``: no training, that run's result.
+    whose checkpoint is still there is ``cached``: no training, that run's result, unless ``force`` (or
+    ``resume``, or ``stop_after_steps``). ``engine``: the run's engines (``pipelines.engines.Engine``; default a
+    local Ray for this call).
 
     Raises:
         MissingInputError: no dataset, or nothing to resume.
@@ -127,8 +130,9 @@ def run_train(workspace: Workspace, config: Any, dataset_id: str | None = None,
         options.update(ray_run_name=_ray_run_name(previous), resumes=previous["run_id"])
         dataset_id = stored.get("dataset_id")
         config = TrainConfig(**{k: v for k, v in stored.items() if k in TrainConfig.model_fields})
+    # resuming, or stopping on purpose, always runs (a finished run of the same config is not what was asked for)
     result = run_stage(TRAIN, workspace, config, status=status, progress=progress, select={"dataset": dataset_id},
-                       options=options)
+                       options=options, engine=engine, force=force or bool(resume) or stop_after_steps is not None)
     d = result.details
     checkpoint = Path(result.outputs["checkpoint"]) if "checkpoint" in result.outputs else Path(d["checkpoint_path"])
     return TrainJobResult(result.run_id, d.get("checkpoint_id", ""), d["dataset_id"], d["step"], checkpoint,

@@ -189,25 +189,32 @@ class ShardStage(Stage):
     version = "1"
     config_model = ShardConfig
     resources = Resources(engine="ray", cpus=1.0)
-    reads = ("catalog", "opt_outs")
+    reads = ("catalog", "opt_outs", "plan")
     writes = ("dataset", "rejections")
 
     def inputs(self, ctx: StageContext, config: ShardConfig) -> dict[str, str]:
-        registry = ctx.store.list_opt_outs()
-        opt_outs = [{k: row[k] for k in ("kind", "value")} for row in registry]
+        """The catalog tables, the opt-out registry, and the plan: every track's segments and the PCM sha256 (or
+        size and mtime) of every mixture it reads, with the files that are missing now."""
+        rows = ctx.store.list_opt_outs()
+        opt_outs = [{k: row[k] for k in ("kind", "value")} for row in rows]
+        tracks, audio_files, license_ids = read_catalog(ctx.workspace)
+        missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
+        plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris, OptOutRegistry.from_rows(rows))
+        ctx.prepared.update(plan=plan, plan_sha256=_plan_sha256(plan, config))
         return {"catalog": catalog_id(ctx.workspace),
-                "opt_outs": "optouts-" + records.sha256_hex(records.canonical_json(opt_outs))[:16]}
+                "opt_outs": "optouts-" + records.sha256_hex(records.canonical_json(opt_outs))[:16],
+                "plan": "plan-" + ctx.prepared["plan_sha256"][:16]}
+
+    def outputs_valid(self, run: Mapping[str, Any]) -> bool:
+        """The dataset still has its index, its manifest and every tar the manifest names."""
+        return dataset_complete(Path((run.get("outputs") or {}).get("dataset", "")))
 
     def resolved_config(self, config: ShardConfig) -> dict[str, Any]:
         return config.resolved()
 
     def run(self, ctx: StageContext, config: ShardConfig) -> StageOutput:
         workspace, run_id = ctx.workspace, ctx.run_id
-        tracks, audio_files, license_ids = read_catalog(workspace)
-        missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
-        registry = OptOutRegistry.from_rows(ctx.store.list_opt_outs())
-        plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris, registry)
-        plan_sha256 = _plan_sha256(plan, config)
+        plan, plan_sha256 = ctx.prepared["plan"], ctx.prepared["plan_sha256"]
         rejections = [{**r, "run_id": run_id} for r in plan.rejections]
         dataset_dir = _find_dataset(workspace, plan_sha256)
         reused = dataset_dir is not None
@@ -514,9 +521,11 @@ def _build_dataset(workspace: Workspace, plan: ShardPlan, plan_sha256: str, conf
         records.write_table(records.to_table(index_rows, records.SHARD_ENTRY), tmp_dir / "index.parquet")
 
         final_dir = workspace.dataset_dir(dataset_id)
-        if final_dir.exists():
+        if final_dir.exists() and dataset_complete(final_dir):
             shutil.rmtree(tmp_dir)
             return final_dir, True
+        if final_dir.exists():  # a broken copy (a tar or the index lost): the one just built replaces it
+            shutil.rmtree(final_dir)
         try:
             os.rename(tmp_dir, final_dir)
         except OSError:
@@ -606,16 +615,21 @@ def _manifest(dataset_id: str, plan: ShardPlan, plan_sha256: str, config: ShardC
     }
 
 
+def dataset_complete(dataset_dir: Path) -> bool:
+    """Whether a dataset folder holds its ``index.parquet``, its ``dataset.json`` and every tar that names."""
+    manifest_path = dataset_dir / "dataset.json"
+    if not (dataset_dir / "index.parquet").is_file() or not manifest_path.is_file():
+        return False
+    manifest = json.loads(manifest_path.read_text())
+    return all((dataset_dir / name).is_file() for name in manifest.get("shard_sha256", {}))
+
+
 def _find_dataset(workspace: Workspace, plan_sha256: str) -> Path | None:
-    """A committed dataset (index present, every tar present) built from the same plan, if any."""
+    """A complete dataset (index, manifest and every tar present) built from the same plan, if any."""
     if not workspace.datasets_dir.is_dir():
         return None
     for candidate in sorted(workspace.datasets_dir.glob("ds-*")):
-        manifest_path = candidate / "dataset.json"
-        if not (candidate / "index.parquet").is_file() or not manifest_path.is_file():
-            continue
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("plan_sha256") == plan_sha256 and all(
-                (candidate / name).is_file() for name in manifest.get("shard_sha256", {})):
+        if dataset_complete(candidate) and json.loads(
+                (candidate / "dataset.json").read_text()).get("plan_sha256") == plan_sha256:
             return candidate
     return None

@@ -12,8 +12,9 @@ The **runner** (:func:`run_stage`), and only it:
    catalog: a clear error and no Run);
 3. computes the stage's **cache key**: sha256 of its name and version, the code version (package version and git
    commit), the resolved config without engine settings, and the inputs' content ids. A ``succeeded`` Run with the
-   same key whose outputs are all still there (files unchanged, by sha256) makes the stage ``cached``: no work, no
-   new Run, the earlier Run's result;
+   same key whose outputs are still whole (every path there, every file output unchanged by sha256, and the
+   stage's own ``outputs_valid`` check: a dataset's tars, an index's arrays) makes the stage ``cached``: no work,
+   no new Run, the earlier Run's result;
 4. otherwise registers a Run (:meth:`provenance.store.LineageStore.run`: ``running``, then ``succeeded``, or
    ``failed`` with the error, never left ``running``), writes ``runs/<run_id>/config.json`` (resolved config, its
    sha256, the cache key, the inputs) before the stage starts, runs the stage, and writes ``summary.json``.
@@ -37,7 +38,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pipelines.engines import Engine, EngineConfig
 from provenance import records
-from provenance.store import CODE_VERSION, LineageStore, new_run_id
+from provenance.store import LineageStore, code_version, new_run_id
 from provenance.workspace import Workspace
 
 Progress = Callable[[str, int, int], None]
@@ -156,6 +157,12 @@ class Stage(ABC):
     def run(self, ctx: StageContext, config: Any) -> StageOutput:
         """Do the work; the runner has registered the Run (``ctx.run_id``) and opened the engines."""
 
+    def outputs_valid(self, run: Mapping[str, Any]) -> bool:
+        """Whether a cached Run's outputs are still whole beyond what the runner checks (that every output path
+        exists and every file output has its recorded sha256): a dataset's tars, an index's arrays, the audio a
+        catalog points to. ``run`` is the Run row (``outputs``, ``output_ids``, ``counts``)."""
+        return True
+
     def resolved_config(self, config: Any) -> dict[str, Any]:
         """The config as recorded and hashed (every field; subclasses add derived values)."""
         return json.loads(config.model_dump_json())
@@ -175,7 +182,7 @@ def cache_key(stage: Stage, config: Any, inputs: Mapping[str, str]) -> str:
     """sha256 over the stage's name and version, the code version, the config without engine keys, and inputs."""
     resolved = {k: v for k, v in stage.resolved_config(config).items() if k not in stage.engine_keys}
     return records.sha256_hex(records.canonical_json({
-        "stage": stage.name, "version": stage.version, "code_version": CODE_VERSION,
+        "stage": stage.name, "version": stage.version, "code_version": code_version(),
         "config": resolved, "inputs": dict(sorted(inputs.items())),
     }))
 
@@ -248,7 +255,8 @@ def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], k
 
 
 def _cached_result(store: LineageStore, stage: Stage, key: str) -> StageResult | None:
-    """The result of the newest succeeded Run with ``key``, when every output it recorded is still as it was."""
+    """The result of the newest succeeded Run with ``key``, when its outputs are still whole: every path exists, every
+    file has the sha256 recorded when it was written, and the stage's own check (``outputs_valid``) passes."""
     run = store.find_cached_run(stage.name, key)
     if run is None:
         return None
@@ -259,6 +267,8 @@ def _cached_result(store: LineageStore, stage: Stage, key: str) -> StageResult |
         digest = ids.get(name, "")
         if digest.startswith("sha256:") and (not Path(path).is_file() or records.file_sha256(path) != digest[7:]):
             return None
+    if not stage.outputs_valid(run):
+        return None
     summary = json.loads(Path(outputs["summary"]).read_text()) if "summary" in outputs else {}
     common = {"stage", "run_id", "status", "inputs", "outputs", "output_ids", "counts"}
     details = {k: v for k, v in summary.items() if k not in common}

@@ -43,7 +43,6 @@ def code_version() -> str:
     return f"{version}+g{commit}" if commit else version
 
 
-CODE_VERSION = code_version()
 
 metadata = sa.MetaData()
 
@@ -217,7 +216,7 @@ class LineageStore:
         with self._begin() as c:
             c.execute(runs.insert().values(
                 run_id=run_id, kind=kind, spec_sha256=spec_sha256 or sha256_hex(config_json), config=config_json,
-                code_version=CODE_VERSION, status="running", started_at=utc_now(), cache_key=cache_key,
+                code_version=code_version(), status="running", started_at=utc_now(), cache_key=cache_key,
                 inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id,
             ))
         return run_id

@@ -14,6 +14,7 @@ from rich.table import Table
 from pipelines.cli.common import (
     CliError,
     ConfigOpt,
+    ForceOpt,
     JsonOpt,
     SetOpt,
     WorkdirOpt,
@@ -45,6 +46,7 @@ def ingest(
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Admit a delivery's recordings under the rights policy; decode and measure every file (Apache Beam)."""
     with errors():
@@ -55,7 +57,7 @@ def ingest(
                 raise CliError(f"--as-of {as_of!r} is not a date (YYYY-MM-DD)") from err
         if opt_out is not None and not opt_out.is_file():
             raise CliError(f"--opt-out {opt_out} does not exist")
-    run_stage_command("ingest", config, overrides, workdir, json_mode, render_ingest,
+    run_stage_command("ingest", config, overrides, workdir, json_mode, render_ingest, force=force,
                       select={"delivery": str(delivery)}, purpose=purpose, territory=territory, as_of=as_of,
                       opt_out_csv=str(opt_out) if opt_out else None, license_id=license_id)
 
@@ -86,10 +88,11 @@ def shard(
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Cut the curated catalog into segments and write deterministic WebDataset shards (Ray Data)."""
-    run_stage_command("shard", config, overrides, workdir, json_mode, render_generic("shard"), segment_s=segment_s,
-                      sample_rate_hz=sample_rate_hz, validation_fraction=validation_fraction)
+    run_stage_command("shard", config, overrides, workdir, json_mode, render_generic("shard"), force=force,
+                      segment_s=segment_s, sample_rate_hz=sample_rate_hz, validation_fraction=validation_fraction)
 
 
 # train ------------------------------------------------------------------------------------------------
@@ -110,6 +113,7 @@ def train(
     resume_run: Annotated[Optional[str], typer.Option("--resume-run", help="Continue this train run id.")] = None,
     stop_after_steps: Annotated[Optional[int], typer.Option(help="Checkpoint and stop at this step "
                                                             "(continue with --resume).")] = None,
+    force: ForceOpt = False,
 ) -> None:
     """Train the mel-spectrogram diffusion model on a dataset's train shards (Ray Train, TorchTrainer)."""
     with errors():
@@ -123,7 +127,8 @@ def train(
                           batch_size=batch_size, num_workers=num_workers, use_gpu=use_gpu)
         with progress_bar(json_mode) as progress:
             result = run_train(open_workspace(workdir), cfg, dataset_id=dataset, status=say,
-                               progress=progress, resume=resume_run or resume, stop_after_steps=stop_after_steps)
+                               progress=progress, resume=resume_run or resume, stop_after_steps=stop_after_steps,
+                               force=force)
         emit(result.to_json(), json_mode, render_generic("train"))
 
 
@@ -329,9 +334,10 @@ def index(
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Build a checkpoint's attribution index: embedding index, D-TRAK features (resumable), Fisher."""
-    run_stage_command("index", config, overrides, workdir, json_mode, render_generic("index"),
+    run_stage_command("index", config, overrides, workdir, json_mode, render_generic("index"), force=force,
                       select={"checkpoint": checkpoint}, projection_dim=projection_dim, num_workers=num_workers,
                       use_gpu=use_gpu)
 
@@ -353,7 +359,8 @@ def _render_stages(payload: dict[str, Any]) -> None:
     for stage in payload["stages"]:
         resources = stage["resources"]
         out_console.print(f"[bold]{stage['stage']}[/] v{stage['version']}: reads {', '.join(stage['reads']) or '—'}; "
-                          f"writes {', '.join(stage['writes'])}; engine {resources['engine']}, per task {resources['cpus']:g} CPU"
+                          f"writes {', '.join(stage['writes'])}; engine {resources['engine']}, "
+                          f"per task {resources['cpus']:g} CPU"
                           + (f" and {resources['gpus']:g} GPU where the cluster has GPUs" if resources["gpus"] else ""),
                           highlight=False)
         table = Table(show_header=True, box=None, pad_edge=False)

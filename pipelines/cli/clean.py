@@ -11,6 +11,7 @@ from rich.table import Table
 
 from pipelines.cli.common import (
     ConfigOpt,
+    ForceOpt,
     JsonOpt,
     SetOpt,
     WorkdirOpt,
@@ -37,9 +38,10 @@ def clean_run(
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Check and score every catalog stem; keep or drop by the config's rules; delete nothing (Ray)."""
-    run_stage_command("clean", config, overrides, workdir, json_mode, _render_clean,
+    run_stage_command("clean", config, overrides, workdir, json_mode, _render_clean, force=force,
                       reference_tracks=reference_track, methods=method)
 
 
@@ -66,11 +68,12 @@ def clean_separate(
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Separate the mixtures of catalog tracks that have no stems into stems with demucs (Ray actors)."""
     run_stage_command("separate", config, overrides, workdir, json_mode,
                       lambda p: render_generic("separate")({k: v for k, v in p.items() if k != "stems"}),
-                      model=model, tracks=track)
+                      force=force, model=model, tracks=track)
 
 
 @clean_app.command("evaluate")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,8 @@ WorkdirOpt = Annotated[Path, typer.Option("--workdir", "-w", help="Workspace fol
                                           "datasets, checkpoints, generations).", envvar="LINERNOTES_WORKDIR")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object describing what was done.")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Config override key=value (repeatable).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run even when an earlier run with the same inputs and "
+                                       "config is still valid (otherwise reported as cached).")]
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="YAML file with the stage config.")]
 
 
@@ -42,14 +45,12 @@ class CliError(Exception):
 
 @contextmanager
 def errors() -> Iterator[None]:
-    """Turn the errors a user can act on into a one-line message and a non-zero exit."""
-    from cleaning.audio import AudioDecodeError
-    from pipelines.config import ConfigError
-    from pipelines.delivery import DeliveryError
-
+    """Turn the errors a user can act on into a one-line message and exit status 2: a CliError, a missing file or
+    input (FileNotFoundError), and every ValueError, which the config (ConfigError), delivery (DeliveryError),
+    audio (AudioDecodeError) and rights errors are, so none of their modules is imported here."""
     try:
         yield
-    except (CliError, ConfigError, DeliveryError, FileNotFoundError, AudioDecodeError, ValueError) as err:
+    except (CliError, FileNotFoundError, ValueError) as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from err
     except KeyboardInterrupt as err:
@@ -76,10 +77,11 @@ def open_workspace(workdir: Path) -> Workspace:
 
 def run_stage_command(stage: str, config_file: Path | None, overrides: list[str] | None, workdir: Path,
                       json_mode: bool, render: Callable[[dict[str, Any]], None],
-                      select: dict[str, str | None] | None = None, **options: Any) -> None:
+                      select: dict[str, str | None] | None = None, force: bool = False, **options: Any) -> None:
     """The body of every stage command: the stage's config from the command's options, then ``--config FILE``,
     then ``--set key=value`` (last wins); the stage through the runner, with a progress bar; its result printed
-    (one JSON object with ``--json``, else ``render``). ``select`` names the upstream outputs to read."""
+    (one JSON object with ``--json``, else ``render``). ``select`` names the upstream outputs to read; ``force`` runs
+    the stage even when a cached result exists."""
     from pipelines.config import load_config, parse_overrides
     from pipelines.stage import get_stage, run_stage
 
@@ -87,7 +89,8 @@ def run_stage_command(stage: str, config_file: Path | None, overrides: list[str]
         stage_ = get_stage(stage)
         config = load_config(stage_.config_model, config_file, parse_overrides(overrides or []), **options)
         with progress_bar(json_mode) as progress:
-            result = run_stage(stage_, open_workspace(workdir), config, progress=progress, status=say, select=select)
+            result = run_stage(stage_, open_workspace(workdir), config, progress=progress, status=say, select=select,
+                               force=force)
         emit(result.to_json(), json_mode, render)
 
 
@@ -106,7 +109,11 @@ def render_generic(stage: str) -> Callable[[dict[str, Any]], None]:
 
 @contextmanager
 def progress_bar(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar on stderr, driven by ``(message, done, total)`` callbacks."""
+    """Progress on stderr, driven by ``(phase, done, total)`` callbacks: a rich bar on a terminal; elsewhere (a
+    scheduler's log, CI, ``--json`` piped) one plain line per phase every few seconds and when it completes."""
+    if not err_console.is_terminal:
+        yield PlainProgress()
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -119,6 +126,27 @@ def progress_bar(json_mode: bool) -> Iterator[Callable[[str, int, int], None]]:
             progress.update(tasks[message], completed=done, total=total)
 
         yield update
+
+
+class PlainProgress:
+    """``(phase, done, total)`` callbacks as log lines: ``phase: done/total (pct %, elapsed s)``, at most one per phase
+    every ``every_s`` seconds, and always the first and the last (``done == total``)."""
+
+    def __init__(self, every_s: float = 5.0, write: Callable[[str], None] | None = None) -> None:
+        self.every_s = every_s
+        self.write = write or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._started: dict[str, float] = {}
+        self._last: dict[str, float] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        started = self._started.setdefault(phase, now)
+        finished = total > 0 and done >= total
+        if phase in self._last and not finished and now - self._last[phase] < self.every_s:
+            return
+        self._last[phase] = now
+        count = f"{done}/{total} ({100.0 * done / total:.0f} %, " if total > 0 else f"{done} ("
+        self.write(f"{phase}: {count}{now - started:.0f} s)")
 
 
 @app.callback()

@@ -51,3 +51,18 @@ def test_help_of_the_console_script_lists_every_command():
     for command in ("ingest", "shard", "train", "submit", "generate", "attribute", "index", "demo", "stages",
                     "rights", "runs", "lineage", "takedown", "report", "serve", "clean", "evaluate", "variations"):
         assert f" {command} " in done.stdout, command
+
+
+def test_progress_without_a_terminal_is_a_line_per_phase_every_few_seconds(monkeypatch):
+    from pipelines.cli import common
+
+    clock = iter([0.0, 1.0, 2.0, 6.5, 7.0, 8.0, 20.0])
+    monkeypatch.setattr(common.time, "monotonic", lambda: next(clock))
+    lines: list[str] = []
+    progress = common.PlainProgress(every_s=5.0, write=lines.append)
+    for done in (0, 1, 2, 3, 4):  # at 0, 1, 2, 6.5, 7 s: the first, then one 5 s later
+        progress("segments", done, 10)
+    progress("shards", 0, 0)  # at 8 s: a new phase prints at once, with no total
+    progress("segments", 10, 10)  # at 20 s: the last always prints
+    assert lines == ["segments: 0/10 (0 %, 0 s)", "segments: 3/10 (30 %, 6 s)", "shards: 0 (0 s)",
+                     "segments: 10/10 (100 %, 20 s)"]

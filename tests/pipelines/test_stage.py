@@ -190,3 +190,19 @@ def test_clean_run_with_fad_and_unlearning_finishes_on_a_fresh_workspace(tmp_pat
     with LineageStore(workspace.store_url) as store:
         assert store.get_run(payload["run_id"])["status"] == "succeeded"
     assert Path(payload["outputs"]["stem_scores"]).is_file()
+
+
+def test_a_cached_dataset_missing_a_shard_is_built_again(ray_local, tmp_path):
+    from pipelines.shard import run_shard
+
+    workspace = shard_catalog(tmp_path / "w", tmp_path / "audio")
+    config = ShardConfig(segment_s=1.0, sample_rate_hz=16000, n_mels=32, n_fft=512, hop_length=160,
+                         samples_per_shard=4)
+    first = run_shard(workspace, config)
+    assert run_shard(workspace, config).status == CACHED
+    lost = sorted(first.dataset_dir.glob("*.tar"))[0]
+    digest = records.file_sha256(lost)
+    lost.unlink()  # the dataset folder is there, one of its tars is not: not a valid cached result
+    again = run_shard(workspace, config)
+    assert again.status == RAN and again.run_id != first.run_id and again.dataset_id == first.dataset_id
+    assert records.file_sha256(lost) == digest  # rebuilt, byte for byte
