@@ -22,12 +22,14 @@ FIX = "the locked environment is broken: fix the pins in pyproject.toml, then `m
 
 
 def module_names(root: Path) -> list[str]:
-    """Every module and subpackage of the four packages, found on disk (no import needed to list them)."""
+    """Every module and subpackage of the four packages, found on disk (no import needed to list them), but for
+    ``__main__`` modules (``python -m`` entry points)."""
     names: list[str] = []
     for package in PACKAGES:
         names.append(package)
         for info in pkgutil.walk_packages([str(root / package)], prefix=f"{package}."):
-            names.append(info.name)
+            if not info.name.endswith(".__main__"):  # an entry point: importing it would run it
+                names.append(info.name)
     return sorted(names)
 
 
