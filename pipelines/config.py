@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from provenance.records import canonical_json, sha256_hex
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
@@ -64,6 +63,3 @@ def load_config(model: type[ConfigT], path: str | Path | None = None, overrides:
 def config_dict(config: BaseModel) -> dict[str, Any]:
     return json.loads(config.model_dump_json())
 
-
-def config_sha256(config: BaseModel) -> str:
-    return sha256_hex(canonical_json(config_dict(config)))

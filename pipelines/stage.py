@@ -178,19 +178,22 @@ class Stage(ABC):
         return EngineConfig(**{k: v for k, v in values.items() if v is not None})
 
 
+def hashed_config(stage: Stage, config: Any) -> dict[str, Any]:
+    """The resolved config without engine keys: what the config sha256 and the cache key are computed over."""
+    return {k: v for k, v in stage.resolved_config(config).items() if k not in stage.engine_keys}
+
+
 def cache_key(stage: Stage, config: Any, inputs: Mapping[str, str]) -> str:
     """sha256 over the stage's name and version, the code version, the config without engine keys, and inputs."""
-    resolved = {k: v for k, v in stage.resolved_config(config).items() if k not in stage.engine_keys}
     return records.sha256_hex(records.canonical_json({
         "stage": stage.name, "version": stage.version, "code_version": code_version(),
-        "config": resolved, "inputs": dict(sorted(inputs.items())),
+        "config": hashed_config(stage, config), "inputs": dict(sorted(inputs.items())),
     }))
 
 
 def config_sha256(stage: Stage, config: Any) -> str:
     """sha256 of the resolved config without engine keys (written next to every output)."""
-    resolved = {k: v for k, v in stage.resolved_config(config).items() if k not in stage.engine_keys}
-    return records.sha256_hex(records.canonical_json(resolved))
+    return records.sha256_hex(records.canonical_json(hashed_config(stage, config)))
 
 
 def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine | None = None,
