@@ -14,13 +14,13 @@ Endpoints:
     GET  /opt-outs                                 the opt-out registry
     GET  /generations/{id}/report                  the HTML report (built on first request; a redirect)
     GET  /files/generations/{id}/...               generation folders (WAV, report files)
-    POST /attribute                                multipart ``file`` (+ ``top_k``, ``dataset_id``, ``method``)
+    POST /attribute                                multipart ``file`` (+ ``top_k``, ``dataset_id``, ``method``): the
+                                                   ``attribute`` stage, through the runner
+    POST /takedown                                 JSON ``{kind, value, reason, rebuild}``: the ``takedown`` stage
     POST /opt-outs                                 JSON ``{kind, value, reason}``
-    POST /takedown                                 JSON ``{kind, value, reason, rebuild}``
 """
 
 
-import inspect
 import io
 import secrets
 from typing import Annotated, Any, Literal
@@ -157,8 +157,9 @@ def create_app(workspace: Workspace, token: str | None = None,
                        method: Annotated[str, Form(pattern=METHOD_PATTERN)] = "embedding") -> dict[str, Any]:
         """Attribute an uploaded audio file; the result is stored under the file's ``pcm-`` id."""
         from cleaning.audio import AudioDecodeError, read_audio
-        from cleaning.measure import measure_pcm_sha256
+        from pipelines.attribute import ATTRIBUTE, attribute_config
         from pipelines.inputs import MissingInputError
+        from pipelines.stage import run_stage
 
         data = file.file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
@@ -173,12 +174,13 @@ def create_app(workspace: Workspace, token: str | None = None,
                                 f"{file.filename or 'upload'} is not decodable audio: {err}") from err
         if audio.shape[1] == 0:
             raise HTTPException(422, f"{file.filename} decodes to no samples")
-        query_id = "pcm-" + measure_pcm_sha256(audio)[:16]
         try:
-            result = _run_attribute(workspace, audio, sample_rate_hz, query_id, dataset_id, top_k, method)
+            config = attribute_config(method=method, top_k=top_k)
+            result = run_stage(ATTRIBUTE, workspace, config, select={"dataset": dataset_id},
+                               options={"query_audio": (audio, sample_rate_hz)})
         except MissingInputError as err:
             raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from err
-        except ValueError as err:  # e.g. an attribution method the job does not know
+        except ValueError as err:  # e.g. an attribution method the stage does not know
             raise HTTPException(422, str(err)) from err
         return _jsonable(result.to_json())
 
@@ -200,10 +202,13 @@ def create_app(workspace: Workspace, token: str | None = None,
     def post_takedown(request: TakedownRequest) -> dict[str, Any]:
         """Opt out, list every affected dataset, checkpoint, generation and attribution; optionally re-shard."""
         from pipelines.inputs import MissingInputError
-        from pipelines.takedown import run_takedown
+        from pipelines.stage import run_stage
+        from pipelines.takedown import TAKEDOWN, TakedownConfig
 
         try:
-            result = run_takedown(workspace, request.kind, request.value, request.reason, rebuild=request.rebuild)
+            config = TakedownConfig(kind=request.kind, value=request.value, reason=request.reason,
+                                    rebuild=request.rebuild)
+            result = run_stage(TAKEDOWN, workspace, config)
         except (FileNotFoundError, MissingInputError) as err:
             raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from err
         except ValueError as err:
@@ -228,20 +233,6 @@ def _attribution(workspace: Workspace, query_id: str, method: str) -> dict[str, 
                 **summarize_attribution(mine, known_tracks(workspace, store))}
     finally:
         store.close()
-
-
-def _run_attribute(workspace: Workspace, audio: Any, sample_rate_hz: int, query_id: str, dataset_id: str | None,
-                   top_k: int, method: str) -> Any:
-    """``pipelines.jobs.run_attribute`` with the method as a parameter when the job takes one."""
-    from pipelines.jobs import run_attribute
-
-    if "method" in inspect.signature(run_attribute).parameters:
-        return run_attribute(workspace, audio, sample_rate_hz, query_id, dataset_id=dataset_id, top_k=top_k,
-                             method=method)
-    if method != "embedding":
-        raise HTTPException(422,
-                            f"attribution method {method!r} is not available here (embedding is)")
-    return run_attribute(workspace, audio, sample_rate_hz, query_id, dataset_id=dataset_id, top_k=top_k)
 
 
 def _jsonable(payload: Any) -> Any:

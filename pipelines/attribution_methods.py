@@ -31,7 +31,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from cleaning.audio import resample, to_mono
 from cleaning.mel import log_mel
@@ -115,15 +115,29 @@ class UnlearningSettings:
 
 
 class AttributeConfig(IndexConfig):
-    """``linernotes attribute --config/--set`` keys: every ``IndexConfig`` key (which index to use or build)
-    plus the ``unlearning`` method's settings (:class:`UnlearningSettings`)."""
+    """Config of the ``attribute`` stage (``linernotes attribute --config/--set``): the method, how many segments to
+    rank and the query's prompt; every ``IndexConfig`` key (which index to use or build); and the ``unlearning``
+    method's settings (:class:`UnlearningSettings`)."""
 
-    candidates: int = Field(50, ge=1)
-    rerank_from: Literal["dtrak", "embedding"] = "dtrak"
-    step_size: float = Field(3e-5, gt=0)
-    damping: float = Field(0.1, gt=0)
-    num_steps: int = Field(1, ge=1)
-    normalize: bool = True
+    method: str = Field("embedding", description="Attribution method: embedding | dtrak | unlearning.")
+    top_k: int = Field(10, ge=1, description="Training segments to rank (shares are over these).")
+    prompt: str = Field("", description="The prompt the query was generated from ('' unknown: the null condition "
+                                        "of the white-box methods' losses).")
+    candidates: int = Field(50, ge=1, description="unlearning: segments re-ranked per query.")
+    rerank_from: Literal["dtrak", "embedding"] = Field("dtrak", description="unlearning: whose top list is "
+                                                                            "re-ranked.")
+    step_size: float = Field(3e-5, gt=0, description="unlearning: relative parameter change of the ascent step.")
+    damping: float = Field(0.1, gt=0, description="unlearning: λ of the Fisher preconditioner, relative to its "
+                                                  "mean.")
+    num_steps: int = Field(1, ge=1, description="unlearning: ascent steps.")
+    normalize: bool = Field(True, description="unlearning: divide by the self-influence (RelatIF).")
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        if method not in METHODS:
+            raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
+        return method
 
     def index_config(self) -> IndexConfig:
         return IndexConfig(**{k: getattr(self, k) for k in IndexConfig.model_fields})

@@ -1,5 +1,6 @@
-"""Jobs that wrap the ``train``, ``generate`` and ``attribute`` cores with lineage: resolve inputs from the
-store, register a Run with its counts, keep outputs in the workspace."""
+"""The ``train`` stage on the contract and the callers' entry points of the model stages: ``run_train``,
+``run_index``, and (from their own modules, kept here for callers) ``run_generate`` (``pipelines.generate``),
+``run_attribute`` and ``run_attribute_file`` (``pipelines.attribute``)."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from typing import Any
 
 import numpy as np
 
-from cleaning.audio import read_audio, write_audio
-from cleaning.measure import measure_pcm_sha256
 from cleaning.mel import MelConfig
+from pipelines.attribute import AttributeJobResult, run_attribute, run_attribute_file
 from pipelines.config import config_dict
-from pipelines.inputs import MissingInputError, read_dataset_manifest, resolve_checkpoint, resolve_dataset
+from pipelines.generate import GenerateJobResult, run_generate
+from pipelines.inputs import MissingInputError, read_dataset_manifest, resolve_dataset
 from pipelines.stage import Resources, Stage, StageContext, StageOutput
-from provenance.records import canonical_json, sha256_hex
+from provenance.records import sha256_hex
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
+
+__all__ = ["AttributeJobResult", "GenerateJobResult", "TRAIN", "TrainJobResult", "find_resumable_train_run",
+           "run_attribute", "run_attribute_file", "run_generate", "run_index", "run_train"]
 
 
 @dataclass
@@ -44,35 +48,6 @@ class TrainJobResult:
         return {"stage": "train", "run_id": self.run_id, "checkpoint_id": self.checkpoint_id,
                 "dataset_id": self.dataset_id, "counts": {"steps": self.step}, "loss": _loss_summary(self.losses),
                 "outputs": {"checkpoint": str(self.checkpoint_path)}}
-
-
-@dataclass
-class AttributeJobResult:
-    run_id: str
-    query_id: str
-    dataset_id: str
-    result: Any  # provenance.attribution.AttributionResult
-
-    def to_json(self) -> dict[str, Any]:
-        return {"stage": "attribute", "run_id": self.run_id, "query_id": self.query_id,
-                "dataset_id": self.dataset_id, **self.result.to_dict()}
-
-
-@dataclass
-class GenerateJobResult:
-    run_id: str
-    generation_id: str
-    checkpoint_id: str
-    path: Path
-    duration_s: float
-    sampler: str
-    attribution: AttributeJobResult | None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"stage": "generate", "run_id": self.run_id, "generation_id": self.generation_id,
-                "checkpoint_id": self.checkpoint_id, "sampler": self.sampler, "duration_s": self.duration_s,
-                "outputs": {"wav": str(self.path)},
-                "attribution": self.attribution.to_json() if self.attribution else None}
 
 
 def find_resumable_train_run(store: LineageStore, run_id: str | None = None) -> dict[str, Any]:
@@ -231,75 +206,6 @@ def _commit_checkpoint(ctx: StageContext, config: Any, result: Any, checkpoint_i
     return target
 
 
-def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, query_id: str,
-                  dataset_id: str | None = None, top_k: int = 10, store: LineageStore | None = None,
-                  kind: str = "attribute",
-                  progress: Callable[[str, int, int], None] | None = None, method: str = "embedding",
-                  checkpoint_id: str | None = None, text: str = "", index_config: Any = None,
-                  unlearning: Any = None) -> AttributeJobResult:
-    """Attribute audio (float32 ``(channels, samples)``) with ``method``; store the result.
-
-    ``embedding`` needs a dataset (default the newest); ``dtrak`` and ``unlearning`` need a checkpoint
-    (default the newest, which must then be trained on ``dataset_id`` when that is given) and attribute to
-    its dataset. A missing index is built first (cached in the workspace; ``progress`` is called as
-    ``("indexing segments" | "D-TRAK features", done, total)``). See ``pipelines.attribution_methods``.
-
-    Args:
-        text: the query's prompt (``""``: unknown), the condition of the white-box methods' losses.
-        index_config: a ``pipelines.index.IndexConfig`` (default ``IndexConfig()``).
-        unlearning: ``pipelines.attribution_methods.UnlearningSettings`` (default settings).
-
-    Raises:
-        ValueError: unknown method; a checkpoint of another dataset.
-        MissingInputError: no dataset or checkpoint.
-    """
-    from pipelines.attribution_methods import METHODS, load_attributor
-
-    if method not in METHODS:
-        raise ValueError(f"unknown attribution method {method!r}; choose one of {', '.join(METHODS)}")
-    own_store = store is None
-    store = store or LineageStore(workspace.store_url)
-    try:
-        checkpoint = None
-        if method != "embedding":
-            checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
-            if dataset_id is not None and checkpoint["dataset_id"] != dataset_id:
-                raise ValueError(f"checkpoint {checkpoint['checkpoint_id']} was trained on {checkpoint['dataset_id']}, "
-                                 f"not {dataset_id}: pass --checkpoint with one trained on it")
-            dataset_id = checkpoint["dataset_id"]
-        dataset = resolve_dataset(store, workspace, dataset_id)
-        run_config = {"method": method, "query_id": query_id, "dataset_id": dataset["dataset_id"], "top_k": top_k}
-        if checkpoint is not None:
-            run_config["checkpoint_id"] = checkpoint["checkpoint_id"]
-        with store.run(kind, run_config) as run:
-            attributor = load_attributor(workspace, method, dataset_id=dataset["dataset_id"], checkpoint=checkpoint,
-                                         config=index_config, settings=unlearning, progress=progress)
-            result = attributor.attribute(audio, sample_rate_hz, query_id, top_k=top_k, text=text)
-            store.add_attributions(query_id, method, run.run_id, dataset["dataset_id"], result.rows())
-            run.counts = {"segments": len(result.segments), "tracks": len(result.tracks),
-                          "rights_holders": len(result.rights_holders)}
-        return AttributeJobResult(run.run_id, query_id, dataset["dataset_id"], result)
-    finally:
-        if own_store:
-            store.close()
-
-
-def run_attribute_file(workspace: Workspace, path: str | Path, dataset_id: str | None = None,
-                       top_k: int = 10, progress: Callable[[str, int, int], None] | None = None,
-                       method: str = "embedding", checkpoint_id: str | None = None, text: str = "",
-                       index_config: Any = None, unlearning: Any = None) -> AttributeJobResult:
-    """Attribute any audio file with ``method`` (see ``run_attribute``); its query id is the sha256 of its
-    decoded PCM.
-
-    Raises:
-        FileNotFoundError: no such file. cleaning.audio.AudioDecodeError: not decodable audio.
-    """
-    audio, sample_rate_hz = read_audio(path)
-    return run_attribute(workspace, audio, sample_rate_hz, "pcm-" + measure_pcm_sha256(audio)[:16],
-                         dataset_id=dataset_id, top_k=top_k, progress=progress, method=method,
-                         checkpoint_id=checkpoint_id, text=text, index_config=index_config, unlearning=unlearning)
-
-
 @dataclass
 class IndexJobResult:
     run_id: str
@@ -323,67 +229,3 @@ def run_index(workspace: Workspace, config: Any, checkpoint_id: str | None = Non
 
     result = run_stage(INDEX, workspace, config, progress=progress, select={"checkpoint": checkpoint_id})
     return IndexJobResult(result.run_id, result)
-
-
-def run_generate(workspace: Workspace, prompt: str, seed: int, duration_s: float, out: str | Path | None = None,
-                 checkpoint_id: str | None = None, num_steps: int | None = 50, guidance_scale: float | None = 3.0,
-                 top_k: int = 10, status: Callable[[str], None] | None = None,
-                 progress: Callable[[str, int, int], None] | None = None, *, sampler: str | None = None,
-                 conditions: dict[str, Any] | None = None, context_path: str | Path | None = None,
-                 regenerate_s: tuple[float, float] | None = None,
-                 vocoder: str | Path | None = None) -> GenerateJobResult:
-    """Sample a mel (the checkpoint's sampler), vocode it (Griffin-Lim, or a local HiFi-GAN generator), write
-    the WAV, register the Generation and attribute it.
-
-    ``num_steps``/``guidance_scale`` None take the checkpoint config's defaults; ``conditions`` are musical
-    conditions (bpm, key, instrument); ``context_path`` an audio file to continue (or, with ``regenerate_s``,
-    to inpaint). The generation id is ``gen-`` + 16 hex of the sha256 of the request (checkpoint, prompt,
-    seed, duration, steps, guidance, and the options that are set) and the sampler: the same request gives
-    the same id and the same audio.
-    """
-    from training.generate import generate
-
-    say = status or (lambda message: None)
-    store = LineageStore(workspace.store_url)
-    try:
-        checkpoint = resolve_checkpoint(store, workspace, checkpoint_id)
-        request = {"checkpoint_id": checkpoint["checkpoint_id"], "prompt": prompt, "seed": seed,
-                   "duration_s": duration_s, "num_steps": num_steps, "guidance_scale": guidance_scale}
-        options = {"sampler": sampler, "conditions": conditions or None,
-                   "context_sha256": sha256_hex(Path(context_path).read_bytes()) if context_path else None,
-                   "regenerate_s": list(regenerate_s) if regenerate_s else None,
-                   "vocoder": str(vocoder) if vocoder else None}
-        request.update({key: value for key, value in options.items() if value is not None})
-        context_audio, context_rate = read_audio(context_path) if context_path else (None, None)
-        with store.run("generate", request) as run:
-            run_id = run.run_id
-            say(f"sampling {duration_s:g} s from {checkpoint['checkpoint_id']}")
-            result = generate(checkpoint["uri"], prompt=prompt, seed=seed, duration_s=duration_s,
-                              num_steps=num_steps, guidance_scale=guidance_scale, sampler=sampler,
-                              conditions=conditions, context_audio=context_audio,
-                              context_sample_rate_hz=context_rate, regenerate_s=regenerate_s, vocoder=vocoder)
-            generation_id = "gen-" + sha256_hex(canonical_json({**request, "sampler": result.sampler}))[:16]
-            gen_dir = workspace.generation_dir(generation_id)
-            wav = write_audio(gen_dir / "generation.wav", result.audio, result.sample_rate_hz, subtype="PCM_16")
-            path = wav
-            if out is not None:
-                path = Path(out).expanduser().resolve()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(wav, path)
-            record = {"generation_id": generation_id, "checkpoint_id": checkpoint["checkpoint_id"], "run_id": run_id,
-                      "prompt": prompt, "conditioning": canonical_json({"text": prompt, "guidance_scale": guidance_scale,
-                                                      **({"musical": conditions} if conditions else {})}),
-                      "seed": seed, "sampler": result.sampler, "duration_s": duration_s, "uri": str(wav)}
-            (gen_dir / "generation.json").write_text(json.dumps(record, indent=2))
-            if store.get_generation(generation_id) is None:
-                store.add_generation(record)
-            run.counts, run.outputs = {"generations": 1}, {"wav": str(path), "generation_id": generation_id}
-        say("attributing the generation")
-        written, sample_rate_hz = read_audio(wav)
-        attribution = run_attribute(workspace, written, sample_rate_hz, generation_id,
-                                    dataset_id=checkpoint["dataset_id"], top_k=top_k, store=store, progress=progress,
-                                    text=prompt)
-        return GenerateJobResult(run_id, generation_id, checkpoint["checkpoint_id"], path, duration_s,
-                                 result.sampler, attribution)
-    finally:
-        store.close()

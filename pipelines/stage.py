@@ -64,7 +64,9 @@ class StageContext:
 
     ``select`` names which upstream outputs to read (``{"dataset": id, "checkpoint": id}``; absent or None: the
     newest), for ``inputs`` to resolve into content ids. ``options`` are run controls that change how the work runs,
-    never what it computes (``stop_after_steps``, which interrupted run to resume); they stay out of the cache key. ``inputs``, ``run_id`` and ``run_dir`` are set only inside
+    never what it computes (``stop_after_steps``, which interrupted run to resume), or inputs a caller holds in
+    memory (the attribute stage's decoded query audio), which ``inputs`` then names by content id; they stay out of
+    the cache key. ``inputs``, ``run_id`` and ``run_dir`` are set only inside
     ``run`` (a Run exists then). ``store`` is open for the stage to register the records it creates (a Dataset, a
     Checkpoint), never to register Runs.
     """
@@ -291,6 +293,11 @@ STAGES: dict[str, str] = {
     "shard": "pipelines.shard:SHARD",
     "train": "pipelines.jobs:TRAIN",
     "index": "pipelines.index:INDEX",
+    "generate": "pipelines.generate:GENERATE",
+    "attribute": "pipelines.attribute:ATTRIBUTE",
+    "evaluate": "pipelines.evaluate:EVALUATE",
+    "variations": "pipelines.evaluate:VARIATIONS",
+    "takedown": "pipelines.takedown:TAKEDOWN",
 }
 
 

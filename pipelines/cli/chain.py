@@ -139,14 +139,14 @@ def train(
 @app.command()
 def generate(
     prompt: Annotated[str, typer.Option(help="Text the model is conditioned on.")],
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed [0].")] = None,
     duration_s: Annotated[float, typer.Option("--duration-s", help="Length of the generated track in seconds.")] = 5.0,
     out: Annotated[Optional[Path], typer.Option(help="Also write the WAV here.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id; default the newest.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps; default the checkpoint config's.")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale; default the "
                                                                  "checkpoint config's.")] = None,
-    top_k: Annotated[int, typer.Option(help="Training segments to attribute.")] = 10,
+    top_k: Annotated[Optional[int], typer.Option(help="Training segments to attribute [10].")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim/ddpm (ε, v) or euler/heun (flow).")] = None,
     bpm: Annotated[Optional[float], typer.Option(help="Tempo condition (beats per minute).")] = None,
     key: Annotated[Optional[str], typer.Option(help="Key condition, e.g. 'A minor', 'F#'.")] = None,
@@ -157,27 +157,32 @@ def generate(
         "--regenerate-s", help="START END seconds of --context to regenerate (inpainting).")] = None,
     vocoder: Annotated[Optional[Path], typer.Option(help="Local HiFi-GAN generator checkpoint; default "
                                                          "Griffin-Lim.")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Generate a track (sampler + vocoder), register it, and attribute it to training recordings."""
     with errors():
-        from pipelines.jobs import run_generate
-
         if duration_s <= 0 or duration_s > 600:
             raise CliError(f"--duration-s must be in (0, 600] seconds, got {duration_s}")
         if steps is not None and steps < 1:
             raise CliError(f"--steps must be ≥ 1, got {steps}")
         if context is not None and not context.is_file():
             raise CliError(f"no audio file at --context {context}")
-        conditions = {k: v for k, v in {"bpm": bpm, "key": key, "instrument": instrument}.items() if v is not None}
-        with progress_bar(json_mode) as progress:
-            result = run_generate(open_workspace(workdir), prompt, seed, duration_s, out=out, checkpoint_id=checkpoint,
-                                  num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
-                                  status=say, progress=progress, sampler=sampler, conditions=conditions or None,
-                                  context_path=context, regenerate_s=regenerate_s, vocoder=vocoder)
-        payload = result.to_json()
-        emit(payload, json_mode, render_generation)
+
+    def finish(result: Any) -> dict[str, Any]:
+        from pipelines.generate import GenerateJobResult
+
+        return GenerateJobResult.from_stage(result, out).to_json()
+
+    run_stage_command("generate", config, overrides, workdir, json_mode, render_generation, force=force,
+                      finish=finish, select={"checkpoint": checkpoint}, prompt=prompt, seed=seed,
+                      duration_s=duration_s, num_steps=steps, guidance_scale=guidance_scale, top_k=top_k,
+                      sampler=sampler, bpm=bpm, key=key, instrument=instrument,
+                      context_path=str(context) if context else None, regenerate_s=regenerate_s,
+                      vocoder=str(vocoder) if vocoder else None)
 
 
 def render_generation(payload: dict[str, Any]) -> None:
@@ -193,34 +198,29 @@ def render_generation(payload: dict[str, Any]) -> None:
 def attribute(
     file: Annotated[Path, typer.Argument(help="Any audio file (WAV, FLAC, Ogg, MP3).")],
     dataset: Annotated[Optional[str], typer.Option(help="Dataset id; default the newest.")] = None,
-    top_k: Annotated[int, typer.Option(help="Training segments to return.")] = 10,
+    top_k: Annotated[Optional[int], typer.Option(help="Training segments to return [10].")] = None,
     method: Annotated[str, typer.Option(help="embedding | dtrak | unlearning (see `linernotes index`).")] = "embedding",
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id for dtrak/unlearning; default the newest.")] = None,
-    prompt: Annotated[str, typer.Option(help="The prompt the audio was generated from, if known.")] = "",
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt the audio was generated from, if known.")] = None,
     config: ConfigOpt = None,
     overrides: SetOpt = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """Which training recordings does this audio draw on, and who holds their rights?"""
     with errors():
-        from pipelines.attribution_methods import METHODS, AttributeConfig
-        from pipelines.config import load_config, parse_overrides
-        from pipelines.jobs import run_attribute_file
+        from pipelines.attribution_methods import METHODS
 
         if not file.is_file():
             raise CliError(f"no audio file at {file}")
-        if top_k < 1:
+        if top_k is not None and top_k < 1:
             raise CliError(f"--top-k must be ≥ 1, got {top_k}")
         if method not in METHODS:
             raise CliError(f"--method must be one of {', '.join(METHODS)}, got {method!r}")
-        settings = load_config(AttributeConfig, config, parse_overrides(overrides or []))
-        with progress_bar(json_mode) as progress:
-            result = run_attribute_file(open_workspace(workdir), file, dataset_id=dataset, top_k=top_k,
-                                        progress=progress, method=method, checkpoint_id=checkpoint, text=prompt,
-                                        index_config=settings.index_config(),
-                                        unlearning=settings.unlearning_settings())
-        emit(result.to_json(), json_mode, render_attribution)
+    run_stage_command("attribute", config, overrides, workdir, json_mode, render_attribution, force=force,
+                      select={"query": str(file), "dataset": dataset, "checkpoint": checkpoint}, method=method,
+                      top_k=top_k, prompt=prompt)
 
 
 def render_attribution(payload: dict[str, Any]) -> None:

@@ -77,11 +77,13 @@ def open_workspace(workdir: Path) -> Workspace:
 
 def run_stage_command(stage: str, config_file: Path | None, overrides: list[str] | None, workdir: Path,
                       json_mode: bool, render: Callable[[dict[str, Any]], None],
-                      select: dict[str, str | None] | None = None, force: bool = False, **options: Any) -> None:
+                      select: dict[str, str | None] | None = None, force: bool = False,
+                      finish: Callable[[Any], dict[str, Any]] | None = None, **options: Any) -> None:
     """The body of every stage command: the stage's config from the command's options, then ``--config FILE``,
     then ``--set key=value`` (last wins); the stage through the runner, with a progress bar; its result printed
     (one JSON object with ``--json``, else ``render``). ``select`` names the upstream outputs to read; ``force`` runs
-    the stage even when a cached result exists."""
+    the stage even when a cached result exists; ``finish`` turns the ``StageResult`` into the printed payload
+    (default its ``to_json()``), for a command that also copies an output where the user asked."""
     from pipelines.config import load_config, parse_overrides
     from pipelines.stage import get_stage, run_stage
 
@@ -91,7 +93,7 @@ def run_stage_command(stage: str, config_file: Path | None, overrides: list[str]
         with progress_bar(json_mode) as progress:
             result = run_stage(stage_, open_workspace(workdir), config, progress=progress, status=say, select=select,
                                force=force)
-        emit(result.to_json(), json_mode, render)
+        emit(finish(result) if finish is not None else result.to_json(), json_mode, render)
 
 
 def render_generic(stage: str) -> Callable[[dict[str, Any]], None]:

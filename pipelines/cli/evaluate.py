@@ -1,49 +1,60 @@
 """``linernotes evaluate`` (FAD per checkpoint and a run report) and ``linernotes variations`` (a batch of
-generations over seeds, guidance scales and durations): thin shells over ``pipelines.evaluate``."""
+generations over seeds, guidance scales and durations): thin shells over the ``evaluate`` and ``variations``
+stages (``pipelines.evaluate``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from pipelines.cli.common import CliError, app, emit, errors, progress_bar, render_generic
-from provenance.workspace import DEFAULT_WORKDIR, Workspace
+from pipelines.cli.common import (
+    CliError,
+    ConfigOpt,
+    ForceOpt,
+    JsonOpt,
+    SetOpt,
+    WorkdirOpt,
+    app,
+    errors,
+    render_generic,
+    run_stage_command,
+)
+from provenance.workspace import DEFAULT_WORKDIR
 
 
 @app.command()
 def evaluate(
     run: Annotated[Optional[str], typer.Option(help="Train run id; default the newest succeeded train run.")] = None,
-    embedder: Annotated[str, typer.Option(help="Embedding space of the FAD (cleaning.embed.load_embedder).")]
-    = "mel-stats",
-    num_references: Annotated[int, typer.Option(help="Validation segments to compare against (one generation "
-                                                     "each).")] = 16,
+    embedder: Annotated[Optional[str], typer.Option(help="Embedding space of the FAD (cleaning.embed.load_embedder) "
+                                                         "[mel-stats].")] = None,
+    num_references: Annotated[Optional[int], typer.Option(help="Validation segments to compare against (one "
+                                                               "generation each) [16].")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps; default the checkpoint config's.")] = None,
     guidance_scale: Annotated[Optional[float], typer.Option(help="Guidance scale; default the config's.")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim/ddpm (ε, v) or euler/heun (flow).")] = None,
     vocoder: Annotated[Optional[Path], typer.Option(help="Local HiFi-GAN generator checkpoint; default "
                                                          "Griffin-Lim.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the first generation (the i-th uses seed + i).")] = 0,
-    workdir: Annotated[Path, typer.Option("--workdir", "-w", envvar="LINERNOTES_WORKDIR",
-                                          help="Workspace folder.")] = Path(DEFAULT_WORKDIR),
-    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of the first generation (the i-th uses seed + i) "
+                                                     "[0].")] = None,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """FAD of generations against held-out validation segments for every checkpoint of a train run, and a
     report (evaluation.parquet, loss_fad.png, report.html) in the evaluate run's folder."""
-
     with errors():
-        if num_references < 1:
+        if num_references is not None and num_references < 1:
             raise CliError(f"--num-references must be ≥ 1, got {num_references}")
         if steps is not None and steps < 1:
             raise CliError(f"--steps must be ≥ 1, got {steps}")
-        from pipelines.evaluate import run_evaluate
-
-        with progress_bar(json_mode) as progress:
-            payload = run_evaluate(Workspace.at(workdir).ensure(), run, embedder=embedder,
-                                   num_references=num_references, num_steps=steps, guidance_scale=guidance_scale,
-                                   sampler=sampler, vocoder=vocoder, seed=seed, progress=progress)
-        emit(payload, json_mode, render_generic("evaluate"))
+    run_stage_command("evaluate", config, overrides, workdir, json_mode, render_generic("evaluate"), force=force,
+                      select={"train_run": run}, embedder=embedder, num_references=num_references, num_steps=steps,
+                      guidance_scale=guidance_scale, sampler=sampler, vocoder=str(vocoder) if vocoder else None,
+                      seed=seed)
 
 
 @app.command()
@@ -53,24 +64,30 @@ def variations(
     guidance_scale: Annotated[Optional[list[float]], typer.Option(help="Guidance scales (repeatable); default "
                                                                        "the checkpoint config's.")] = None,
     duration_s: Annotated[Optional[list[float]], typer.Option("--duration-s", help="Durations in seconds "
-                                                                                  "(repeatable).")] = None,
-    out_dir: Annotated[Optional[Path], typer.Option(help="Folder for the WAVs; default the run's folder.")] = None,
+                                                                                  "(repeatable) [5].")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="Also copy the WAVs here; default only the run's "
+                                                         "folder.")] = None,
     checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint id; default the newest.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampler steps; default the config's.")] = None,
     sampler: Annotated[Optional[str], typer.Option(help="ddim/ddpm (ε, v) or euler/heun (flow).")] = None,
     vocoder: Annotated[Optional[Path], typer.Option(help="Local HiFi-GAN generator checkpoint.")] = None,
-    workdir: Annotated[Path, typer.Option("--workdir", "-w", envvar="LINERNOTES_WORKDIR",
-                                          help="Workspace folder.")] = Path(DEFAULT_WORKDIR),
-    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: ConfigOpt = None,
+    overrides: SetOpt = None,
+    workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
+    json_mode: JsonOpt = False,
+    force: ForceOpt = False,
 ) -> None:
     """A batch of variations (every seed × guidance scale × duration) written as WAVs with a variations.json."""
     with errors():
-        from pipelines.evaluate import run_variations
+        if duration_s and any(not 0 < d <= 600 for d in duration_s):
+            raise CliError(f"--duration-s must be in (0, 600] seconds, got {duration_s}")
 
-        durations = duration_s or [5.0]
-        if any(not 0 < d <= 600 for d in durations):
-            raise CliError(f"--duration-s must be in (0, 600] seconds, got {durations}")
-        payload = run_variations(Workspace.at(workdir).ensure(), prompt, seed, guidance_scale, durations,
-                                 out_dir=out_dir, checkpoint_id=checkpoint, num_steps=steps, sampler=sampler,
-                                 vocoder=vocoder)
-        emit(payload, json_mode, render_generic("variations"))
+    def finish(result: Any) -> dict[str, Any]:
+        from pipelines.evaluate import variations_payload
+
+        return variations_payload(result, out_dir)
+
+    run_stage_command("variations", config, overrides, workdir, json_mode, render_generic("variations"),
+                      force=force, finish=finish, select={"checkpoint": checkpoint}, prompt=prompt, seeds=seed,
+                      guidance_scales=guidance_scale or None, durations_s=duration_s or None, num_steps=steps,
+                      sampler=sampler, vocoder=str(vocoder) if vocoder else None)

@@ -21,7 +21,7 @@ from pipelines.cli.common import (
     errors,
     open_workspace,
     out_console,
-    progress_bar,
+    run_stage_command,
     say,
 )
 from provenance.workspace import DEFAULT_WORKDIR
@@ -140,15 +140,12 @@ def takedown(
 ) -> None:
     """Opt recordings out, list every affected dataset, checkpoint and generation, build new dataset versions."""
     with errors():
-        from pipelines.takedown import run_takedown
-
         given = [(k, v) for k, v in (("rights_holder", rights_holder), ("track_id", track), ("isrc", isrc)) if v]
         if len(given) != 1:
             raise CliError("give exactly one of --rights-holder, --track, --isrc")
-        with progress_bar(json_mode) as progress:
-            result = run_takedown(open_workspace(workdir), given[0][0], given[0][1], reason, rebuild=rebuild,
-                                  status=say, progress=progress)
-        emit(result.to_json(), json_mode, lambda p: out_console.print(*render_takedown(p)))
+        open_workspace(workdir)  # the opt-out registry lives there, even when the value turns out bad
+    run_stage_command("takedown", None, None, workdir, json_mode, lambda p: out_console.print(*render_takedown(p)),
+                      kind=given[0][0], value=given[0][1], reason=reason, rebuild=rebuild)
 
 @app.command()
 def report(

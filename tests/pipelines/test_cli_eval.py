@@ -88,3 +88,22 @@ def test_variations_write_one_wav_per_combination(workspace, tmp_path):
         assert rate == MEL_CONFIG.sample_rate_hz and audio.shape[0] == 8000
     listing = json.loads((tmp_path / "vars" / "variations.json").read_text())
     assert [item["seed"] for item in listing["items"]] == [1, 2, 1, 2]
+
+
+def test_generate_twice_is_cached_and_still_writes_out(workspace, tmp_path):
+    ws, _ = workspace
+    args = ["generate", "--prompt", "sine mid", "--seed", "3", "--duration-s", "0.5", "--steps", "2", "--top-k", "2",
+            "--workdir", str(ws.root), "--json"]
+    runs = [json.loads(result.stdout.strip().splitlines()[-1]) for result in
+            (runner.invoke(app, [*args, "--out", str(tmp_path / f"{n}.wav")]) for n in ("first", "again"))]
+    first, again = runs
+    assert first["status"] == "ran" and again["status"] == "cached" and again["run_id"] == first["run_id"]
+    assert again["generation_id"] == first["generation_id"] and again["attribution"] == first["attribution"]
+    assert first["inputs"]["checkpoint"] == "ckpt-test" and first["output_ids"] == {"generation": first["generation_id"]}
+    assert soundfile.read(tmp_path / "again.wav")[0].tobytes() == soundfile.read(tmp_path / "first.wav")[0].tobytes()
+    other = json.loads(runner.invoke(app, [*args[:4], "4", *args[5:]]).stdout.strip().splitlines()[-1])
+    assert other["status"] == "ran" and other["generation_id"] != first["generation_id"]
+    store = LineageStore(ws.store_url)
+    attribute_run = store.get_run(first["attribution"]["run_id"])
+    store.close()
+    assert attribute_run["kind"] == "attribute" and attribute_run["parent_run_id"] == first["run_id"]

@@ -29,7 +29,11 @@ ROOT = Path(__file__).resolve().parents[2]
 LINERNOTES = Path(sys.executable).with_name("linernotes")
 
 
-UPSTREAM = {"index": {"checkpoint": "ckpt-0", "dataset": "ds-0"}, "train": {"dataset": "ds-0"}}
+UPSTREAM = {"index": {"checkpoint": "ckpt-0", "dataset": "ds-0"}, "train": {"dataset": "ds-0"},
+            "generate": {"checkpoint": "ckpt-0", "dataset": "ds-0", "catalog": "none"},
+            "attribute": {"query": "sha256:0", "query_id": "pcm-0", "dataset": "ds-0", "catalog": "none"},
+            "evaluate": {"train_run": "train-0", "dataset": "ds-0", "checkpoints": "sha256:0"},
+            "variations": {"checkpoint": "ckpt-0"}}
 
 
 def stage_config(name: str, tmp_path: Path):
@@ -48,6 +52,22 @@ def stage_config(name: str, tmp_path: Path):
         from pipelines.ingest import IngestConfig
 
         return IngestConfig(as_of="2026-11-21")
+    if name == "generate":
+        from pipelines.generate import GenerateConfig
+
+        return GenerateConfig(prompt="x")
+    if name == "attribute":
+        from pipelines.attribute import attribute_config
+
+        return attribute_config()
+    if name in ("evaluate", "variations"):
+        from pipelines.evaluate import EvaluateConfig, VariationsConfig
+
+        return EvaluateConfig() if name == "evaluate" else VariationsConfig(prompt="x", seeds=[1])
+    if name == "takedown":  # its inputs (the opt-out registry, the catalog) are the minimal catalog's
+        from pipelines.takedown import TakedownConfig
+
+        return TakedownConfig(kind="track_id", value="t1")
     return {"shard": ShardConfig(segment_s=0.5, sample_rate_hz=16000, n_fft=256, hop_length=128),
             "clean": CleanConfig(methods=[])}[name]
 

@@ -68,6 +68,11 @@ def test_takedown_loop(ray_local, store_url, tmp_path, monkeypatch):
     attributed = run_attribute(workspace, audio, rate, "gen-x", dataset_id=first["dataset_id"], top_k=4, store=store)
     assert attributed.result.segments[0].track_id == "a"
     store.close()
+    # the same query against the same dataset and config is cached (no new Run); another top_k is not
+    again = run_attribute(workspace, audio, rate, "gen-x", dataset_id=first["dataset_id"], top_k=4)
+    assert again.status == "cached" and again.run_id == attributed.run_id and again.result == attributed.result
+    assert run_attribute(workspace, audio, rate, "gen-x", dataset_id=first["dataset_id"], top_k=3).status == "ran"
+    run_attribute(workspace, audio, rate, "gen-x", dataset_id=first["dataset_id"], top_k=4, force=True)
 
     taken = cli("takedown", "--rights-holder", "holder a", "--reason", "withdrawn", "--workdir", str(work))
     assert taken["added"] is True and taken["kind"] == "rights_holder"
@@ -85,6 +90,10 @@ def test_takedown_loop(ray_local, store_url, tmp_path, monkeypatch):
     assert {row["track_id"] for row in index} == {"c", "d"}
     report = json.loads(open(taken["report_path"]).read())
     assert report["counts"] == taken["counts"] and report["counts"]["generations"] == 1
+    # on the stage contract: the re-shard is a child Run of the takedown, through the runner
+    assert taken["status"] == "ran" and taken["outputs"]["report"] == taken["report_path"]
+    with LineageStore(workspace.store_url) as store:
+        assert store.get_run(rebuilt["shard_run_id"])["parent_run_id"] == taken["run_id"]
 
     # lineage: the new version points at the old; the old dataset's track still shows where it went
     version = cli("lineage", new_id, "--workdir", str(work))
@@ -109,6 +118,8 @@ def test_takedown_loop(ray_local, store_url, tmp_path, monkeypatch):
     # a second takedown of the same holder registers nothing new and affects both versions' history only
     repeat = cli("takedown", "--rights-holder", "Holder A", "--no-rebuild", "--workdir", str(work))
     assert repeat["added"] is False and repeat["rebuilt"] == []
+    assert repeat["status"] == "ran" and repeat["run_id"] != taken["run_id"]  # a takedown is never cached
+    assert cli("takedown", "--rights-holder", "Holder A", "--no-rebuild", "--workdir", str(work))["status"] == "ran"
     assert [d["dataset_id"] for d in repeat["datasets"]] == [first["dataset_id"]]
 
 
