@@ -15,8 +15,9 @@ import sqlalchemy as sa
 
 from pipelines.clean import CleanConfig
 from pipelines.clean_separate import SeparateConfig
+from pipelines.engines import Engine
 from pipelines.shard import ShardConfig
-from pipelines.stage import CACHED, RAN, STAGES, cache_key, get_stage, run_stage
+from pipelines.stage import CACHED, RAN, STAGES, StageContext, cache_key, get_stage, run_stage
 from provenance import records
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -226,3 +227,35 @@ def test_a_cached_dataset_missing_a_shard_is_built_again(ray_local, tmp_path):
     again = run_shard(workspace, config)
     assert again.status == RAN and again.run_id != first.run_id and again.dataset_id == first.dataset_id
     assert records.file_sha256(lost) == digest  # rebuilt, byte for byte
+
+
+def test_every_stage_is_registered_in_chain_order_with_described_config_keys():
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    assert list(STAGES) == ["ingest", "separate", "clean", "shard", "train", "index", "generate", "attribute",
+                            "evaluate", "variations", "takedown"]
+    done = CliRunner().invoke(app, ["stages", "--json"])
+    assert done.exit_code == 0, done.output
+    listed = {s["stage"]: s for s in json.loads(done.stdout.strip().splitlines()[-1])["stages"]}
+    assert list(listed) == list(STAGES)
+    for name in ("generate", "evaluate", "variations", "takedown"):  # every key says what it is
+        properties = listed[name]["config_schema"]["properties"]
+        assert all(spec.get("description") for spec in properties.values()), name
+    assert {"method", "top_k", "prompt"} <= set(listed["attribute"]["config_schema"]["properties"])
+    assert listed["takedown"]["reads"] == ["opt_outs", "catalog", "request"]
+
+
+def test_a_takedown_key_never_repeats_and_a_bad_target_fails_at_config_time(tmp_path):
+    from pipelines.takedown import TakedownConfig
+
+    workspace = _minimal_catalog(tmp_path / "w")
+    stage, config = get_stage("takedown"), TakedownConfig(kind="isrc", value=" us-s1z-99-00001 ")
+    assert config.value == "USS1Z9900001"
+    with LineageStore(workspace.store_url) as store:
+        ctx = StageContext(workspace, store, Engine())
+        keys = {cache_key(stage, config, stage.inputs(ctx, config)) for _ in range(3)}
+    assert len(keys) == 3
+    with pytest.raises(ValueError, match="empty"):
+        TakedownConfig(kind="track_id", value="  ")
