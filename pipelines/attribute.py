@@ -25,7 +25,6 @@ import numpy as np
 
 from pipelines.inputs import resolve_checkpoint, resolve_dataset
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
-from provenance import records
 from provenance.workspace import Workspace
 
 STAGE = "attribute"
