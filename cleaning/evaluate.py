@@ -152,85 +152,128 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], runs: Sequence[Mappi
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
     out_dir.mkdir(parents=True, exist_ok=True)
     first = runs[0]
-    methods = sorted(first["scores"])
     images = []
-    for method in methods:
+    for method in sorted(first["scores"]):
         scores = np.asarray(first["scores"][method], dtype=np.float64)
         kinds = np.asarray(first["kinds"])
-        fig, ax = plt.subplots(figsize=(6, 3.2))
-        finite = np.isfinite(scores)
-        bins = np.histogram_bin_edges(scores[finite], bins=30) if finite.any() else 10
-        for kind in sorted(set(kinds)):
-            sel = finite & (kinds == kind)
-            ax.hist(scores[sel], bins=bins, alpha=0.6, label=kind or "clean")
-        ax.axvline(first["thresholds"][method], color="k", linestyle="--", label="drop threshold")
-        ax.set_xlabel(f"{method} score ({'higher' if first['higher_is_worse'][method] else 'lower'} = worse)")
-        ax.set_ylabel("stems")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"scores_{method}.png"
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        images.append(name)
-        fig, ax = plt.subplots(figsize=(4, 4))
-        sign = 1.0 if first["higher_is_worse"][method] else -1.0
-        for kind in sorted(set(kinds) - {""}):
-            sel = finite & ((kinds == kind) | (kinds == ""))
-            fpr, tpr, _ = roc_curve((kinds[sel] == kind).astype(int), sign * scores[sel])
-            ax.plot(fpr, tpr, label=kind)
-        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title(f"ROC, {method}")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        name = f"roc_{method}.png"
-        fig.savefig(out_dir / name, dpi=110)
-        plt.close(fig)
-        images.append(name)
+        higher_is_worse = bool(first["higher_is_worse"][method])
+        images.append(_plot_scores(out_dir, method, scores, kinds, first["thresholds"][method], higher_is_worse))
+        images.append(_plot_roc(out_dir, method, scores, kinds, higher_is_worse))
+    path = out_dir / "report.html"
+    path.write_text(_report_html(summary, images, seed=first.get("seed", 0)))
+    return path
+
+
+def _plot_scores(out_dir: Path, method: str, scores: np.ndarray, kinds: np.ndarray, threshold: float,
+                 higher_is_worse: bool) -> str:
+    """``scores_<method>.png``: histograms of float ``(N,)`` scores per kind, with the drop threshold.
+
+    Returns:
+        The file name (in ``out_dir``).
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    finite = np.isfinite(scores)
+    bins = np.histogram_bin_edges(scores[finite], bins=30) if finite.any() else 10
+    for kind in sorted(set(kinds)):
+        sel = finite & (kinds == kind)
+        ax.hist(scores[sel], bins=bins, alpha=0.6, label=kind or "clean")
+    ax.axvline(threshold, color="k", linestyle="--", label="drop threshold")
+    ax.set_xlabel(f"{method} score ({'higher' if higher_is_worse else 'lower'} = worse)")
+    ax.set_ylabel("stems")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"scores_{method}.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _plot_roc(out_dir: Path, method: str, scores: np.ndarray, kinds: np.ndarray, higher_is_worse: bool) -> str:
+    """``roc_<method>.png``: one ROC curve per contamination kind (its items against the clean ones).
+
+    Returns:
+        The file name (in ``out_dir``).
+    """
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(4, 4))
+    finite = np.isfinite(scores)
+    sign = 1.0 if higher_is_worse else -1.0
+    for kind in sorted(set(kinds) - {""}):
+        sel = finite & ((kinds == kind) | (kinds == ""))
+        fpr, tpr, _ = roc_curve((kinds[sel] == kind).astype(int), sign * scores[sel])
+        ax.plot(fpr, tpr, label=kind)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"ROC, {method}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = f"roc_{method}.png"
+    fig.savefig(out_dir / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _report_html(summary: Mapping[str, Any], images: Sequence[str], seed: int) -> str:
+    """The report page: the detection, SDR and gap-closed tables and the plots of ``seed``."""
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>linernotes clean evaluate</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:2px 10px;border-bottom:1px solid #ddd}}</style>
+</head><body><h1>Blind cleaning evaluation</h1>
+<p>{html.escape(summary['description'])}</p>
+<h2>Detection (mean ± std over {summary['num_seeds']} seeds)</h2>
+<table><tr><th>method</th><th>contamination</th><th>AUROC</th><th>precision at planted count</th></tr>{''.join(_detection_rows(summary))}</table>
+<h2>Downstream: separator SDR on held-out clean songs (BSS Eval, dB)</h2>
+<p>Every separator of a seed has the same initialisation, random-mix seed and test songs; the paired gain is
+its SDR minus the contaminated set's, per seed, then mean ± std over seeds. <i>uncontaminated</i>: the same
+candidate songs without contamination (the paper's reference for the gap); <i>drop_planted</i>: exactly the
+planted stems dropped (an oracle cleaner, with less data).</p>
+<table><tr><th>training set</th><th>SDR</th><th>paired gain over contaminated</th></tr>{''.join(_sdr_rows(summary))}</table>
+<h2>Gap closed (%)</h2><p>100 · (cleaned − contaminated) / (uncontaminated − contaminated).</p>
+<table><tr><th>method</th><th>from the mean paired gains</th><th>per seed, mean ± std</th>
+<th>against drop_planted, per seed</th><th>paper (Gui et al. 2026)</th></tr>{''.join(_gap_rows(summary))}</table>
+<h2>Plots (seed {seed})</h2>{''.join(f'<img src="{n}">' for n in images)}
+</body></html>"""
+
+
+def _detection_rows(summary: Mapping[str, Any]) -> list[str]:
+    """Table rows: method, contamination kind, AUROC and precision at the planted count (mean ± std)."""
     rows = []
     for method, per_kind in summary["detection"].items():
         for kind, figures in per_kind.items():
             rows.append(f"<tr><td>{html.escape(method)}</td><td>{html.escape(kind)}</td>"
                         f"<td>{figures['auroc_mean']:.3f} ± {figures['auroc_std']:.3f}</td>"
                         f"<td>{figures['precision_at_k_mean']:.3f} ± {figures['precision_at_k_std']:.3f}</td></tr>")
+    return rows
+
+
+def _sdr_rows(summary: Mapping[str, Any]) -> list[str]:
+    """Table rows: training set, SDR (dB, mean ± std) and its paired gain over the contaminated set."""
     gains = summary.get("sdr_gain_db", {})
-    sdr_rows = []
+    rows = []
     for name, figures in summary["sdr_db"].items():
         gain = gains.get(name)
         paired = (f"{gain['mean']:+.2f} ± {gain['std']:.2f} ({gain['seeds_above_contaminated']} of "
                   f"{summary['num_seeds']} seeds above)" if gain else "—")
-        sdr_rows.append(f"<tr><td>{html.escape(name)}</td><td>{figures['mean']:.2f} ± {figures['std']:.2f}</td>"
-                        f"<td>{paired}</td></tr>")
+        rows.append(f"<tr><td>{html.escape(name)}</td><td>{figures['mean']:.2f} ± {figures['std']:.2f}</td>"
+                    f"<td>{paired}</td></tr>")
+    return rows
+
+
+def _gap_rows(summary: Mapping[str, Any]) -> list[str]:
+    """Table rows: method, gap closed (%) from the mean gains, per seed, against drop_planted, and the paper's."""
     drop_gap = summary.get("gap_closed_vs_drop_planted_percent", {})
-    gap_rows = []
-    for m, g in summary["gap_closed_percent"].items():
-        against_drop = f"{drop_gap[m]['mean']:.1f} ± {drop_gap[m]['std']:.1f}" if m in drop_gap else "—"
-        gap_rows.append(f"<tr><td>{html.escape(m)}</td><td>{g.get('of_mean_gains', math.nan):.1f}</td>"
-                        f"<td>{g['mean']:.1f} ± {g['std']:.1f}</td><td>{against_drop}</td>"
-                        f"<td>{PAPER_GAP_CLOSED_PERCENT}</td></tr>")
-    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>linernotes clean evaluate</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td,th{{padding:2px 10px;border-bottom:1px solid #ddd}}</style>
-</head><body><h1>Blind cleaning evaluation</h1>
-<p>{html.escape(summary['description'])}</p>
-<h2>Detection (mean ± std over {summary['num_seeds']} seeds)</h2>
-<table><tr><th>method</th><th>contamination</th><th>AUROC</th><th>precision at planted count</th></tr>{''.join(rows)}</table>
-<h2>Downstream: separator SDR on held-out clean songs (BSS Eval, dB)</h2>
-<p>Every separator of a seed has the same initialisation, random-mix seed and test songs; the paired gain is
-its SDR minus the contaminated set's, per seed, then mean ± std over seeds. <i>uncontaminated</i>: the same
-candidate songs without contamination (the paper's reference for the gap); <i>drop_planted</i>: exactly the
-planted stems dropped (an oracle cleaner, with less data).</p>
-<table><tr><th>training set</th><th>SDR</th><th>paired gain over contaminated</th></tr>{''.join(sdr_rows)}</table>
-<h2>Gap closed (%)</h2><p>100 · (cleaned − contaminated) / (uncontaminated − contaminated).</p>
-<table><tr><th>method</th><th>from the mean paired gains</th><th>per seed, mean ± std</th>
-<th>against drop_planted, per seed</th><th>paper (Gui et al. 2026)</th></tr>{''.join(gap_rows)}</table>
-<h2>Plots (seed {first.get('seed', 0)})</h2>{''.join(f'<img src="{n}">' for n in images)}
-</body></html>"""
-    path = out_dir / "report.html"
-    path.write_text(body)
-    return path
+    rows = []
+    for method, gap in summary["gap_closed_percent"].items():
+        against_drop = (f"{drop_gap[method]['mean']:.1f} ± {drop_gap[method]['std']:.1f}" if method in drop_gap
+                        else "—")
+        rows.append(f"<tr><td>{html.escape(method)}</td><td>{gap.get('of_mean_gains', math.nan):.1f}</td>"
+                    f"<td>{gap['mean']:.1f} ± {gap['std']:.1f}</td><td>{against_drop}</td>"
+                    f"<td>{PAPER_GAP_CLOSED_PERCENT}</td></tr>")
+    return rows

@@ -44,7 +44,15 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-SOUNDFONT_NAME = "TimGM6mb.sf2"
+from pipelines.demo_render import (
+    fade_out_curve,
+    normalise_to_pcm16,
+    note_events,
+    parse_score,
+    render_part,
+    soundfont_path,
+)
+
 PUBLIC_DOMAIN_LICENSE_ID = "PDM-1.0/music21-corpus"
 NON_COMMERCIAL_LICENSE_ID = "CC-BY-NC-4.0/linernotes-demo"
 
@@ -54,13 +62,7 @@ FILES_COLUMNS = ("track_id", "role", "instrument", "path")
 LICENSES_COLUMNS = ("license_id", "licensor", "license_name", "license_url", "territories", "valid_from",
                     "valid_until", "ai_training", "commercial_use", "attribution_required")
 
-_PEAK_TARGET_DBFS = -1.0  # peak of a track's stem sum (and of every stem) after the common gain
-_SILENT_STEM_DBFS = -40.0  # a stem whose peak stays below this after the common gain is an error
 _RELEASE_TAIL_S = 1.0  # kept after the last note-off when a piece ends before max_duration_s
-_FADE_OUT_S = 0.05  # linear fade at the end of every track, so a truncated note does not click
-_NOTE_VELOCITY = 90  # MIDI velocity (0-127) of every note
-_MIDI_CHANNEL = 0  # any melodic channel; channel 9 would be drums
-_PCM16_FULL_SCALE = 32768  # int16 sample value of 1.0 full scale (libsndfile's read convention)
 
 ProgressCallback = Callable[[str, int, int], None]
 
@@ -171,21 +173,6 @@ class DemoDelivery:
     duration_s: float
 
 
-def soundfont_path() -> Path:
-    """Path of ``TimGM6mb.sf2``, the General MIDI soundfont shipped next to ``pretty_midi/__init__.py``.
-
-    Raises:
-        FileNotFoundError: the installed pretty_midi does not carry the soundfont.
-    """
-    import pretty_midi
-
-    path = Path(pretty_midi.__file__).with_name(SOUNDFONT_NAME)
-    if not path.is_file():
-        raise FileNotFoundError(f"{SOUNDFONT_NAME} is not next to {pretty_midi.__file__}: reinstall pretty_midi "
-                                "from its wheel (it ships the soundfont)")
-    return path
-
-
 def build_demo_delivery(
     out_dir: Path,
     num_tracks: int = 6,
@@ -256,7 +243,7 @@ def _build_track(piece: DemoPiece, out_dir: Path, max_duration_s: float, sample_
     """Render one piece's stems and write them. Returns its tracks.csv row, files.csv rows and length."""
     import pretty_midi
 
-    score = _parse_score(piece.corpus_path)
+    score = parse_score(piece.corpus_path)
     score_parts = list(score.parts)
     if len(score_parts) != len(piece.parts):
         raise ValueError(f"{piece.corpus_path} has {len(score_parts)} parts but DEMO_PIECES names "
@@ -266,7 +253,7 @@ def _build_track(piece: DemoPiece, out_dir: Path, max_duration_s: float, sample_
         raise ValueError(f"{piece.track_id}: two parts share a GM program; (track, role, instrument) must be unique")
     samples_per_quarter = 60.0 / piece.bpm * sample_rate_hz
     max_samples = int(round(max_duration_s * sample_rate_hz))
-    notes = [_part_notes(p, samples_per_quarter, max_samples) for p in score_parts]
+    notes = [note_events(p, samples_per_quarter, max_samples) for p in score_parts]
     for part, part_notes in zip(piece.parts, notes, strict=True):
         if not part_notes:
             raise ValueError(f"{piece.corpus_path} part {part.name!r} has no note in the first {max_duration_s} s: "
@@ -274,10 +261,10 @@ def _build_track(piece: DemoPiece, out_dir: Path, max_duration_s: float, sample_
     last_release = max(release for part_notes in notes for _, release, _ in part_notes)
     num_samples = min(max_samples, last_release + int(round(_RELEASE_TAIL_S * sample_rate_hz)))
 
-    stems = np.stack([_render_part(part_notes, part.program, num_samples, sample_rate_hz, sf2_path)
+    stems = np.stack([render_part(part_notes, part.program, num_samples, sample_rate_hz, sf2_path)
                       for part, part_notes in zip(piece.parts, notes, strict=True)])
-    stems *= _fade_out(num_samples, sample_rate_hz)[None, :]
-    quantised = _normalise_to_pcm16(stems, piece)
+    stems *= fade_out_curve(num_samples, sample_rate_hz)[None, :]
+    quantised = normalise_to_pcm16(stems, piece.track_id, [part.name for part in piece.parts])
 
     bass_index = min(range(len(notes)), key=lambda i: (np.mean([key for _, _, key in notes[i]]), -i))
     file_rows = []
@@ -322,123 +309,10 @@ def _track_row(piece: DemoPiece, score, instruments: Sequence[str]) -> dict[str,
     }
 
 
-def _parse_score(corpus_path: str):
-    """The music21 ``Score`` at ``corpus_path``. Raises FileNotFoundError when the corpus lacks it."""
-    from music21 import corpus, exceptions21, stream
-
-    try:
-        score = corpus.parse(corpus_path)
-    except exceptions21.CorpusException as err:
-        raise FileNotFoundError(f"music21 corpus piece {corpus_path!r} is not installed (music21 ships its "
-                                "corpus in the wheel: check the music21 install or edit DEMO_PIECES)") from err
-    if not isinstance(score, stream.Score):
-        raise ValueError(f"music21 corpus piece {corpus_path!r} is a {type(score).__name__}, not one Score")
-    found = str(score.metadata.corpusFilePath or "")
-    if not found.startswith(f"{corpus_path}."):
-        raise FileNotFoundError(f"music21 corpus piece {corpus_path!r} resolved to {found!r}, another file")
-    return score
-
-
 def _metadata_text(value: object) -> str:
     """A metadata string, or "" when music21 only knows the file name (``"bwv66.6.mxl"``)."""
     text = str(value).strip() if value else ""
     return "" if re.search(r"\.(mxl|xml|musicxml|krn|abc|md)$", text, flags=re.IGNORECASE) else text
-
-
-def _part_notes(part, samples_per_quarter: float, max_samples: int) -> list[tuple[int, int, int]]:
-    """MIDI note events of a score part: ``(onset_sample, release_sample, midi_key)``, sorted.
-
-    Ties are merged, chords give one event per pitch, grace notes (zero length) are skipped; notes starting at
-    or after ``max_samples`` are dropped. Times are whole samples at ``samples_per_quarter``.
-    """
-    events = []
-    for element in part.stripTies().flatten().notes:
-        length_quarters = float(element.quarterLength)
-        if length_quarters <= 0:
-            continue
-        onset = int(round(float(element.offset) * samples_per_quarter))
-        release = int(round((float(element.offset) + length_quarters) * samples_per_quarter))
-        if onset >= max_samples or release <= onset:
-            continue
-        for pitch in element.pitches:
-            if 0 <= pitch.midi <= 127:
-                events.append((onset, release, int(pitch.midi)))
-    return sorted(events)
-
-
-def _render_part(notes: Sequence[tuple[int, int, int]], program: int, num_samples: int, sample_rate_hz: int,
-                 sf2_path: Path) -> np.ndarray:
-    """Render note events with one GM program through TinySoundFont, offline.
-
-    A fresh synthesizer per stem; the buffer is generated between events, so every note starts and stops on its
-    exact sample. TinySoundFont renders stereo; the two channels are averaged.
-
-    Returns:
-        float32 ``(num_samples,)``, unnormalised.
-    """
-    import tinysoundfont
-
-    synth = tinysoundfont.Synth(samplerate=sample_rate_hz)
-    sfid = synth.sfload(str(sf2_path))
-    synth.program_select(_MIDI_CHANNEL, sfid, 0, program)
-    # Releases sort before onsets at the same sample, so a repeated pitch is re-struck.
-    events = sorted([(release, 0, key) for _, release, key in notes] + [(onset, 1, key) for onset, _, key in notes])
-    frame_bytes = 2 * 4  # stereo float32
-    buffer = memoryview(bytearray(num_samples * frame_bytes))
-    cursor = 0
-    for sample, is_onset, key in events:
-        sample = min(sample, num_samples)
-        if sample > cursor:
-            synth.generate_simple(sample - cursor, buffer=buffer[cursor * frame_bytes: sample * frame_bytes])
-            cursor = sample
-        if cursor >= num_samples:
-            break
-        if is_onset:
-            synth.noteon(_MIDI_CHANNEL, key, _NOTE_VELOCITY)
-        else:
-            synth.noteoff(_MIDI_CHANNEL, key)
-    if cursor < num_samples:
-        synth.generate_simple(num_samples - cursor, buffer=buffer[cursor * frame_bytes:])
-    stereo = np.frombuffer(buffer, dtype=np.float32).reshape(num_samples, 2)
-    return stereo.mean(axis=1, dtype=np.float32)
-
-
-def _fade_out(num_samples: int, sample_rate_hz: int) -> np.ndarray:
-    """Gain curve float32 ``(num_samples,)``: 1, then a linear ramp to 0 over the last ``_FADE_OUT_S``."""
-    fade_samples = min(num_samples, int(round(_FADE_OUT_S * sample_rate_hz)))
-    curve = np.ones(num_samples, dtype=np.float32)
-    curve[num_samples - fade_samples:] = np.linspace(1.0, 0.0, fade_samples, dtype=np.float32)
-    return curve
-
-
-def _normalise_to_pcm16(stems: np.ndarray, piece: DemoPiece) -> np.ndarray:
-    """Apply one gain to all stems of a track and quantise to int16.
-
-    The gain puts the larger of the stems' sum peak and every stem's peak at ``_PEAK_TARGET_DBFS``, less one
-    LSB per stem, so that the sum of the rounded stems cannot exceed the target either.
-
-    Args:
-        stems: float32 ``(num_stems, num_samples)``.
-        piece: for error messages.
-
-    Returns:
-        int16 ``(num_stems, num_samples)``; full scale is ``_PCM16_FULL_SCALE``.
-
-    Raises:
-        ValueError: the render is silent, or a stem peaks below ``_SILENT_STEM_DBFS`` after the gain.
-    """
-    stems64 = stems.astype(np.float64)
-    peak = max(float(np.max(np.abs(stems64.sum(axis=0)))), float(np.max(np.abs(stems64))))
-    if peak == 0.0:
-        raise ValueError(f"{piece.track_id}: the render is silent")
-    target = 10.0 ** (_PEAK_TARGET_DBFS / 20.0) * _PCM16_FULL_SCALE - stems.shape[0]
-    quantised = np.round(stems64 * (target / peak))
-    stem_peaks_dbfs = 20.0 * np.log10(np.maximum(np.max(np.abs(quantised), axis=1), 1e-9) / _PCM16_FULL_SCALE)
-    for part, peak_dbfs in zip(piece.parts, stem_peaks_dbfs, strict=True):
-        if peak_dbfs < _SILENT_STEM_DBFS:
-            raise ValueError(f"{piece.track_id} part {part.name!r} peaks at {peak_dbfs:.1f} dBFS, below "
-                             f"{_SILENT_STEM_DBFS} dBFS: raise max_duration_s or change its program")
-    return quantised.astype(np.int16)
 
 
 def _write_flac_pcm16(path: Path, samples: np.ndarray, sample_rate_hz: int) -> None:

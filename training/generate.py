@@ -180,33 +180,14 @@ def generate(checkpoint_path: str | os.PathLike[str] | LoadedCheckpoint, prompt:
     guidance_scale = config.guidance_scale if guidance_scale is None else float(guidance_scale)
     sampler = sampler or (config.default_sampler if config.default_sampler in checkpoint.diffusion.samplers
                           else checkpoint.diffusion.samplers[0])
-    num_samples = round(duration_s * mel_config.sample_rate_hz)
-    if num_samples < mel_config.hop_length:
-        raise ValueError(f"duration_s={duration_s} is shorter than one mel hop "
-                         f"({mel_config.hop_length / mel_config.sample_rate_hz} s)")
+    num_samples = _num_samples(duration_s, mel_config)
     frames = mel_config.num_frames(num_samples)
     known, known_mask, mode = _context(checkpoint, frames, duration_s, context_audio, context_sample_rate_hz,
                                        regenerate_s)
-
-    condition_tensor = None
-    if checkpoint.model.model_kwargs.get("musical_conditioning"):
-        condition_tensor = stack_conditions([{"duration_s": duration_s, **(conditions or {})}])
-    generator = torch.Generator().manual_seed(int(seed))
-    normalised = checkpoint.diffusion.sample(
-        checkpoint.model, (1, mel_config.n_mels, frames), [prompt], generator, sampler=sampler, num_steps=num_steps,
-        guidance_scale=guidance_scale, conditions=condition_tensor, known=known, known_mask=known_mask,
-        x0_clip=X0_CLIP,
-    )[0]
-    log_floor = math.log(mel_config.log_floor)
-    mel = (normalised * checkpoint.mel_std + checkpoint.mel_mean).clamp(min=log_floor).numpy().astype(np.float32)
-
-    if vocoder is None or isinstance(vocoder, (str, os.PathLike)):
-        vocoder = load_vocoder(vocoder, mel_config, seed=int(seed))
-    audio = _fit_length(vocoder(mel, num_samples=num_samples), num_samples)
-    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
-    if not (np.isfinite(audio).all() and peak > 0.0):
-        raise RuntimeError(f"vocoded audio is silent or not finite (peak {peak}) for prompt {prompt!r}, seed {seed}")
-    audio = (audio * (10.0 ** (PEAK_DBFS / 20.0) / peak)).astype(np.float32)
+    mel = _sample_mel(checkpoint, prompt, int(seed), frames, {"duration_s": duration_s, **(conditions or {})},
+                      sampler=sampler, num_steps=num_steps, guidance_scale=guidance_scale, known=known,
+                      known_mask=known_mask)
+    audio = _vocode(mel, vocoder, mel_config, num_samples, int(seed), prompt)
     name = f"{sampler}-{num_steps}-cfg{float(guidance_scale)}" + (f"-{mode}" if mode else "")
     return GenerationResult(audio=audio, sample_rate_hz=mel_config.sample_rate_hz, mel=mel, sampler=name,
                             prompt=prompt, seed=int(seed), duration_s=float(duration_s))
@@ -266,6 +247,53 @@ def _context(checkpoint: LoadedCheckpoint, frames: int, duration_s: float, conte
         raise ValueError(f"nothing of the context is kept: regenerate_s=({start_s:g}, {end_s:g}) s covers it all")
     known = torch.from_numpy((full - checkpoint.mel_mean) / checkpoint.mel_std)[None]
     return known, torch.from_numpy(mask), mode
+
+
+def _num_samples(duration_s: float, mel_config: MelConfig) -> int:
+    """``round(duration_s · sample_rate_hz)``; raises ``ValueError`` when that is under one mel hop."""
+    num_samples = round(duration_s * mel_config.sample_rate_hz)
+    if num_samples < mel_config.hop_length:
+        raise ValueError(f"duration_s={duration_s} is shorter than one mel hop "
+                         f"({mel_config.hop_length / mel_config.sample_rate_hz} s)")
+    return num_samples
+
+
+def _sample_mel(checkpoint: LoadedCheckpoint, prompt: str, seed: int, frames: int, conditions: Mapping[str, Any],
+                *, sampler: str, num_steps: int, guidance_scale: float, known: torch.Tensor | None,
+                known_mask: torch.Tensor | None) -> np.ndarray:
+    """Sample one log-mel with the checkpoint's EMA model and undo the dataset normalisation.
+
+    Returns:
+        float32 ``(n_mels, frames)`` natural-log magnitudes, floored at ``log(log_floor)``.
+    """
+    mel_config = checkpoint.mel_config
+    condition_tensor = None
+    if checkpoint.model.model_kwargs.get("musical_conditioning"):
+        condition_tensor = stack_conditions([dict(conditions)])
+    generator = torch.Generator().manual_seed(seed)
+    normalised = checkpoint.diffusion.sample(
+        checkpoint.model, (1, mel_config.n_mels, frames), [prompt], generator, sampler=sampler, num_steps=num_steps,
+        guidance_scale=guidance_scale, conditions=condition_tensor, known=known, known_mask=known_mask,
+        x0_clip=X0_CLIP,
+    )[0]
+    log_floor = math.log(mel_config.log_floor)
+    return (normalised * checkpoint.mel_std + checkpoint.mel_mean).clamp(min=log_floor).numpy().astype(np.float32)
+
+
+def _vocode(mel: np.ndarray, vocoder: str | os.PathLike[str] | Vocoder | None, mel_config: MelConfig,
+            num_samples: int, seed: int, prompt: str) -> np.ndarray:
+    """Vocode a log-mel to float32 ``(1, num_samples)`` peak-normalised to ``PEAK_DBFS``.
+
+    Raises:
+        RuntimeError: the vocoded audio is silent or not finite.
+    """
+    if vocoder is None or isinstance(vocoder, (str, os.PathLike)):
+        vocoder = load_vocoder(vocoder, mel_config, seed=seed)
+    audio = _fit_length(vocoder(mel, num_samples=num_samples), num_samples)
+    peak = float(np.max(np.abs(audio))) if audio.size else 0.0
+    if not (np.isfinite(audio).all() and peak > 0.0):
+        raise RuntimeError(f"vocoded audio is silent or not finite (peak {peak}) for prompt {prompt!r}, seed {seed}")
+    return (audio * (10.0 ** (PEAK_DBFS / 20.0) / peak)).astype(np.float32)
 
 
 def _fit_length(audio: np.ndarray, num_samples: int) -> np.ndarray:

@@ -25,20 +25,17 @@ dataset raises ``ValueError``.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -51,12 +48,17 @@ from training.config import TrainConfig
 from training.data import MelBatchStream, shard_statistics
 from training.model import build_model
 from training.objectives import build_parameterization
+from training.parameterization import Parameterization
+from training.progress import PROGRESS_FILE, TENSORBOARD_DIR, ProgressPoller, TensorBoardWriter, gpu_metrics, \
+    write_progress
+from training.run_storage import CHECKPOINT_DIR_PREFIX, CHECKPOINT_FILE, RunStorage
+from training.schedule import ema_decay_at, learning_rate_at, update_ema
 
-CHECKPOINT_FILE = "checkpoint.pt"
+__all__ = ["CHECKPOINT_DIR_PREFIX", "CHECKPOINT_FILE", "CHECKPOINT_FORMAT", "PROGRESS_FILE", "TENSORBOARD_DIR",
+           "RunStorage", "TrainResult", "ema_decay_at", "learning_rate_at", "train", "train_loop_per_worker",
+           "update_ema"]
+
 CHECKPOINT_FORMAT = 2
-CHECKPOINT_DIR_PREFIX = "checkpoint_"
-PROGRESS_FILE = "progress.json"
-TENSORBOARD_DIR = "tensorboard"
 
 logger = logging.getLogger(__name__)
 
@@ -85,67 +87,6 @@ class TrainResult:
     config_sha256: str
     checkpoint_uri: str = ""
     finished: bool = True
-
-
-class RunStorage:
-    """A run folder ``storage_path/run_name`` on a pyarrow filesystem (local folder, s3://, gs://, file://).
-
-    Raises:
-        ValueError: (at construction) a URI pyarrow cannot open.
-    """
-
-    def __init__(self, storage_path: str, run_name: str) -> None:
-        if "://" in str(storage_path):
-            try:
-                self.fs, base = pafs.FileSystem.from_uri(str(storage_path))
-            except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
-                raise ValueError(f"storage_path {storage_path!r} cannot be opened by pyarrow.fs: {err}") from err
-            self.uri_prefix = str(storage_path).split("://", 1)[0] + "://"
-        else:
-            self.fs, base = pafs.LocalFileSystem(), str(Path(storage_path).expanduser().resolve())
-            self.uri_prefix = ""
-        self.storage_path, self.base, self.run_name = str(storage_path), base.rstrip("/"), run_name
-        self.run_dir = f"{self.base}/{run_name}"
-        self.is_local = isinstance(self.fs, pafs.LocalFileSystem)
-
-    def path(self, *parts: str) -> str:
-        return "/".join([self.run_dir, *parts])
-
-    def uri(self, *parts: str) -> str:
-        path = self.path(*parts)
-        return f"{self.uri_prefix}{path}" if self.uri_prefix else path
-
-    def exists(self, path: str) -> bool:
-        return self.fs.get_file_info(path).type != pafs.FileType.NotFound
-
-    def read_bytes(self, path: str) -> bytes:
-        with self.fs.open_input_stream(path) as stream:
-            return stream.read()
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write via a temporary name and a move (atomic on a local disk)."""
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[1]}.tmp"
-        with self.fs.open_output_stream(tmp) as stream:
-            stream.write(data)
-        self.fs.move(tmp, path)
-
-    def fetch(self, path: str) -> Path:
-        """A local path of the file at ``path``: itself on a local disk, else a downloaded copy."""
-        if self.is_local:
-            return Path(path)
-        local = Path(tempfile.mkdtemp(prefix="linernotes-ckpt-")) / Path(path).name
-        local.write_bytes(self.read_bytes(path))
-        return local
-
-    def checkpoints(self) -> list[str]:
-        """Paths of this run's ``checkpoint_*/checkpoint.pt`` files, oldest step first."""
-        if not self.exists(self.run_dir):
-            return []
-        infos = self.fs.get_file_info(pafs.FileSelector(self.run_dir, allow_not_found=True))
-        names = sorted(info.base_name for info in infos
-                       if info.type == pafs.FileType.Directory and info.base_name.startswith(CHECKPOINT_DIR_PREFIX))
-        return [self.path(name, CHECKPOINT_FILE) for name in names if self.exists(self.path(name, CHECKPOINT_FILE))]
 
 
 def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config: TrainConfig,
@@ -180,41 +121,18 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
         FileNotFoundError: a shard does not exist.
         ray.train.TrainingFailedError: a worker failed (the cause is attached).
     """
-    if not shard_paths:
-        raise ValueError("shard_paths is empty: pass the dataset's train shards")
-    if stop_after_steps is not None and stop_after_steps < 1:
-        raise ValueError(f"stop_after_steps must be >= 1, got {stop_after_steps}")
-    missing = [path for path in shard_paths if not Path(path).exists()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]}")
+    _check_inputs(shard_paths, stop_after_steps)
     storage = RunStorage(storage_path, run_name)
-    final_path = storage.path("final", CHECKPOINT_FILE)
-    if storage.exists(final_path):  # a finished run: check it is this run, then do no new work
-        local = storage.fetch(final_path)
-        state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
-        _check_resumable(state, config, dataset_id)
-        if int(state["step"]) >= config.steps:
-            logger.info("run %s already finished at step %d: %s", run_name, state["step"], final_path)
-            return _result(local, config, storage.uri("final", CHECKPOINT_FILE))
+    finished = _finished_run(storage, config, dataset_id)
+    if finished is not None:  # a finished run of this config and dataset: no new work
+        return finished
     existing = storage.checkpoints()
     if existing:  # an interrupted run: refuse another config or dataset before any cluster work
         state = torch.load(storage.fetch(existing[-1]), map_location="cpu", weights_only=True, mmap=True)
         _check_resumable(state, config, dataset_id)
         logger.info("resuming run %s from step %d", run_name, state["step"])
-    stats = shard_statistics(shard_paths)
-    loop_config = {
-        "shard_paths": [str(Path(path).resolve()) for path in shard_paths],
-        "dataset_id": dataset_id,
-        "mel_config": mel_config.to_dict(),
-        "config": config.to_dict(),
-        "mel_mean": stats.mel_mean,
-        "mel_std": stats.mel_std,
-        "samples_per_epoch": config.samples_per_epoch or stats.num_samples,
-        "storage_path": storage.storage_path,
-        "run_name": run_name,
-        "resume_from": existing[-1] if existing else None,
-        "stop_after_steps": stop_after_steps,
-    }
+    loop_config = _loop_config(shard_paths, dataset_id, mel_config, config, storage,
+                               resume_from=existing[-1] if existing else None, stop_after_steps=stop_after_steps)
     trainer = ray.train.torch.TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -225,47 +143,104 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
             failure_config=ray.train.FailureConfig(max_failures=config.max_failures),
         ),
     )
-    with _poll_progress(storage, config.steps, progress):
+    with ProgressPoller(storage, config.steps, progress):
         result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {run_name} finished without a checkpoint under {storage.storage_path}")
-    checkpoint_path = f"{result.checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
-    state = torch.load(storage.fetch(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
-    if int(state["step"]) < config.steps:  # stopped early: the newest checkpoint is the result
-        return _result(storage.fetch(checkpoint_path), config, storage.uri(*checkpoint_path[len(storage.run_dir) + 1:]
-                                                                           .split("/")))
-    storage.write_bytes(final_path, storage.read_bytes(checkpoint_path))
-    return _result(storage.fetch(final_path), config, storage.uri("final", CHECKPOINT_FILE))
+    return _collect_result(storage, result.checkpoint, config)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """One rank's training loop (run by Ray Train; ``loop_config`` is built by ``train``)."""
+    """One rank's training loop (run by Ray Train; ``loop_config`` is built by ``train``).
+
+    Builds or restores this rank's state (``_start_rank``), then takes optimizer steps until
+    ``stop_after_steps`` (or ``steps``): metrics every ``log_every`` steps, a checkpoint every
+    ``checkpoint_every`` steps and one at the end. Module-level, so that Ray Train can pickle it.
+    """
+    run = _start_rank(loop_config)
+    config = run.config
+    stop_at = min(config.steps, loop_config.get("stop_after_steps") or config.steps)
+    batches = _open_batches(run)
+    generator = torch.Generator(device=run.device)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if run.device.type == "cuda" and config.bf16
+                else nullcontext())
+    run.board = TensorBoardWriter(run.storage, run.step) if run.rank == 0 and config.tensorboard else None
+
+    run.model.train()
+    throughput = _Throughput()
+    metrics: dict[str, float] = {"step": run.step}
+    while run.step < stop_at:
+        learning_rate = learning_rate_at(run.step, config)
+        for group in run.optimizer.param_groups:
+            group["lr"] = learning_rate
+        batch = throughput.next_batch(batches)
+        grad_norm = _train_step(run, batch, generator, autocast)
+
+        if run.step % config.log_every == 0 or run.step == stop_at:
+            metrics = {"step": run.step, "loss": float(np.mean(run.losses[-config.log_every:])),
+                       "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+                       **throughput.measure(config.batch_size * run.world_size), **gpu_metrics(run.device)}
+            _log_metrics(run, metrics)
+        if run.step < stop_at and config.checkpoint_every and run.step % config.checkpoint_every == 0:
+            _save_and_report(run, metrics)
+        elif run.step < stop_at and run.step % config.log_every == 0:
+            ray.train.report(metrics)
+    _save_and_report(run, metrics)  # the last checkpoint (also after a resume that had nothing left to do)
+    if run.board is not None:
+        run.board.close()
+
+
+@dataclass
+class _Rank:
+    """One rank's training run: what ``train_loop_per_worker`` steps, and what a checkpoint saves.
+
+    Attributes:
+        loop_config: the driver's settings (``train``'s ``_loop_config``).
+        raw_model: the ``MelUNet``; ``model`` is the same module prepared by Ray Train (DDP when
+            ``world_size > 1``), the one the loss is computed through.
+        ema_model: the EMA copy of ``raw_model``'s weights (on ``device``, no gradients).
+        step: optimizer steps taken (``== batches_consumed_per_rank``).
+        losses: the training loss of every step so far (mean over ranks).
+        board: rank 0's TensorBoard writer, when ``config.tensorboard``.
+    """
+
+    loop_config: dict[str, Any]
+    config: TrainConfig
+    mel_config: MelConfig
+    storage: RunStorage
+    rank: int
+    world_size: int
+    device: torch.device
+    raw_model: nn.Module
+    ema_model: nn.Module
+    model: nn.Module
+    diffusion: Parameterization
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    losses: list[float] = field(default_factory=list)
+    board: TensorBoardWriter | None = None
+
+
+def _start_rank(loop_config: dict[str, Any]) -> _Rank:
+    """This rank's model (identical initial weights on every rank), EMA copy, diffusion process and
+    AdamW optimizer (Loshchilov & Hutter 2019), restored from the newest checkpoint when there is one.
+
+    Raises:
+        ValueError: the checkpoint is of another config or dataset.
+    """
     config = TrainConfig(**loop_config["config"])
     mel_config = MelConfig(**loop_config["mel_config"])
-    dataset_id, mel_mean, mel_std = loop_config["dataset_id"], loop_config["mel_mean"], loop_config["mel_std"]
     storage = RunStorage(loop_config["storage_path"], loop_config["run_name"])
-    stop_at = min(config.steps, loop_config.get("stop_after_steps") or config.steps)
     context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    # model (identical initial weights on every rank), its EMA copy, the diffusion process
     torch.manual_seed(config.seed)
     raw_model = build_model(config, mel_config.n_mels)
     ema_model = copy.deepcopy(raw_model).requires_grad_(False)
     diffusion = build_parameterization(config)
 
-    # resume from the newest checkpoint: Ray Train's (a restart after a failure), else the run folder's
     step, losses, optimizer_state = 0, [], None
-    state = None
-    resume = ray.train.get_checkpoint()
-    if resume is not None:
-        with resume.as_directory() as checkpoint_dir:
-            state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-    elif loop_config.get("resume_from"):
-        state = torch.load(storage.fetch(loop_config["resume_from"]), map_location="cpu", weights_only=True)
+    state = _resume_state(loop_config, storage)
     if state is not None:
-        _check_resumable(state, config, dataset_id)
+        _check_resumable(state, config, loop_config["dataset_id"])
         raw_model.load_state_dict(state["model_state"])
         ema_model.load_state_dict(state["ema_state"])
         step, losses, optimizer_state = int(state["step"]), list(state["losses"]), state["optimizer_state"]
@@ -277,219 +252,194 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                                   weight_decay=config.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    return _Rank(loop_config=loop_config, config=config, mel_config=mel_config, storage=storage,
+                 rank=context.get_world_rank(), world_size=context.get_world_size(), device=device,
+                 raw_model=raw_model, ema_model=ema_model, model=model, diffusion=diffusion, optimizer=optimizer,
+                 step=step, losses=losses)
 
-    # data: this rank's share of the shards, continuing exactly where the checkpoint left it
-    stream = MelBatchStream(loop_config["shard_paths"], mel_mean, mel_std, config.crop_frames,
-                            mel_config.log_floor, batch_size=config.batch_size, seed=config.seed,
-                            samples_per_epoch=loop_config["samples_per_epoch"], rank=rank, world_size=world_size,
-                            shuffle_buffer=config.shuffle_buffer, start_batch=step)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_loader_workers,
-                                               pin_memory=device.type == "cuda"))
-    generator = torch.Generator(device=device)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and config.bf16
-                else nullcontext())
-    board = _TensorBoard(storage, step) if rank == 0 and config.tensorboard else None
 
-    def data_position() -> dict[str, Any]:
-        return {"batches_consumed_per_rank": step, "batch_size": config.batch_size, "world_size": world_size,
-                "num_loader_workers": config.num_loader_workers, "samples_per_epoch": loop_config["samples_per_epoch"],
-                "seed": config.seed}
+def _resume_state(loop_config: dict[str, Any], storage: RunStorage) -> dict[str, Any] | None:
+    """The newest checkpoint's state: Ray Train's (a restart after a failure), else the run folder's
+    (``resume_from``, found by the driver); None for a fresh run."""
+    resume = ray.train.get_checkpoint()
+    if resume is not None:
+        with resume.as_directory() as checkpoint_dir:
+            return torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    if loop_config.get("resume_from"):
+        return torch.load(storage.fetch(loop_config["resume_from"]), map_location="cpu", weights_only=True)
+    return None
 
-    def save_and_report(metrics: dict[str, float]) -> None:
-        """Report with a checkpoint written by rank 0 (every rank must call this together)."""
-        with tempfile.TemporaryDirectory() as checkpoint_dir:
-            checkpoint = None
-            if rank == 0:
-                torch.save({
-                    "format": CHECKPOINT_FORMAT,
-                    "model_kwargs": raw_model.model_kwargs,
-                    "model_state": raw_model.state_dict(),
-                    "ema_state": ema_model.state_dict(),
-                    "optimizer_state": optimizer.state_dict(),
-                    "step": step,
-                    "config": config.to_dict(),
-                    "config_sha256": config.sha256(),
-                    "mel_config": mel_config.to_dict(),
-                    "dataset_id": dataset_id,
-                    "mel_mean": float(mel_mean),
-                    "mel_std": float(mel_std),
-                    "losses": list(losses),
-                    "data_position": data_position(),
-                }, Path(checkpoint_dir) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
-                if board is not None:
-                    board.sync()
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_DIR_PREFIX}{step:09d}")
 
-    model.train()
-    started = window_start = time.perf_counter()
-    window_steps, data_wait_s = 0, 0.0
-    metrics: dict[str, float] = {"step": step}
-    while step < stop_at:
-        learning_rate = learning_rate_at(step, config)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
+def _open_batches(run: _Rank) -> Iterator[dict[str, Any]]:
+    """This rank's share of the shards, continuing exactly where the checkpoint left it (``start_batch``)."""
+    config, loop_config = run.config, run.loop_config
+    stream = MelBatchStream(loop_config["shard_paths"], loop_config["mel_mean"], loop_config["mel_std"],
+                            config.crop_frames, run.mel_config.log_floor, batch_size=config.batch_size,
+                            seed=config.seed, samples_per_epoch=loop_config["samples_per_epoch"], rank=run.rank,
+                            world_size=run.world_size, shuffle_buffer=config.shuffle_buffer, start_batch=run.step)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_loader_workers,
+                                            pin_memory=run.device.type == "cuda"))
+
+
+def _train_step(run: _Rank, batch: dict[str, Any], generator: torch.Generator,
+                autocast: AbstractContextManager[Any]) -> torch.Tensor:
+    """One optimizer step on ``batch``; advances ``run.step`` and appends the loss to ``run.losses``.
+
+    The noise, timesteps and condition dropout come from generators seeded with ``(seed, step, rank)``,
+    so a resumed run draws what a straight run would. Returns the gradient norm before clipping.
+    """
+    config = run.config
+    step_seed = int(np.random.SeedSequence([config.seed, run.step, run.rank]).generate_state(1)[0])
+    generator.manual_seed(step_seed)
+    torch.manual_seed(step_seed)  # any randomness drawn from the global RNG (dropout) is per-step too
+    with autocast:
+        conditions = (torch.from_numpy(np.stack([encode_conditions(meta) for meta in batch["meta"]]))
+                      if config.musical_conditioning else None)
+        loss = run.diffusion.loss(run.model, batch["mel"].to(run.device, non_blocking=True), list(batch["text"]),
+                                  generator=generator, cond_dropout=config.cond_dropout, conditions=conditions)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = nn.utils.clip_grad_norm_(run.raw_model.parameters(), config.grad_clip or math.inf)
+    run.optimizer.step()
+    update_ema(run.ema_model, run.raw_model, ema_decay_at(run.step, config.ema_decay))
+    run.step += 1
+    run.losses.append(_mean_over_ranks(loss.detach().float(), run.world_size))
+    return grad_norm
+
+
+class _Throughput:
+    """Wall-clock of one logging window: samples per second and the fraction of it spent waiting for data."""
+
+    def __init__(self) -> None:
+        self.started = self.window_start = time.perf_counter()
+        self.window_steps, self.data_wait_s = 0, 0.0
+
+    def next_batch(self, batches: Iterator[dict[str, Any]]) -> dict[str, Any]:
+        """The next batch (one per step), timing the wait for it."""
         wait_start = time.perf_counter()
         batch = next(batches)
-        data_wait_s += time.perf_counter() - wait_start
-        step_seed = int(np.random.SeedSequence([config.seed, step, rank]).generate_state(1)[0])
-        generator.manual_seed(step_seed)
-        torch.manual_seed(step_seed)  # any randomness drawn from the global RNG (dropout) is per-step too
-        with autocast:
-            conditions = (torch.from_numpy(np.stack([encode_conditions(meta) for meta in batch["meta"]]))
-                          if config.musical_conditioning else None)
-            loss = diffusion.loss(model, batch["mel"].to(device, non_blocking=True), list(batch["text"]),
-                                  generator=generator, cond_dropout=config.cond_dropout, conditions=conditions)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = nn.utils.clip_grad_norm_(raw_model.parameters(), config.grad_clip or math.inf)
-        optimizer.step()
-        update_ema(ema_model, raw_model, ema_decay_at(step, config.ema_decay))
-        step += 1
-        window_steps += 1
-        losses.append(_mean_over_ranks(loss.detach().float(), world_size))
+        self.data_wait_s += time.perf_counter() - wait_start
+        self.window_steps += 1
+        return batch
 
-        if step % config.log_every == 0 or step == stop_at:
-            elapsed = time.perf_counter() - window_start
-            metrics = {"step": step, "loss": float(np.mean(losses[-config.log_every:])),
-                       "learning_rate": learning_rate, "grad_norm": float(grad_norm),
-                       "samples_per_s": window_steps * config.batch_size * world_size / max(elapsed, 1e-9),
-                       "data_wait_fraction": data_wait_s / max(elapsed, 1e-9),
-                       "elapsed_s": time.perf_counter() - started, **_gpu_metrics(device)}
-            window_start, window_steps, data_wait_s = time.perf_counter(), 0, 0.0
-            if rank == 0:
-                logger.info("step %d loss %.4f lr %.2e %.1f samples/s", step, metrics["loss"], learning_rate,
-                            metrics["samples_per_s"])
-                if board is not None:
-                    board.log(metrics, step)
-                _write_progress(storage, metrics, config.steps)
-        if step < stop_at and config.checkpoint_every and step % config.checkpoint_every == 0:
-            save_and_report(metrics)
-        elif step < stop_at and step % config.log_every == 0:
-            ray.train.report(metrics)
-    save_and_report(metrics)  # the last checkpoint (also after a resume that had nothing left to do)
-    if board is not None:
-        board.close()
+    def measure(self, samples_per_step: int) -> dict[str, float]:
+        """``samples_per_s``, ``data_wait_fraction`` of the window and ``elapsed_s`` of the run; starts a new window."""
+        elapsed = time.perf_counter() - self.window_start
+        metrics = {"samples_per_s": self.window_steps * samples_per_step / max(elapsed, 1e-9),
+                   "data_wait_fraction": self.data_wait_s / max(elapsed, 1e-9),
+                   "elapsed_s": time.perf_counter() - self.started}
+        self.window_start, self.window_steps, self.data_wait_s = time.perf_counter(), 0, 0.0
+        return metrics
 
 
-class _TensorBoard:
-    """Rank 0's ``torch.utils.tensorboard`` writer for ``<run>/tensorboard``.
+def _log_metrics(run: _Rank, metrics: dict[str, float]) -> None:
+    """Rank 0: the log line, the TensorBoard scalars and the progress note for the driver."""
+    if run.rank != 0:
+        return
+    logger.info("step %d loss %.4f lr %.2e %.1f samples/s", run.step, metrics["loss"], metrics["learning_rate"],
+                metrics["samples_per_s"])
+    if run.board is not None:
+        run.board.log(metrics, run.step)
+    write_progress(run.storage, metrics, run.config.steps)
 
-    On a local storage it writes there directly; on a remote one it writes to a local folder that
-    ``sync()`` copies to the storage (at every checkpoint and at the end). A resumed run purges
-    events after its resume step, so TensorBoard shows one continuous curve.
+
+def _save_and_report(run: _Rank, metrics: dict[str, float]) -> None:
+    """Report with a checkpoint written by rank 0 (every rank must call this together)."""
+    with tempfile.TemporaryDirectory() as checkpoint_dir:
+        checkpoint = None
+        if run.rank == 0:
+            torch.save(_checkpoint_state(run), Path(checkpoint_dir) / CHECKPOINT_FILE)
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+            if run.board is not None:
+                run.board.sync()
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"{CHECKPOINT_DIR_PREFIX}{run.step:09d}")
+
+
+def _checkpoint_state(run: _Rank) -> dict[str, Any]:
+    """What ``checkpoint.pt`` holds (format ``CHECKPOINT_FORMAT``; see the module doc)."""
+    config, loop_config = run.config, run.loop_config
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "model_kwargs": run.raw_model.model_kwargs,
+        "model_state": run.raw_model.state_dict(),
+        "ema_state": run.ema_model.state_dict(),
+        "optimizer_state": run.optimizer.state_dict(),
+        "step": run.step,
+        "config": config.to_dict(),
+        "config_sha256": config.sha256(),
+        "mel_config": run.mel_config.to_dict(),
+        "dataset_id": loop_config["dataset_id"],
+        "mel_mean": float(loop_config["mel_mean"]),
+        "mel_std": float(loop_config["mel_std"]),
+        "losses": list(run.losses),
+        "data_position": {"batches_consumed_per_rank": run.step, "batch_size": config.batch_size,
+                          "world_size": run.world_size, "num_loader_workers": config.num_loader_workers,
+                          "samples_per_epoch": loop_config["samples_per_epoch"], "seed": config.seed},
+    }
+
+
+def _check_inputs(shard_paths: list[str], stop_after_steps: int | None) -> None:
+    """Raise ``ValueError`` (no shards, ``stop_after_steps < 1``) or ``FileNotFoundError`` (a missing shard)."""
+    if not shard_paths:
+        raise ValueError("shard_paths is empty: pass the dataset's train shards")
+    if stop_after_steps is not None and stop_after_steps < 1:
+        raise ValueError(f"stop_after_steps must be >= 1, got {stop_after_steps}")
+    missing = [path for path in shard_paths if not Path(path).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} shard(s) do not exist, e.g. {missing[0]}")
+
+
+def _finished_run(storage: RunStorage, config: TrainConfig, dataset_id: str) -> TrainResult | None:
+    """The result of this run when ``final/checkpoint.pt`` holds all ``config.steps``, else None.
+
+    Raises:
+        ValueError: the final checkpoint is of another config or dataset.
     """
-
-    def __init__(self, storage: RunStorage, step: int) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.storage = storage
-        self.local_dir = (Path(storage.path(TENSORBOARD_DIR)) if storage.is_local
-                          else Path(tempfile.mkdtemp(prefix="linernotes-tb-")))
-        self.writer = SummaryWriter(log_dir=str(self.local_dir), purge_step=step if step else None)
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        for name in ("loss", "learning_rate", "samples_per_s", "grad_norm", "data_wait_fraction"):
-            self.writer.add_scalar(f"train/{name}", metrics[name], step)
-        for name, value in metrics.items():
-            if name.startswith("gpu_"):
-                self.writer.add_scalar(f"gpu/{name[4:]}", value, step)
-        self.writer.flush()
-
-    def sync(self) -> None:
-        self.writer.flush()
-        if not self.storage.is_local:
-            self.storage.fs.create_dir(self.storage.path(TENSORBOARD_DIR), recursive=True)
-            pafs.copy_files(str(self.local_dir), self.storage.path(TENSORBOARD_DIR),
-                            source_filesystem=pafs.LocalFileSystem(), destination_filesystem=self.storage.fs)
-
-    def close(self) -> None:
-        self.sync()
-        self.writer.close()
+    final_path = storage.path("final", CHECKPOINT_FILE)
+    if not storage.exists(final_path):
+        return None
+    local = storage.fetch(final_path)
+    state = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    _check_resumable(state, config, dataset_id)
+    if int(state["step"]) < config.steps:
+        return None
+    logger.info("run %s already finished at step %d: %s", storage.run_name, state["step"], final_path)
+    return _result(local, config, storage.uri("final", CHECKPOINT_FILE))
 
 
-def _gpu_metrics(device: torch.device) -> dict[str, float]:
-    """On CUDA: allocated and peak memory (GiB) and, when NVML is available, utilization (%)."""
-    if device.type != "cuda":
-        return {}
-    metrics = {"gpu_memory_allocated_gib": torch.cuda.memory_allocated(device) / 2**30,
-               "gpu_max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
-    try:
-        metrics["gpu_utilization_pct"] = float(torch.cuda.utilization(device))
-    except Exception:  # noqa: BLE001 - NVML (pynvml) missing or unsupported: report memory only
-        pass
-    return metrics
+def _loop_config(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config: TrainConfig,
+                 storage: RunStorage, resume_from: str | None, stop_after_steps: int | None) -> dict[str, Any]:
+    """The settings every rank gets (plain data, pickled by Ray Train), with the log-mel statistics and the
+    sample count measured here, on the driver, in one pass over ``shard_paths``."""
+    stats = shard_statistics(shard_paths)
+    return {
+        "shard_paths": [str(Path(path).resolve()) for path in shard_paths],
+        "dataset_id": dataset_id,
+        "mel_config": mel_config.to_dict(),
+        "config": config.to_dict(),
+        "mel_mean": stats.mel_mean,
+        "mel_std": stats.mel_std,
+        "samples_per_epoch": config.samples_per_epoch or stats.num_samples,
+        "storage_path": storage.storage_path,
+        "run_name": storage.run_name,
+        "resume_from": resume_from,
+        "stop_after_steps": stop_after_steps,
+    }
 
 
-def _write_progress(storage: RunStorage, metrics: dict[str, float], steps: int) -> None:
-    """Rank 0's progress note for the driver: ``{"step", "steps", "loss"}`` in the run folder."""
-    try:
-        storage.write_bytes(storage.path(PROGRESS_FILE), json.dumps(
-            {"step": int(metrics["step"]), "steps": steps, "loss": metrics.get("loss")}).encode())
-    except OSError as err:  # progress is a convenience; never fail training over it
-        logger.warning("could not write progress: %s", err)
-
-
-class _poll_progress:
-    """While training runs, read the run's progress note every 0.5 s on a daemon thread; call ``progress``."""
-
-    def __init__(self, storage: RunStorage, steps: int, progress: Callable[[str, int, int], None] | None) -> None:
-        self.storage, self.steps, self.progress = storage, steps, progress
-        self.path = storage.path(PROGRESS_FILE)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "_poll_progress":
-        if self.progress is not None:
-            try:
-                self.storage.fs.delete_file(self.path)
-            except (FileNotFoundError, OSError):
-                pass
-            self.progress("training steps", 0, self.steps)
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.progress is not None:
-            self.stop.set()
-            self.thread.join(timeout=5)
-            self._read()
-
-    def _run(self) -> None:
-        while not self.stop.wait(0.5):
-            self._read()
-
-    def _read(self) -> None:
-        try:
-            note = json.loads(self.storage.read_bytes(self.path))
-        except (FileNotFoundError, OSError, json.JSONDecodeError):
-            return
-        self.progress("training steps", int(note["step"]), int(note["steps"]))
-
-
-def learning_rate_at(step: int, config: TrainConfig) -> float:
-    """Linear warm-up to ``learning_rate`` over ``warmup_steps``, then half-cosine decay to
-    ``min_learning_rate`` at ``steps`` (Loshchilov & Hutter 2017, SGDR; as in nanoGPT)."""
-    if step < config.warmup_steps:
-        return config.learning_rate * (step + 1) / (config.warmup_steps + 1)
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    coefficient = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return config.min_learning_rate + coefficient * (config.learning_rate - config.min_learning_rate)
-
-
-def ema_decay_at(step: int, ceiling: float) -> float:
-    """EMA decay at ``step``: ``min(ceiling, (1 + step) / (10 + step))``, the ``num_updates`` warm-up
-    of TensorFlow's ``ExponentialMovingAverage``, so short runs do not keep mostly initial weights."""
-    return min(ceiling, (1.0 + step) / (10.0 + step))
-
-
-@torch.no_grad()
-def update_ema(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """``ema ← decay · ema + (1 − decay) · θ`` for every parameter; buffers are copied."""
-    for ema_param, param in zip(ema_model.parameters(), model.parameters(), strict=True):
-        ema_param.lerp_(param.detach(), 1.0 - decay)
-    for ema_buffer, buffer in zip(ema_model.buffers(), model.buffers(), strict=True):
-        ema_buffer.copy_(buffer)
+def _collect_result(storage: RunStorage, checkpoint: ray.train.Checkpoint | None, config: TrainConfig) -> TrainResult:
+    """The result of ``TorchTrainer.fit()``: its newest checkpoint when the run stopped early, else that
+    checkpoint copied to ``final/checkpoint.pt``."""
+    if checkpoint is None:
+        raise RuntimeError(f"run {storage.run_name} finished without a checkpoint under {storage.storage_path}")
+    checkpoint_path = f"{checkpoint.path.rstrip('/')}/{CHECKPOINT_FILE}"
+    state = torch.load(storage.fetch(checkpoint_path), map_location="cpu", weights_only=True, mmap=True)
+    if int(state["step"]) < config.steps:  # stopped early: the newest checkpoint is the result
+        relative = checkpoint_path[len(storage.run_dir) + 1:].split("/")
+        return _result(storage.fetch(checkpoint_path), config, storage.uri(*relative))
+    final_path = storage.path("final", CHECKPOINT_FILE)
+    storage.write_bytes(final_path, storage.read_bytes(checkpoint_path))
+    return _result(storage.fetch(final_path), config, storage.uri("final", CHECKPOINT_FILE))
 
 
 def _result(local_path: Path, config: TrainConfig, uri: str = "") -> TrainResult:
