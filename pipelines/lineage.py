@@ -76,8 +76,9 @@ def lineage(workspace: Workspace, entity_id: str, kind: str | None = None) -> di
             found = getattr(walk, candidate)(entity_id)
             if found is not None:
                 return {"kind": candidate, "id": entity_id, **found}
-        looked = kind or "generation, checkpoint, dataset, catalog or track"
-        raise LineageError(f"no {looked} with id {entity_id!r} in the lineage store {_safe_url(workspace)}")
+        looked = kind or "generation, checkpoint, dataset or track"
+        also = "" if kind else " and no catalog version"
+        raise LineageError(f"no {looked} with id {entity_id!r}{also} in the lineage store {_safe_url(workspace)}")
     finally:
         store.close()
 
