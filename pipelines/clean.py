@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from cleaning import blind_settings as methods
 from cleaning.contamination import StemItem
 from cleaning.decision import DROP, KEEP, decide
-from pipelines.catalog import catalog_id
+from pipelines.catalog import CatalogVersion, catalog_id, derive_catalog, resolve_catalog
 from pipelines.engines import Engine
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
@@ -206,25 +206,33 @@ class CleanStage(Stage):
     config_model = CleanConfig
     resources = Resources(engine="ray", cpus=1.0, gpus=1.0)
     engine_keys = ("num_cpus", "address")
-    reads = ("audio_files",)
-    writes = ("stem_scores", "catalog_stem_scores")
+    key_inputs = ("audio_files",)  # the only catalog table clean reads
+    reads = ("catalog", "audio_files")
+    writes = ("stem_scores", "catalog", "catalog_stem_scores")
 
     def inputs(self, ctx: StageContext, config: CleanConfig) -> dict[str, str]:
-        stems, _ = read_stems(ctx.workspace)
+        version = ctx.prepared["catalog"] = resolve_catalog(ctx.workspace, ctx.select.get("catalog"))
+        stems, _ = read_stems(ctx.workspace, version)
         missing = sorted(set(config.reference_tracks) - {row["track_id"] for row in stems})
         if missing:
             raise ValueError(f"clean.reference_tracks: {missing} have no stems in the catalog "
-                             f"({ctx.workspace.catalog_table('audio_files')})")
-        return {"audio_files": catalog_id(ctx.workspace, ("audio_files",))}  # the only catalog table clean reads
+                             f"({version.table('audio_files')})")
+        return {"catalog": version.catalog_id, "audio_files": catalog_id(ctx.workspace, ("audio_files",), version)}
 
     def run(self, ctx: StageContext, config: CleanConfig) -> StageOutput:
-        stems, mixtures = read_stems(ctx.workspace)
+        version = ctx.prepared["catalog"]
+        stems, mixtures = read_stems(ctx.workspace, version)
         ctx.engine.ray()
         measured = _measure_tracks(stems, mixtures, config, ctx.progress)
         result = _score_and_decide(ctx, config, stems, set(config.reference_tracks), measured)
         details = {k: v for k, v in dataclasses.asdict(result).items()
                    if k not in {"run_id", "outputs", "status", "inputs"}}
-        return StageOutput(outputs=result.outputs, counts=_run_counts(result), details=details)
+        table = records.read_table(result.outputs["stem_scores"])
+        derived = derive_catalog(ctx.workspace, version, {"stem_scores": table}, stage=STAGE, run_id=ctx.run_id)
+        outputs = {**result.outputs, "catalog_stem_scores": str(derived.table("stem_scores"))}
+        details["catalog_id"] = derived.catalog_id
+        return StageOutput(outputs=outputs, counts=_run_counts(result), output_ids={"catalog": derived.catalog_id},
+                           details=details)
 
 
 def _run_counts(result: CleanResult) -> dict[str, Any]:
@@ -235,14 +243,15 @@ def _run_counts(result: CleanResult) -> dict[str, Any]:
 CLEAN = CleanStage()
 
 
-def read_stems(workspace: Workspace) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """The catalog's stem rows (sorted by key) and its mixture row per track.
+def read_stems(workspace: Workspace, version: CatalogVersion | None = None
+               ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
+    """A catalog version's (default: the latest's) stem rows (sorted by key) and its mixture row per track.
 
     Raises:
         FileNotFoundError: no ``audio_files.parquet``.
         ValueError: the catalog has no stems.
     """
-    path = workspace.catalog_table("audio_files")
+    path = version.table("audio_files") if version else workspace.catalog_table("audio_files")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `linernotes ingest DELIVERY` first")
     rows = pq.read_table(path).to_pylist()
@@ -375,13 +384,12 @@ def _score_and_decide(ctx: StageContext, config: CleanConfig, stems: Sequence[di
         rows.append(_score_row(key, FINAL, float(len(why)), DROP if why else KEEP, ";".join(why), run_id))
     table = records.to_table(rows, records.STEM_SCORE)
     run_path = records.write_table(table, workspace.run_dir(run_id) / "stem_scores.parquet")
-    catalog_path = records.write_table(table, workspace.catalog_dir / "stem_scores.parquet")
     num_dropped = sum(1 for key in candidates if reasons[key])
     return CleanResult(run_id=run_id, num_stems=len(keys), num_reference=len(keys) - len(candidates),
                        num_kept=len(keys) - num_dropped, num_dropped=num_dropped,
                        dropped_by_reason=dict(sorted(dropped_by_reason.items())), scored=scored,
                        reused_scores=reused, unlearning=unlearning_info,
-                       outputs={"stem_scores": str(run_path), "catalog_stem_scores": str(catalog_path)})
+                       outputs={"stem_scores": str(run_path)})
 
 
 def _score_row(key: tuple[str, str, str], method: str, score: float, decision: str, reason: str,

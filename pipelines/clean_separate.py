@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 
-from pipelines.catalog import catalog_id
+from pipelines.catalog import CatalogVersion, catalog_id, derive_catalog, resolve_catalog
 from pipelines.engines import Engine
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
@@ -136,18 +136,20 @@ class SeparateStage(Stage):
     config_model = SeparateConfig
     resources = Resources(engine="ray", cpus=1.0, gpus=1.0)
     engine_keys = ("num_cpus", "address", "num_actors")
-    reads = ("audio_files", "separator")
-    writes = ("audio_files", "stems")
+    key_inputs = ("audio_files", "separator")  # the only catalog table separate reads
+    reads = ("catalog", "audio_files", "separator")
+    writes = ("catalog", "audio_files", "stems")
 
     def inputs(self, ctx: StageContext, config: SeparateConfig) -> dict[str, str]:
         from cleaning.separate import load_separator
 
-        rows = _catalog_rows(ctx.workspace)
+        version = ctx.prepared["catalog"] = resolve_catalog(ctx.workspace, ctx.select.get("catalog"))
+        rows = _catalog_rows(version)
         unknown = sorted(set(config.tracks) - {r["track_id"] for r in rows if r["role"] == Role.MIXTURE.value})
         if unknown:
             raise ValueError(f"separate.tracks: {unknown} have no mixture in the catalog")
         identity = load_separator(config.model)  # fails here, before any Run, on a bad name or file
-        return {"audio_files": catalog_id(ctx.workspace, ("audio_files",)),
+        return {"catalog": version.catalog_id, "audio_files": catalog_id(ctx.workspace, ("audio_files",), version),
                 "separator": f"{identity.name}@{identity.sha256}"}
 
     def run(self, ctx: StageContext, config: SeparateConfig) -> StageOutput:
@@ -155,8 +157,8 @@ class SeparateStage(Stage):
 
         from cleaning.separate import load_separator
 
-        path = ctx.workspace.catalog_table("audio_files")
-        rows = _catalog_rows(ctx.workspace)
+        version = ctx.prepared["catalog"]
+        rows = _catalog_rows(version)
         with_stems = {r["track_id"] for r in rows if r["role"] != Role.MIXTURE.value}
         mixtures = {r["track_id"]: r for r in rows if r["role"] == Role.MIXTURE.value}
         wanted = sorted(config.tracks or mixtures)
@@ -175,22 +177,28 @@ class SeparateStage(Stage):
                 new_rows.extend(ray.get(ref))
                 if ctx.progress is not None:
                     ctx.progress("separate", done, len(todo))
-        outputs = {"audio_files": str(path)}
+        outputs = {"audio_files": str(version.table("audio_files"))}
+        derived = version
         if new_rows:
             added = {(n["track_id"], n["role"], n["instrument"]) for n in new_rows}
             kept = [r for r in rows if (r["track_id"], r["role"], r["instrument"]) not in added]
-            records.write_table(records.to_table(kept + new_rows, records.AUDIO_FILE), path)
+            derived = derive_catalog(ctx.workspace, version,
+                                     {"audio_files": records.to_table(kept + new_rows, records.AUDIO_FILE)},
+                                     stage=STAGE, run_id=ctx.run_id)
+            outputs["audio_files"] = str(derived.table("audio_files"))
             outputs["stems"] = str(records.write_table(records.to_table(new_rows, records.AUDIO_FILE),
                                                        ctx.run_dir / "audio_files.parquet"))
         details = {"separator": identity.name, "separator_sha256": identity.sha256, "num_tracks": len(todo),
                    "num_stems": len(new_rows), "skipped_tracks": len(wanted) - len(todo), "stems": new_rows}
         counts = {"tracks": len(todo), "stems": len(new_rows), "skipped": len(wanted) - len(todo),
                   "separator": identity.name, "separator_sha256": identity.sha256}
-        return StageOutput(outputs=outputs, counts=counts, details=details)
+        details["catalog_id"] = derived.catalog_id
+        return StageOutput(outputs=outputs, counts=counts, output_ids={"catalog": derived.catalog_id},
+                           details=details)
 
 
-def _catalog_rows(workspace: Workspace) -> list[dict[str, Any]]:
-    path = workspace.catalog_table("audio_files")
+def _catalog_rows(version: CatalogVersion) -> list[dict[str, Any]]:
+    path = version.table("audio_files")
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: run `linernotes ingest DELIVERY` first")
     return pq.read_table(path).to_pylist()

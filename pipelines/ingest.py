@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
 from cleaning.warmup import warm_kernels
+from pipelines.catalog import commit_catalog
 from pipelines.config import config_dict
 from pipelines.delivery import Delivery, file_record_id, read_delivery, read_licenses
 from pipelines.ingest_steps import (
@@ -290,13 +291,18 @@ class IngestStage(Stage):
         delivery, opt_outs = ctx.prepared["delivery"], ctx.prepared["opt_outs"]
         fingerprint = run_fingerprint(delivery, config, opt_outs)
         reusable = _find_reusable_run(ctx.store, ctx.workspace, fingerprint)
-        if reusable is not None:  # the catalog was overwritten since: point it at that run's tables again
+        if reusable is not None:  # same delivery, config and opt-outs (another code version): take its tables
             ctx.say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
             counts, outputs = _reuse_run(ctx.workspace, reusable)
         else:
             counts, outputs = _ingest(ctx, config, delivery, opt_outs)
-        return StageOutput(outputs=outputs, counts=counts, details={"delivery_id": delivery.delivery_id,
-                                                                    "fingerprint": fingerprint})
+        version = commit_catalog(ctx.workspace, {name: Path(outputs[name]) for name in CATALOG_TABLES},
+                                 parent=None, stage=STAGE, run_id=ctx.run_id)
+        outputs.update({name: str(version.table(name)) for name in CATALOG_TABLES})
+        ctx.say(f"catalog version {version.catalog_id}")
+        return StageOutput(outputs=outputs, counts=counts, output_ids={"catalog": version.catalog_id},
+                           details={"delivery_id": delivery.delivery_id, "fingerprint": fingerprint,
+                                    "catalog_id": version.catalog_id})
 
 
 INGEST_STAGE = IngestStage()
@@ -348,10 +354,7 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
     # so that the catalog never shows an earlier delivery's)
     tables["releases"] = to_table([{**row, "run_id": run_id} for row in delivered.releases], RELEASE)
     tables["deals"] = to_table([{**row, "run_id": run_id} for row in delivered.deals], DEAL)
-    outputs = {}
-    for name, table in tables.items():
-        write_table(table, run_dir / f"{name}.parquet")
-        outputs[name] = str(write_table(table, workspace.catalog_table(name)))
+    outputs = {name: str(write_table(table, run_dir / f"{name}.parquet")) for name, table in tables.items()}
     counts = reconcile(delivered, tracks, audio_files, rejections, len(license_rows))
     # files and built mixtures that were decoded and measured by this run, or taken from the cache
     counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
@@ -496,11 +499,9 @@ def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: s
 
 
 def _reuse_run(workspace: Workspace, previous: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Point the catalog at an identical earlier run's tables: (counts with ``reused_from``, outputs)."""
+    """An identical earlier run's tables (its run folder): (counts with ``reused_from``, outputs)."""
     source = workspace.run_dir(previous["run_id"])
-    outputs: dict[str, str] = {}
-    for name in CATALOG_TABLES:
-        outputs[name] = str(write_table(pq.read_table(source / f"{name}.parquet"), workspace.catalog_table(name)))
+    outputs = {name: str(source / f"{name}.parquet") for name in CATALOG_TABLES}
     counts = {**previous["counts"], "work": {"audio_measured": 0, "audio_from_cache": 0},
               "reused_from": previous["run_id"]}
     return counts, outputs

@@ -18,12 +18,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.catalog import read_catalog_licenses
+from pipelines.catalog import catalogs_dir, latest_catalog, list_catalogs, read_catalog_licenses, resolve_catalog
 from provenance.policy import OptOutRegistry
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
-KINDS = ("track", "dataset", "checkpoint", "generation")
+KINDS = ("track", "catalog", "dataset", "checkpoint", "generation")
 TRACK_FIELDS = ("track_id", "isrc", "title", "artist", "rights_holder", "license_id", "attribution")
 
 
@@ -59,9 +59,9 @@ def lineage(workspace: Workspace, entity_id: str, kind: str | None = None) -> di
     """The lineage of one record, both ways, as one JSON-able dict with ``kind`` and ``id``.
 
     Args:
-        entity_id: a generation, checkpoint, dataset or track id.
+        entity_id: a generation, checkpoint, dataset, catalog version or track id.
         kind: restrict the lookup to one of ``KINDS``; by default the first kind that has the id, in the
-            order generation, checkpoint, dataset, track.
+            order generation, checkpoint, dataset, catalog, track.
 
     Raises:
         LineageError: no record has the id (the message lists the kinds looked in).
@@ -72,12 +72,13 @@ def lineage(workspace: Workspace, entity_id: str, kind: str | None = None) -> di
     store = LineageStore(workspace.store_url)
     try:
         walk = _Walk(workspace, store)
-        for candidate in (kind,) if kind else ("generation", "checkpoint", "dataset", "track"):
+        for candidate in (kind,) if kind else ("generation", "checkpoint", "dataset", "catalog", "track"):
             found = getattr(walk, candidate)(entity_id)
             if found is not None:
                 return {"kind": candidate, "id": entity_id, **found}
         looked = kind or "generation, checkpoint, dataset or track"
-        raise LineageError(f"no {looked} with id {entity_id!r} in the lineage store {_safe_url(workspace)}")
+        also = "" if kind else " and no catalog version"
+        raise LineageError(f"no {looked} with id {entity_id!r}{also} in the lineage store {_safe_url(workspace)}")
     finally:
         store.close()
 
@@ -123,15 +124,55 @@ class _Walk:
             return None
         checkpoints = self.store.checkpoints_of_datasets([dataset_id])
         generations = self.store.generations_of_checkpoints(c["checkpoint_id"] for c in checkpoints)
+        run = self.store.get_run(record["run_id"]) or {}
         return {
             "dataset": record,
             "run": self._run_brief(record["run_id"]),
+            "catalog": (run.get("inputs") or {}).get("catalog"),
             "derived_from": self.store.dataset_parents(dataset_id),
             "versions": self.store.dataset_children(dataset_id),
             **self._contents(dataset_id),
             "checkpoints": [_checkpoint_brief(c) for c in checkpoints],
             "generations": [_generation_brief(g) for g in generations],
         }
+
+    def catalog(self, catalog_id: str) -> dict[str, Any] | None:
+        """A catalog version: the Run that wrote it and the versions it came from (back to the ingest of a
+        delivery), the versions derived from it, the Runs that read it and the datasets they made."""
+        try:
+            version = resolve_catalog(self.workspace, catalog_id)
+        except FileNotFoundError:
+            return None
+        chain, seen = [], set()
+        info: dict[str, Any] | None = version.info()
+        while info is not None and info["catalog_id"] not in seen:  # up the parents
+            seen.add(info["catalog_id"])
+            run = self.store.get_run(info.get("run_id") or "") or {}
+            chain.append({"catalog_id": info["catalog_id"], "stage": info.get("stage"),
+                          "run_id": info.get("run_id"), "delivery": (run.get("config") or {}).get("delivery"),
+                          "tables": sorted(info.get("tables", {}))})
+            parent = info.get("parent")
+            info = resolve_catalog(self.workspace, parent).info() if parent and self._has_catalog(parent) else None
+        readers = [run for run in self.store.list_runs()
+                   if (run.get("inputs") or {}).get("catalog") == version.catalog_id]
+        datasets = sorted({(run.get("output_ids") or {})["dataset"] for run in readers
+                           if run["status"] == "succeeded" and "dataset" in (run.get("output_ids") or {})})
+        children = [v.catalog_id for v in list_catalogs(self.workspace)
+                    if v.info().get("parent") == version.catalog_id]
+        return {
+            "catalog": {**chain[0], "uri": str(version.root), "latest": self._latest() == version.catalog_id},
+            "came_from": chain[1:],
+            "derived": children,
+            "read_by": [{k: run.get(k) for k in ("run_id", "kind", "status")} for run in readers],
+            "datasets": [self._dataset_brief(d) for d in datasets],
+        }
+
+    def _has_catalog(self, catalog_id: str) -> bool:
+        return (catalogs_dir(self.workspace) / catalog_id).is_dir()
+
+    def _latest(self) -> str | None:
+        latest = latest_catalog(self.workspace)
+        return latest.catalog_id if latest else None
 
     def checkpoint(self, checkpoint_id: str) -> dict[str, Any] | None:
         record = self.store.get_checkpoint(checkpoint_id)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 
-from pipelines.catalog import catalog_id
+from pipelines.catalog import CatalogVersion, catalog_id, resolve_catalog
 from pipelines.engines import Engine
 from pipelines.shard_config import (  # noqa: F401  (ShardConfig and the sample arithmetic are this stage's API)
     SHARD_FORMAT_VERSION,
@@ -127,19 +127,23 @@ class ShardStage(Stage):
     version = "1"
     config_model = ShardConfig
     resources = Resources(engine="ray", cpus=1.0)
-    reads = ("catalog", "opt_outs", "plan")
+    key_inputs = ("catalog_tables", "opt_outs", "plan")
+    reads = ("catalog", "catalog_tables", "opt_outs", "plan")
     writes = ("dataset", "rejections")
 
     def inputs(self, ctx: StageContext, config: ShardConfig) -> dict[str, str]:
-        """The catalog tables, the opt-out registry, and the plan: every track's segments and the PCM sha256 (or
-        size and mtime) of every mixture it reads, with the files that are missing now."""
+        """The catalog version and the tables of it that shard reads, the opt-out registry, and the plan: every
+        track's segments and the PCM sha256 (or size and mtime) of every mixture it reads, with the files that are
+        missing now. The cache key leaves the version id out: a version that changed other tables (clean's
+        ``stem_scores``) gives the same dataset."""
         rows = ctx.store.list_opt_outs()
         opt_outs = [{k: row[k] for k in ("kind", "value")} for row in rows]
-        tracks, audio_files, license_ids = read_catalog(ctx.workspace)
+        version = resolve_catalog(ctx.workspace, ctx.select.get("catalog"))
+        tracks, audio_files, license_ids = read_catalog(ctx.workspace, version)
         missing_uris = {row["uri"] for row in audio_files if row.get("uri") and not Path(row["uri"]).is_file()}
         plan = plan_shards(tracks, audio_files, license_ids, config, missing_uris, OptOutRegistry.from_rows(rows))
         ctx.prepared.update(plan=plan, plan_sha256=_plan_sha256(plan, config))
-        return {"catalog": catalog_id(ctx.workspace),
+        return {"catalog": version.catalog_id, "catalog_tables": catalog_id(ctx.workspace, version=version),
                 "opt_outs": "optouts-" + records.sha256_hex(records.canonical_json(opt_outs))[:16],
                 "plan": "plan-" + ctx.prepared["plan_sha256"][:16]}
 
@@ -185,13 +189,15 @@ class ShardStage(Stage):
 SHARD = ShardStage()
 
 
-def read_catalog(workspace: Workspace) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
-    """The catalog tables as rows: (tracks, audio files, licence ids).
+def read_catalog(workspace: Workspace, version: CatalogVersion | None = None
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[str]]:
+    """A catalog version's (default: the latest's) tables as rows: (tracks, audio files, licence ids).
 
     Raises:
         FileNotFoundError: naming each missing table and the command that writes it.
     """
-    paths = {name: workspace.catalog_table(name) for name in ("tracks", "audio_files", "licenses")}
+    paths = {name: version.table(name) if version else workspace.catalog_table(name)
+             for name in ("tracks", "audio_files", "licenses")}
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"the curated catalog is incomplete, missing {', '.join(missing)}: "

@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from pipelines.catalog import catalogs_dir, point_catalog
 from pipelines.engines import Engine, EngineConfig
 from provenance import records
 from provenance.store import LineageStore, code_version, new_run_id
@@ -136,6 +137,9 @@ class Stage(ABC):
         config_model: the frozen pydantic config.
         resources: the engine and the CPUs/GPUs of one unit of work.
         engine_keys: config keys that choose where work runs, not what it computes (kept out of the cache key).
+        key_inputs: the inputs that enter the cache key (None: all). The others are recorded for lineage only, where
+            a narrower input covers what the stage reads (clean keys on the catalog's ``audio_files`` table and
+            records the whole ``catalog`` version it read).
         reads: names of the inputs, as :meth:`inputs` returns them; writes: names of the outputs.
     """
 
@@ -144,6 +148,7 @@ class Stage(ABC):
     config_model: ClassVar[type[BaseModel]]
     resources: ClassVar[Resources] = Resources()
     engine_keys: ClassVar[tuple[str, ...]] = ()
+    key_inputs: ClassVar[tuple[str, ...] | None] = None
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
 
@@ -186,10 +191,12 @@ def hashed_config(stage: Stage, config: Any) -> dict[str, Any]:
 
 
 def cache_key(stage: Stage, config: Any, inputs: Mapping[str, str]) -> str:
-    """sha256 over the stage's name and version, the code version, the config without engine keys, and inputs."""
+    """sha256 over the stage's name and version, the code version, the config without engine keys, and the inputs
+    named in ``stage.key_inputs`` (all by default)."""
+    keyed = {k: v for k, v in inputs.items() if stage.key_inputs is None or k in stage.key_inputs}
     return records.sha256_hex(records.canonical_json({
         "stage": stage.name, "version": stage.version, "code_version": code_version(),
-        "config": hashed_config(stage, config), "inputs": dict(sorted(inputs.items())),
+        "config": hashed_config(stage, config), "inputs": dict(sorted(keyed.items())),
     }))
 
 
@@ -226,10 +233,14 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
             ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}), dict(options or {}))
             inputs = stage.inputs(ctx, config)
             key = cache_key(stage, config, inputs)
-            if not force and (cached := _cached_result(store, stage, key)) is not None:
+            if not force and (cached := _cached_result(store, stage, key, workspace)) is not None:
                 ctx.say(f"{stage.name}: cached (run {cached.run_id})")
-                return cached
-            return _run(stage, ctx, config, inputs, key, parent_run_id)
+                result = cached
+            else:
+                result = _run(stage, ctx, config, inputs, key, parent_run_id)
+            if "catalog" in result.output_ids:  # a stage that commits a catalog version makes it the latest
+                point_catalog(workspace, result.output_ids["catalog"])
+            return result
     finally:
         if own_engine:
             engine.close()
@@ -259,7 +270,7 @@ def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], k
     return StageResult(stage.name, run.run_id, RAN, inputs, outputs, output.counts, output.output_ids, output.details)
 
 
-def _cached_result(store: LineageStore, stage: Stage, key: str) -> StageResult | None:
+def _cached_result(store: LineageStore, stage: Stage, key: str, workspace: Workspace) -> StageResult | None:
     """The result of the newest succeeded Run with ``key``, when its outputs are still whole: every path exists, every
     file has the sha256 recorded when it was written, and the stage's own check (``outputs_valid``) passes."""
     run = store.find_cached_run(stage.name, key)
@@ -272,6 +283,8 @@ def _cached_result(store: LineageStore, stage: Stage, key: str) -> StageResult |
         digest = ids.get(name, "")
         if digest.startswith("sha256:") and (not Path(path).is_file() or records.file_sha256(path) != digest[7:]):
             return None
+    if "catalog" in ids and not (catalogs_dir(workspace) / ids["catalog"]).is_dir():
+        return None
     if not stage.outputs_valid(run):
         return None
     summary = json.loads(Path(outputs["summary"]).read_text()) if "summary" in outputs else {}

@@ -4,8 +4,10 @@ Layout (all under ``root``)::
 
     lineage.sqlite                 SQLite lineage store (runs, datasets, checkpoints, generations, attributions),
                                    unless a store URL names another database (PostgreSQL)
-    catalog/                       the curated catalog of the latest ingest (Parquet)
-        licenses.parquet tracks.parquet audio_files.parquet rejections.parquet
+    catalogs/<catalog_id>/         catalog versions, never overwritten (Parquet tables + catalog.json): ingest,
+                                   separate and clean each commit a new one (pipelines/catalog.py)
+        licenses.parquet tracks.parquet audio_files.parquet rejections.parquet [stem_scores.parquet]
+    catalog -> catalogs/<id>       a link to the latest version
     audio/mixtures/                mixtures built by summing stems (float32 WAV)
     runs/<run_id>/                 per-run outputs: resolved config, summary.json, rejections
     datasets/<dataset_id>/         WebDataset tars, index.parquet, dataset.json
@@ -40,7 +42,7 @@ class Workspace:
         return cls(Path(root).expanduser().resolve(), url)
 
     def ensure(self) -> "Workspace":
-        for path in (self.catalog_dir, self.mixtures_dir, self.runs_dir, self.datasets_dir,
+        for path in (self.mixtures_dir, self.runs_dir, self.datasets_dir,
                      self.checkpoints_dir, self.generations_dir, self.indexes_dir):
             path.mkdir(parents=True, exist_ok=True)
         return self
@@ -51,6 +53,7 @@ class Workspace:
 
     @property
     def catalog_dir(self) -> Path:
+        """The latest catalog version (a link into ``catalogs/``; see pipelines/catalog.py)."""
         return self.root / "catalog"
 
     @property

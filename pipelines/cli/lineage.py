@@ -115,8 +115,8 @@ def runs(workdir: WorkdirOpt = Path(DEFAULT_WORKDIR), json_mode: JsonOpt = False
 
 @app.command()
 def lineage(
-    entity_id: Annotated[str, typer.Argument(help="A track, dataset, checkpoint or generation id.")],
-    kind: Annotated[Optional[str], typer.Option(help="Only look for this kind: track, dataset, checkpoint, "
+    entity_id: Annotated[str, typer.Argument(help="A track, catalog version, dataset, checkpoint or generation id.")],
+    kind: Annotated[Optional[str], typer.Option(help="Only look for this kind: track, catalog, dataset, checkpoint, "
                                                 "generation.")] = None,
     workdir: WorkdirOpt = Path(DEFAULT_WORKDIR),
     json_mode: JsonOpt = False,
@@ -207,7 +207,24 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
         up.add(f"checkpoint {c['checkpoint_id']} (step {c['step']})")
         g = payload["generation"]
         tree.label = f"[bold]generation {entity_id}[/] “{g['prompt']}” seed {g['seed']}, {g['duration_s']:g} s"
+    if kind == "catalog":
+        c = payload["catalog"]
+        tree.label = (f"[bold]catalog {entity_id}[/] written by {c['stage']} (run {c['run_id']})"
+                      + (" — the latest" if c["latest"] else ""))
+        for v in payload["came_from"]:
+            up.add(f"catalog {v['catalog_id']} (by {v['stage']}, run {v['run_id']})"
+                   + (f" from delivery {v['delivery']}" if v.get("delivery") else ""))
+        if c.get("delivery"):
+            up.add(f"delivery {c['delivery']}")
+        for child in payload["derived"]:
+            down.add(f"catalog {child}")
+        for run in payload["read_by"]:
+            down.add(f"read by {run['kind']} run {run['run_id']} ({run['status']})")
+        for d in payload["datasets"]:
+            down.add(f"dataset {d['dataset_id']} ({d.get('num_tracks')} tracks, {d.get('num_segments')} segments)")
     if kind == "dataset":
+        if payload.get("catalog"):
+            up.add(f"catalog {payload['catalog']}")
         for parent in payload["derived_from"]:
             up.add(f"derived from dataset {parent['parent_dataset_id']} ({parent['reason']})")
         for child in payload["versions"]:
