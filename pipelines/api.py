@@ -26,7 +26,7 @@ import secrets
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import Depends, FastAPI, File, Form, HTTPException, Query, UploadFile, status
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, UploadFile, status
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -69,8 +69,17 @@ def create_app(workspace: Workspace, token: str | None = None,
     app = FastAPI(title="linernotes", version=code_version(),
                   description="Attribution and lineage of generated music; opt-outs and takedowns. "
                               "Writes need `Authorization: Bearer <token>`.")
-    bearer = HTTPBearer(auto_error=False, description="The server's API token ($LINERNOTES_API_TOKEN).")
     workspace.ensure()
+    app.include_router(_read_routes(workspace))
+    app.mount("/files/generations", StaticFiles(directory=workspace.generations_dir, check_dir=False),
+              name="generation-files")
+    app.include_router(_write_routes(workspace, max_upload_bytes), dependencies=[Depends(_token_check(token))])
+    return app
+
+
+def _token_check(token: str | None) -> Any:
+    """The dependency every write needs: the bearer token, compared in constant time."""
+    bearer = HTTPBearer(auto_error=False, description="The server's API token ($LINERNOTES_API_TOKEN).")
 
     def require_token(credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> None:
         if not token:
@@ -83,19 +92,25 @@ def create_app(workspace: Workspace, token: str | None = None,
             raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid bearer token",
                                 headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
 
-    writes = [Depends(require_token)]
+    return require_token
 
-    @app.get("/health", tags=["meta"])
+
+def _read_routes(workspace: Workspace) -> APIRouter:
+    """The open endpoints: health, lineage, stored attributions, the opt-out registry, reports."""
+    router = APIRouter()
+    @router.get("/health", tags=["meta"])
     def health() -> dict[str, Any]:
         import sqlalchemy as sa
 
         return {"status": "ok", "version": code_version(),
                 "store_backend": sa.make_url(workspace.store_url).get_backend_name()}
 
-    @app.get("/lineage/{entity_id}", tags=["lineage"])
-    def get_lineage(entity_id: str, kind: Literal["track", "dataset", "checkpoint", "generation"] | None = None
+    @router.get("/lineage/{entity_id}", tags=["lineage"])
+    def get_lineage(entity_id: str,
+                    kind: Literal["track", "catalog", "dataset", "checkpoint", "generation"] | None = None
                     ) -> dict[str, Any]:
-        """Lineage of a track, dataset, checkpoint or generation, both ways (see ``linernotes lineage``)."""
+        """Lineage of a track, catalog version, dataset, checkpoint or generation, both ways (``linernotes
+        lineage``)."""
         from pipelines.lineage import LineageError, lineage
 
         try:
@@ -103,7 +118,7 @@ def create_app(workspace: Workspace, token: str | None = None,
         except LineageError as err:
             raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from err
 
-    @app.get("/generations/{generation_id}/attribution", tags=["attribution"])
+    @router.get("/generations/{generation_id}/attribution", tags=["attribution"])
     def get_generation_attribution(generation_id: str,
                                    method: Annotated[str, Query(pattern=METHOD_PATTERN)] = "embedding"
                                    ) -> dict[str, Any]:
@@ -117,13 +132,13 @@ def create_app(workspace: Workspace, token: str | None = None,
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no generation {generation_id!r}")
         return {"generation": generation, **_attribution(workspace, generation_id, method)}
 
-    @app.get("/attributions/{query_id}", tags=["attribution"])
+    @router.get("/attributions/{query_id}", tags=["attribution"])
     def get_attribution(query_id: str, method: Annotated[str, Query(pattern=METHOD_PATTERN)] = "embedding"
                         ) -> dict[str, Any]:
         """The stored attribution of any query: a generation id, or ``pcm-...`` of an attributed file."""
         return _attribution(workspace, query_id, method)
 
-    @app.get("/opt-outs", tags=["rights"])
+    @router.get("/opt-outs", tags=["rights"])
     def get_opt_outs() -> dict[str, Any]:
         store = LineageStore(workspace.store_url)
         try:
@@ -131,7 +146,7 @@ def create_app(workspace: Workspace, token: str | None = None,
         finally:
             store.close()
 
-    @app.get("/generations/{generation_id}/report", tags=["attribution"], response_class=RedirectResponse,
+    @router.get("/generations/{generation_id}/report", tags=["attribution"], response_class=RedirectResponse,
              status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     def get_report(generation_id: str, method: Annotated[str, Query(pattern=METHOD_PATTERN)] = "embedding",
                    top_k: Annotated[int, Query(ge=1, le=50)] = 5, rebuild: bool = False) -> RedirectResponse:
@@ -147,10 +162,14 @@ def create_app(workspace: Workspace, token: str | None = None,
         return RedirectResponse(f"/files/generations/{quote(generation_id)}/report.html",
                                 status_code=status.HTTP_307_TEMPORARY_REDIRECT)
 
-    app.mount("/files/generations", StaticFiles(directory=workspace.generations_dir, check_dir=False),
-              name="generation-files")
+    return router
 
-    @app.post("/attribute", tags=["attribution"], dependencies=writes)
+
+def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
+    """The endpoints that write (each behind the token): attribute an upload, opt-outs, takedowns."""
+    router = APIRouter()
+
+    @router.post("/attribute", tags=["attribution"])
     def post_attribute(file: Annotated[UploadFile, File(description="Audio: WAV, FLAC, Ogg or MP3.")],
                        top_k: Annotated[int, Form(ge=1, le=1000)] = 10,
                        dataset_id: Annotated[str | None, Form(max_length=64)] = None,
@@ -184,7 +203,7 @@ def create_app(workspace: Workspace, token: str | None = None,
             raise HTTPException(422, str(err)) from err
         return _jsonable(result.to_json())
 
-    @app.post("/opt-outs", tags=["rights"], dependencies=writes, status_code=status.HTTP_201_CREATED)
+    @router.post("/opt-outs", tags=["rights"], status_code=status.HTTP_201_CREATED)
     def post_opt_out(request: OptOutRequest) -> JSONResponse:
         """Register an opt-out; 201 when new, 200 when it was already registered."""
         from pipelines.takedown import parse_takedown
@@ -198,7 +217,7 @@ def create_app(workspace: Workspace, token: str | None = None,
             store.close()
         return JSONResponse(payload, status_code=status.HTTP_201_CREATED if added else status.HTTP_200_OK)
 
-    @app.post("/takedown", tags=["rights"], dependencies=writes)
+    @router.post("/takedown", tags=["rights"])
     def post_takedown(request: TakedownRequest) -> dict[str, Any]:
         """Opt out, list every affected dataset, checkpoint, generation and attribution; optionally re-shard."""
         from pipelines.inputs import MissingInputError
@@ -215,7 +234,7 @@ def create_app(workspace: Workspace, token: str | None = None,
             raise HTTPException(422, str(err)) from err
         return _jsonable(result.to_json())
 
-    return app
+    return router
 
 
 def _attribution(workspace: Workspace, query_id: str, method: str) -> dict[str, Any]:
