@@ -24,7 +24,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from scipy.signal import butter, sosfiltfilt
 
 BLEEDING = "bleeding"
 LABEL_NOISE = "label_noise"
@@ -97,6 +96,8 @@ def band_limit(stem: np.ndarray, sample_rate_hz: int, cutoff_hz: float) -> np.nd
     """
     if not 0 < cutoff_hz < sample_rate_hz / 2:
         raise ValueError(f"cutoff_hz {cutoff_hz} must be in (0, {sample_rate_hz / 2})")
+    from scipy.signal import butter, sosfiltfilt  # scipy.signal takes ~1 s to import: only where it filters
+
     sos = butter(8, cutoff_hz, btype="low", fs=sample_rate_hz, output="sos")
     return sosfiltfilt(sos, stem.astype(np.float64), axis=-1).astype(np.float32)
 

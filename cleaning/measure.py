@@ -8,8 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cleaning.kernels import scan_levels
-
 SILENCE_FLOOR_DBFS = -60.0
 SILENCE_WINDOW_S = 0.1
 CLIP_THRESHOLD = 0.999
@@ -173,6 +171,8 @@ def measure_levels(audio: np.ndarray, sample_rate_hz: int, with_mono: bool = Fal
         return Levels(-math.inf, -math.inf, 0.0, 1.0, 0.0, np.zeros(0, np.float32) if with_mono else None)
     edges, lower, upper = _loudness_blocks(num_samples, sample_rate_hz)
     window = max(1, int(SILENCE_WINDOW_S * sample_rate_hz))
+    from cleaning.kernels import scan_levels  # numba, loaded on the first measurement (not by importing this module)
+
     scan = scan_levels(audio, k_weighting_sos(sample_rate_hz), edges, window, CLIP_THRESHOLD, with_mono)
     peak = scan["peak"]
     window_energy = scan["window_energy"]

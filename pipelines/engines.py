@@ -4,6 +4,9 @@
   with an explicit CPU count, no dashboard and a modest object store, or a cluster by address
   (``ray://HEAD:10001``, ``auto``, or ``$RAY_ADDRESS`` inside a Ray Job). A Ray that is already initialized (a notebook, a test's session Ray, a Ray
   Job's driver) is used as it is and never shut down here.
+- **Beam** (ingest): the DirectRunner by default; another runner (Flink, Spark, Dataflow) and its pipeline options
+  from a runner options file (``infra/beam/<runner>.yaml``, a ``beam_options`` list) or a list of flags.
+  ``apache_beam`` is imported only when a pipeline is built.
 
 Engine settings are not stage settings: they live in :class:`EngineConfig` and never enter a stage's cache key
 (the same data sharded on a laptop or a cluster is the same dataset).
@@ -14,9 +17,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+if TYPE_CHECKING:
+    import apache_beam as beam
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 DEFAULT_OBJECT_STORE_MEMORY_BYTES = 512 * 1024 * 1024
 
@@ -35,6 +43,19 @@ class EngineConfig(BaseModel):
     num_cpus: int | None = Field(None, ge=1, description="CPUs a local Ray may use; null: every CPU.")
     object_store_memory_bytes: int = Field(DEFAULT_OBJECT_STORE_MEMORY_BYTES, gt=0,
                                            description="Object store of a local Ray, in bytes.")
+    beam_runner: str = Field("DirectRunner", min_length=1, description="Beam runner of ingest (DirectRunner, "
+                             "FlinkRunner, SparkRunner, DataflowRunner); a --runner= in the options wins.")
+    beam_options_file: str | None = Field(None, description="YAML file whose beam_options list holds Beam pipeline "
+                                          "options, e.g. infra/beam/flink.yaml; read before beam_options.")
+    beam_options: tuple[str, ...] = Field((), description="Beam pipeline options (--flag=value), e.g. "
+                                          "--direct_num_workers=2; later ones win.")
+
+    @field_validator("beam_options_file")
+    @classmethod
+    def _readable_options_file(cls, path: str | None) -> str | None:
+        if path is not None:
+            read_beam_options_file(path)  # a bad file fails here, before any work
+        return path
 
 
 class Engine:
@@ -107,6 +128,30 @@ class Engine:
         remote = ray.remote(num_cpus=1, num_gpus=1 if gpus else 0)(actor_class)
         return [remote.remote(*args, **kwargs) for _ in range(count)]
 
+    def beam_flags(self) -> list[str]:
+        """The Beam pipeline options as command-line flags: ``--runner=<beam_runner>``, then the options file's,
+        then ``beam_options`` (a later flag wins over an earlier one)."""
+        flags = [f"--runner={self.config.beam_runner}"]
+        if self.config.beam_options_file:
+            flags += read_beam_options_file(self.config.beam_options_file)
+        return flags + list(self.config.beam_options)
+
+    def beam_options(self) -> "PipelineOptions":
+        """Beam ``PipelineOptions`` from :meth:`beam_flags` (imports ``apache_beam``)."""
+        from pipelines import quiet_beam_import_warnings
+
+        quiet_beam_import_warnings()
+        from apache_beam.options.pipeline_options import PipelineOptions
+
+        return PipelineOptions(self.beam_flags())
+
+    def beam_pipeline(self) -> "beam.Pipeline":
+        """A Beam pipeline on the configured runner; use as a context manager (it runs on exit)."""
+        options = self.beam_options()
+        import apache_beam as beam
+
+        return beam.Pipeline(options=options)
+
     def close(self) -> None:
         """Shut down what this engine started; a Ray it found running stays up."""
         if self._started_ray:
@@ -117,3 +162,19 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         return self.config.model_dump()
+
+
+def read_beam_options_file(path: str | os.PathLike[str]) -> list[str]:
+    """The ``beam_options`` list of a runner options file (``infra/beam/<runner>.yaml``).
+
+    Raises:
+        ValueError: the file does not exist, or holds no ``beam_options`` list of strings (the message names it).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"beam_options_file {str(path)!r} does not exist (see infra/beam/ for runner options files)")
+    loaded = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    options = loaded.get("beam_options") if isinstance(loaded, dict) else None
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ValueError(f"beam_options_file {str(path)!r} needs a `beam_options:` list of --flag=value strings")
+    return options

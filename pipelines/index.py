@@ -15,6 +15,9 @@ For a checkpoint trained on dataset ``D`` it builds, under ``indexes/<D>/``:
 Rows are featurized in fixed chunks of ``batch_size`` consecutive rows (row order = shard order), each
 chunk by one ``DTrakFeaturizer`` actor (a GPU per actor when ``use_gpu``); the driver writes each chunk as
 it arrives and marks it done. The same chunking on a resumed build gives bit-identical features.
+
+torch and the embedding libraries are imported where the work runs, so that describing the stage
+(``linernotes stages``) loads none of them.
 """
 
 from __future__ import annotations
@@ -29,11 +32,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.attribution_index import build_embedding_index, read_shard_index
-from pipelines.attribution_loss import DiffusionLoss, MelBatch
 from pipelines.engines import Engine
 from pipelines.inputs import resolve_checkpoint
 from pipelines.stage import Resources, Stage, StageContext, StageOutput
@@ -112,6 +112,8 @@ def checkpoint_index(workspace: Workspace, checkpoint: Mapping[str, Any], config
 
 def train_entries(workspace: Workspace, dataset_id: str) -> list[dict[str, Any]]:
     """The dataset's train-split shard-index rows in feature-row order: by shard, then key."""
+    from pipelines.attribution_index import read_shard_index
+
     rows = [row for row in read_shard_index(workspace, dataset_id) if row["split"] == records.Split.TRAIN.value]
     if not rows:
         raise ValueError(f"dataset {dataset_id!r} has no train segments to index")
@@ -171,6 +173,10 @@ class DTrakFeaturizer:
 
     def __init__(self, checkpoint_path: str, objective: str, num_timesteps: int, seed: int, dim: int,
                  device: str = "cpu", torch_threads: int | None = None) -> None:
+        import torch
+
+        from pipelines.attribution_loss import DiffusionLoss
+
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = device if device != "cuda" or torch.cuda.is_available() else "cpu"
@@ -183,6 +189,10 @@ class DTrakFeaturizer:
 
     def featurize(self, mels: Sequence[np.ndarray], texts: Sequence[str], normalised: bool = False) -> np.ndarray:
         """float32 ``(B, dim)`` features of ``B`` log-mels ``(n_mels, frames)`` (equal frames) and texts."""
+        import torch
+
+        from pipelines.attribution_loss import MelBatch
+
         x0 = np.stack([m if normalised else normalise(m, self.loaded) for m in mels])
         batch = MelBatch(torch.from_numpy(x0).to(self.device), tuple(texts))
         return dtrak.project_gradients(self.loaded.model, self.loss, batch, self.projector, params=self.params)
@@ -252,7 +262,7 @@ def build_checkpoint_index(workspace: Workspace, checkpoint: Mapping[str, Any], 
         ValueError: no train segments, or non-finite features (a diverged checkpoint).
     """
     from cleaning.embed import load_embedder
-    from pipelines.attribution_index import index_dir
+    from pipelines.attribution_index import build_embedding_index, index_dir
 
     index = checkpoint_index(workspace, checkpoint, config)
     if not index.checkpoint_path.is_file():
@@ -325,6 +335,9 @@ def _featurize(engine: Engine, workspace: Workspace, index: CheckpointIndex, ent
 def build_fisher(workspace: Workspace, index: CheckpointIndex, entries: Sequence[Mapping[str, Any]]) -> Path:
     """The diagonal empirical Fisher of the unlearning loss on ``fisher_segments`` train segments drawn with
     ``seed`` (all of them when fewer), cached at ``index.fisher_path``; reused when present."""
+    import torch
+
+    from pipelines.attribution_loss import DiffusionLoss, MelBatch
     from provenance.unlearning import diagonal_fisher
 
     if index.fisher_path.is_file():

@@ -1,54 +1,40 @@
 """The ``ingest`` stage on Apache Beam: a delivery in, a curated catalog and its rejections out.
 
-Pipeline (DirectRunner by default; any Beam runner through ``beam_options``)::
+Pipeline (on the engine's Beam runner: the DirectRunner by default; another through ``beam_options``, which the
+stage hands to the engine, ``pipelines.engines``)::
 
     tracks.csv ─▶ group by track_id ─▶ decide (dedupe, fields, rights policy) ─┐
     files.csv ──▶ key by track_id ───────────────────────────────────────────────┴▶ co-group ─▶ route files
         ─▶ reshuffle ─▶ decode + measure each file ─▶ co-group with decisions ─▶ finalize track
            (build the mixture from the stems when none was delivered; a track without usable audio is rejected)
 
-The per-record steps are pure functions in ``pipelines.ingest_steps``; this module holds the config, the
-Beam adapters and the driver. Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` (or of
-the DDEX messages) ends in exactly one of: accepted, or a Rejection with its reason. The driver reads the three tables, fails before any audio is read on a
-table-level problem, and writes the catalog Parquet tables atomically when the pipeline is done.
+The per-record steps are pure functions in ``pipelines.ingest_steps``, the Beam adapters and the graph are in
+``pipelines.ingest_beam`` and the config in ``pipelines.ingest_config``; this module holds the stage and the driver,
+and imports Beam and the audio libraries only when the stage runs (``linernotes stages`` describes it without
+them). Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` (or of the DDEX messages) ends in
+exactly one of: accepted, or a Rejection with its reason. The driver reads the three tables, fails before any audio
+is read on a table-level problem, and writes the catalog Parquet tables atomically when the pipeline is done.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines import quiet_beam_import_warnings
-
-quiet_beam_import_warnings()
-
-import apache_beam as beam  # noqa: E402
 import pyarrow.parquet as pq
-from apache_beam.options.pipeline_options import PipelineOptions
-from pydantic import BaseModel, ConfigDict, Field
 
-from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
-from cleaning.warmup import warm_kernels
 from pipelines.catalog import commit_catalog
-from pipelines.config import config_dict
+from pipelines.delivery import INGEST as STAGE
 from pipelines.delivery import Delivery, file_record_id, read_delivery, read_licenses
-from pipelines.ingest_steps import (
-    MEASURE_VERSION,
-    STAGE,
-    decide_tracks,
-    finalize_track,
-    link_duplicates,
-    measure_file,
-    route_files,
-)
+from pipelines.engines import EngineConfig
+from pipelines.ingest_config import IngestConfig
 from pipelines.stage import Resources, Stage, StageContext, StageOutput
-from provenance.policy import OptOutRegistry, RunPurpose
+from provenance.policy import OptOutRegistry
 from provenance.records import (
     AUDIO_FILE,
     DEAL,
@@ -57,7 +43,6 @@ from provenance.records import (
     REJECTION,
     RELEASE,
     TRACK,
-    Purpose,
     RejectionReason,
     canonical_json,
     rejection,
@@ -68,47 +53,11 @@ from provenance.records import (
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
+__all__ = ["CATALOG_TABLES", "INGEST_STAGE", "IngestConfig", "IngestResult", "IngestStage", "check_delivery_expectations",
+           "reconcile", "run_fingerprint", "run_ingest"]
+
 CATALOG_TABLES = ("licenses", "tracks", "audio_files", "rejections", "duplicates", "releases", "deals")
 """The Parquet tables every ingest run writes into its run folder and the catalog."""
-
-
-class IngestConfig(BaseModel):
-    """Configuration of one ingest run.
-
-    Attributes:
-        purpose: what the run trains for; a commercial run admits only licences that allow commercial use.
-        territory: ISO 3166-1 alpha-2 code or ``Worldwide``.
-        as_of: the date rights are judged at (ISO date); today when not given.
-        opt_out_csv: optional CSV (``kind,value`` with kind ``rights_holder|track_id|isrc``), added to the
-            opt-outs registered in the lineage store (``linernotes rights opt-out``); opt-outs always win.
-        license_id: the licence agreement (a ``licenses.csv`` id) for recordings whose delivery names none,
-            e.g. every recording of a DDEX delivery.
-        stem_length_tolerance_samples: stems of one track may differ in length by at most this.
-        max_stem_residual_db: a delivered mixture must match the sum of its delivered stems to within this
-            residual (10·log10 ‖m − Σs‖²/‖m‖²); real bleed measures about −31 dB on MUSDB18.
-        near_duplicate_threshold: fingerprint similarity (1 − bit error rate) above which two mixtures are
-            the same recording (Haitsma & Kalker 2002).
-        beam_options: extra Beam pipeline options, e.g. ``["--direct_num_workers=2",
-            "--direct_running_mode=multi_processing"]`` or a Flink/Spark/Dataflow runner's options.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    purpose: Purpose = Purpose.COMMERCIAL
-    territory: str = Field(default="Worldwide", min_length=2)
-    as_of: dt.date = Field(default_factory=dt.date.today)
-    opt_out_csv: str | None = None
-    license_id: str | None = None
-    stem_length_tolerance_samples: int = Field(default=0, ge=0)
-    max_stem_residual_db: float = -15.0
-    near_duplicate_threshold: float = Field(default=NEAR_DUPLICATE_THRESHOLD, gt=0.5, le=1.0)
-    beam_options: tuple[str, ...] = ()
-
-    def run_purpose(self) -> RunPurpose:
-        return RunPurpose(purpose=self.purpose, territory=self.territory, as_of=self.as_of)
-
-    def to_dict(self) -> dict[str, Any]:
-        return config_dict(self)
 
 
 @dataclass
@@ -132,110 +81,6 @@ class IngestResult:
             return self.stage_result.to_json()
         return {"stage": STAGE, "run_id": self.run_id, "status": self.status, "delivery_id": self.delivery_id,
                 "counts": self.counts, "outputs": self.outputs}
-
-
-# pure per-record steps --------------------------------------------------------------------------------
-
-class _Tagged(beam.DoFn):
-    """Runs a pure generator of ``(tag, value)`` and routes values to tagged outputs."""
-
-    def __init__(self, fn: Callable[..., Iterable[tuple[str, Any]]], main_tag: str, **kwargs: Any) -> None:
-        self.fn, self.main_tag, self.kwargs = fn, main_tag, kwargs
-
-    def process(self, element: Any):  # noqa: ANN201 (Beam signature)
-        for tag, value in self.fn(element, **self.kwargs):
-            yield value if tag == self.main_tag else beam.pvalue.TaggedOutput(tag, value)
-
-
-class _Measure(beam.DoFn):
-    """``measure_file`` per ``(track_id, task)``; ``setup`` compiles (or loads from numba's cache) the
-    measurement kernels once per worker, so no file pays for it."""
-
-    def __init__(self, run_id: str, cache_dir: Path | None) -> None:
-        self.run_id, self.cache_dir = run_id, cache_dir
-
-    def setup(self) -> None:
-        warm_kernels()
-
-    def process(self, element: tuple[str, Mapping[str, Any]]):  # noqa: ANN201 (Beam signature)
-        track_id, task = element
-        yield track_id, measure_file(track_id, task, self.run_id, self.cache_dir)
-
-
-def _decide(element, **kw):
-    track_id, rows = element
-    yield from decide_tracks(track_id, list(rows), **kw)
-
-
-def _route(element, **kw):
-    track_id, grouped = element
-    yield from route_files(track_id, list(grouped["decision"]), list(grouped["rows"]), **kw)
-
-
-def _finalize(element, **kw):
-    track_id, grouped = element
-    decisions = list(grouped["decision"])
-    yield from finalize_track(track_id, decisions[0] if decisions else None, list(grouped["measured"]), **kw)
-
-
-def _to_json_line(row: Mapping[str, Any]) -> str:
-    return json.dumps(row, sort_keys=True, ensure_ascii=False, default=str)
-
-
-def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mapping[str, Mapping[str, Any]],
-                   config: IngestConfig, opt_outs: OptOutRegistry, mixtures_dir: Path, staging: Path,
-                   run_id: str, measure_cache_dir: Path | None = None,
-                   prerejected: Mapping[str, str] | None = None) -> None:
-    """Wire the ingest graph into ``pipeline``; outputs go to JSON-lines files under ``staging``.
-
-    ``prerejected`` ({track id: reason}) names tracks rejected before the pipeline (by the expectation
-    checks), so that their files are rejected ``track_rejected`` with that reason.
-    """
-    run = config.run_purpose()
-    decided = (
-        pipeline
-        | "Tracks" >> beam.Create(delivery.tracks)
-        | "KeyTracks" >> beam.Map(lambda r: (r.get("track_id", ""), r))
-        | "GroupTracks" >> beam.GroupByKey()
-        | "Decide" >> beam.ParDo(_Tagged(_decide, "decision", licenses=licenses, run=run, opt_outs=opt_outs,
-                                         delivery_id=delivery.delivery_id, run_id=run_id))
-        .with_outputs("rejection", main="decision")
-    )
-    early = (
-        pipeline
-        | "Prerejected" >> beam.Create(sorted((prerejected or {}).items()))
-        | "AsDecisions" >> beam.MapTuple(lambda track_id, reason: (track_id, {"status": "rejected", "reason": reason}))
-    )
-    decisions = (decided.decision, early) | "AllDecisions" >> beam.Flatten()
-    files = (
-        pipeline
-        | "Files" >> beam.Create(delivery.files)
-        | "KeyFiles" >> beam.Map(lambda r: (r.get("track_id", ""), r))
-    )
-    routed = (
-        {"decision": decisions, "rows": files}
-        | "JoinFiles" >> beam.CoGroupByKey()
-        | "Route" >> beam.ParDo(_Tagged(_route, "measure", root=delivery.root, run_id=run_id))
-        .with_outputs("rejection", main="measure")
-    )
-    measured = (
-        routed.measure
-        | "Spread" >> beam.Reshuffle()
-        | "Measure" >> beam.ParDo(_Measure(run_id, measure_cache_dir))
-    )
-    final = (
-        {"decision": decided.decision, "measured": measured}
-        | "JoinMeasured" >> beam.CoGroupByKey()
-        | "Finalize" >> beam.ParDo(_Tagged(_finalize, "track", mixtures_dir=mixtures_dir, run_id=run_id,
-                                           stem_length_tolerance_samples=config.stem_length_tolerance_samples,
-                                           max_stem_residual_db=config.max_stem_residual_db))
-        .with_outputs("audio_file", "rejection", main="track")
-    )
-    rejections = (decided.rejection, routed.rejection, final.rejection) | "AllRejections" >> beam.Flatten()
-    for name, pcoll in (("tracks", final.track), ("audio_files", final.audio_file), ("rejections", rejections)):
-        (pcoll
-         | f"Json{name}" >> beam.Map(_to_json_line)
-         | f"Write{name}" >> beam.io.WriteToText(str(staging / name), file_name_suffix=".jsonl"))
 
 
 def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestConfig,
@@ -267,6 +112,10 @@ class IngestStage(Stage):
     engine_keys = ("beam_options",)
     reads = ("delivery", "opt_outs")
     writes = CATALOG_TABLES + ("data_docs",)
+
+    def engine_config(self, config: IngestConfig) -> EngineConfig:
+        """The config's Beam pipeline options go to the engine (``--config infra/beam/flink.yaml``)."""
+        return EngineConfig(beam_options=config.beam_options)
 
     def inputs(self, ctx: StageContext, config: IngestConfig) -> dict[str, str]:
         root = ctx.select.get("delivery")
@@ -311,6 +160,9 @@ INGEST_STAGE = IngestStage()
 def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
             opt_outs: OptOutRegistry) -> tuple[dict[str, Any], dict[str, str]]:
     """Check, decode and measure the delivery (Beam), link duplicates, write and check the curated catalog."""
+    from pipelines.ingest_beam import build_pipeline
+    from pipelines.ingest_steps import link_duplicates
+
     say, workspace, run_id, run_dir = ctx.say, ctx.workspace, ctx.run_id, ctx.run_dir
     say("checking the delivery tables (Great Expectations)")
     delivered = delivery  # every input row, for reconciliation
@@ -323,8 +175,7 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
     say(f"ingesting {len(delivery.tracks)} tracks, {len(delivery.files)} files from {delivery.root}")
     with tempfile.TemporaryDirectory(dir=run_dir, prefix=".beam-") as staging_name:
         staging = Path(staging_name)
-        options = PipelineOptions(["--runner=DirectRunner", *config.beam_options])
-        with beam.Pipeline(options=options) as pipeline:
+        with ctx.engine.beam_pipeline() as pipeline:  # the engine's runner: DirectRunner unless configured
             build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
                            staging, run_id, workspace.root / "cache" / "measurements", prerejected)
         tracks = _read_jsonl(staging, "tracks")
@@ -464,6 +315,8 @@ def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, An
 def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:
     """What an ingest's outputs depend on: the delivery's tables, every audio file's (path, size, mtime),
     the config (purpose, territory, date; not the runner options), the opt-outs and ``MEASURE_VERSION``."""
+    from pipelines.ingest_steps import MEASURE_VERSION
+
     files = []
     for row in delivery.files:
         path = (delivery.root / (row.get("path") or "")).resolve()

@@ -30,10 +30,12 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a projection runs: the store, the scorer and the limits need none
+    import torch
 
 FEATURES_FORMAT = "linernotes.dtrak_features"
 FEATURES_FORMAT_VERSION = 1
@@ -84,6 +86,8 @@ class GradientProjector:
     def _chunk(self, index: int, device: torch.device) -> torch.Tensor:
         """Rows ``[index·chunk_params, (index+1)·chunk_params)`` of ``R``: blocks of ``_BLOCK_ROWS`` rows,
         block ``b`` drawn from a generator seeded with ``(seed, b)``, so ``R`` does not depend on the chunking."""
+        import torch
+
         start = index * self.chunk_params
         stop = min(start + self.chunk_params, self.num_params)
         blocks = []
@@ -100,6 +104,8 @@ class GradientProjector:
         Raises:
             ValueError: the gradients are not ``(B, num_params)``.
         """
+        import torch
+
         if gradients.ndim != 2 or gradients.shape[1] != self.num_params:
             raise ValueError(f"gradients must be (B, {self.num_params}); got {tuple(gradients.shape)}")
         gradients = gradients.to(torch.float32)

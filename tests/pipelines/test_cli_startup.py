@@ -30,7 +30,8 @@ sys.exit(code or 0)
 """
 
 
-@pytest.mark.parametrize("args", [["--help"], ["runs"], ["runs", "--json"], ["rights", "explain", "t-1"],
+@pytest.mark.parametrize("args", [["--help"], ["runs"], ["runs", "--json"], ["stages"], ["stages", "--json"],
+                                  ["rights", "explain", "t-1"],
                                   ["lineage", "t-1"], ["clean", "--help"], ["train", "--help"]],
                          ids=lambda a: " ".join(a))
 def test_light_commands_import_no_model_or_engine_library(tmp_path, args):

@@ -2,6 +2,7 @@
 
 import csv
 import datetime as dt
+import json
 from collections import Counter
 
 import numpy as np
@@ -92,6 +93,33 @@ def run(delivery, tmp_path, purpose):
     config = IngestConfig(purpose=purpose, territory="Worldwide", as_of=dt.date(2026, 11, 21))
     workspace = Workspace.at(tmp_path / purpose)
     return workspace, run_ingest(delivery, workspace, config)
+
+
+def test_ingest_runs_on_the_engines_beam_runner_the_direct_runner_by_default(delivery, tmp_path, monkeypatch):
+    from apache_beam.options.pipeline_options import StandardOptions
+
+    from pipelines.engines import Engine
+
+    runners = []
+    beam_pipeline = Engine.beam_pipeline
+
+    def recording(self):
+        pipeline = beam_pipeline(self)
+        runners.append(pipeline.options.view_as(StandardOptions).runner)
+        return pipeline
+
+    monkeypatch.setattr(Engine, "beam_pipeline", recording)
+    workspace, result = run(delivery, tmp_path, "commercial")
+    assert runners == ["DirectRunner"]
+    recorded = json.loads((workspace.run_dir(result.run_id) / "config.json").read_text())
+    assert recorded["engine"]["beam_runner"] == "DirectRunner" and recorded["engine"]["beam_options"] == []
+    assert "beam_runner" not in recorded["config"]  # engine settings stay out of the stage's config
+
+
+def test_near_duplicate_threshold_default_is_the_fingerprints():
+    from cleaning.fingerprint import NEAR_DUPLICATE_THRESHOLD
+
+    assert IngestConfig().near_duplicate_threshold == NEAR_DUPLICATE_THRESHOLD
 
 
 def test_commercial_run_accepts_rejects_and_reconciles(delivery, tmp_path):

@@ -153,6 +153,26 @@ def test_cache_key_names_config_and_inputs_but_not_the_engine():
     assert key != cache_key(clean, base, {"audio_files": "cat-2"})
 
 
+def test_beam_runner_options_are_engine_settings_outside_ingests_cache_key(tmp_path):
+    from pipelines.delivery import read_delivery
+    from pipelines.engines import Engine
+    from pipelines.ingest import IngestConfig, run_fingerprint
+    from provenance.policy import OptOutRegistry
+
+    ingest = get_stage("ingest")
+    direct = IngestConfig(as_of="2026-11-21")
+    flink = direct.model_copy(update={"beam_options": ("--runner=FlinkRunner", "--flink_master=localhost:8081")})
+    delivery = read_delivery(tiny_delivery(tmp_path / "d"))
+    # the input id (the delivery fingerprint) and the cache key are the same on either runner
+    assert run_fingerprint(delivery, direct, OptOutRegistry()) == run_fingerprint(delivery, flink, OptOutRegistry())
+    assert cache_key(ingest, direct, {"delivery": "dlv-1"}) == cache_key(ingest, flink, {"delivery": "dlv-1"})
+    assert cache_key(ingest, direct, {"delivery": "dlv-1"}) != cache_key(
+        ingest, direct.model_copy(update={"territory": "GB"}), {"delivery": "dlv-1"})
+    # the runner options reach the engine, which builds the pipeline options from them
+    assert Engine(ingest.engine_config(direct)).beam_flags() == ["--runner=DirectRunner"]
+    assert Engine(ingest.engine_config(flink)).beam_flags()[-2:] == list(flink.beam_options)
+
+
 def test_a_store_of_the_previous_layout_gains_the_contract_columns(tmp_path):
     url = f"sqlite:///{tmp_path / 'lineage.sqlite'}"
     engine = sa.create_engine(url)
