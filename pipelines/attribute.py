@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipelines.attribute_config import AttributeConfig
 from pipelines.inputs import resolve_checkpoint, resolve_dataset
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance.workspace import Workspace
@@ -39,11 +40,7 @@ class AttributeStage(Stage):
     reads = ("query", "query_id", "dataset", "checkpoint", "catalog")
     writes = ("attribution",)
 
-    @property
-    def config_model(self) -> type:  # type: ignore[override]  (attribution_methods imports torch: on use)
-        from pipelines.attribution_methods import AttributeConfig
-
-        return AttributeConfig
+    config_model = AttributeConfig
 
     def inputs(self, ctx: StageContext, config: Any) -> dict[str, str]:
         """Decode the query (kept in ``ctx.prepared`` for ``run``), resolve the dataset and checkpoint.
@@ -220,8 +217,6 @@ def attribute_config(method: str = "embedding", top_k: int = 10, prompt: str = "
     Raises:
         pydantic.ValidationError (a ValueError): an unknown method, ``top_k < 1``.
     """
-    from pipelines.attribution_methods import AttributeConfig
-
     values: dict[str, Any] = {"method": method, "top_k": top_k, "prompt": prompt}
     if index_config is not None:
         values.update(index_config.model_dump())
