@@ -12,7 +12,7 @@ model of the contamination; both return one score per candidate stem.
   standardised among the stems of its role (``role_normalize``).
   Lower = the stem contributes less to clean outputs = worse.
 
-Pure functions over ``StemItem`` lists; the ``clean`` stage (``pipelines/clean.py``) runs them on Ray.
+Pure functions over ``StemItem`` lists; the ``clean`` stage (``pipelines/stages/clean.py``) runs them on Ray.
 """
 
 from __future__ import annotations

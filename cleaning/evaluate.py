@@ -145,7 +145,7 @@ def write_report(out_dir: Path, summary: Mapping[str, Any], runs: Sequence[Mappi
     """``report.html`` with PNG plots (score distributions with the drop threshold, ROC curves) in ``out_dir``.
 
     Args:
-        summary: the aggregated figures (``pipelines.clean_evaluate``'s ``summary``).
+        summary: the aggregated figures (``pipelines.experiments.clean_evaluate``'s ``summary``).
         runs: per seed: ``scores`` (method → float array), ``labels`` (bool array, planted),
             ``kinds`` (per item kind or ""), ``thresholds`` (method → float), ``higher_is_worse`` (method → bool).
     """

@@ -1,4 +1,4 @@
-"""Top floor: jobs, engine adapters (Beam, Ray), the CLI."""
+"""Top floor: the stage contract and runner, engines, stages, attribution, lineage, the CLI, the HTTP API."""
 
 import logging
 

@@ -300,17 +300,17 @@ def _cached_result(store: LineageStore, stage: Stage, key: str, workspace: Works
 #: Every stage on the contract, in chain order: name → ``module:attribute`` of its Stage instance (imported on use,
 #: so listing names costs nothing).
 STAGES: dict[str, str] = {
-    "ingest": "pipelines.ingest:INGEST_STAGE",
-    "separate": "pipelines.clean_separate:SEPARATE",
-    "clean": "pipelines.clean:CLEAN",
-    "shard": "pipelines.shard:SHARD",
-    "train": "pipelines.jobs:TRAIN",
-    "index": "pipelines.index:INDEX",
-    "generate": "pipelines.generate:GENERATE",
-    "attribute": "pipelines.attribute:ATTRIBUTE",
-    "evaluate": "pipelines.evaluate:EVALUATE",
-    "variations": "pipelines.evaluate:VARIATIONS",
-    "takedown": "pipelines.takedown:TAKEDOWN",
+    "ingest": "pipelines.stages.ingest.stage:INGEST_STAGE",
+    "separate": "pipelines.stages.separate:SEPARATE",
+    "clean": "pipelines.stages.clean:CLEAN",
+    "shard": "pipelines.stages.shard.stage:SHARD",
+    "train": "pipelines.stages.train:TRAIN",
+    "index": "pipelines.attribution.stage:INDEX",
+    "generate": "pipelines.stages.generate:GENERATE",
+    "attribute": "pipelines.attribution.attribute:ATTRIBUTE",
+    "evaluate": "pipelines.stages.evaluate:EVALUATE",
+    "variations": "pipelines.stages.evaluate:VARIATIONS",
+    "takedown": "pipelines.stages.takedown:TAKEDOWN",
 }
 
 

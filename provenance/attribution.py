@@ -6,7 +6,7 @@ into segment, track and rights-holder shares that each sum to 1, and carries eve
 attribution text so a rights team can act on the result.
 
 Pure: numpy, faiss, the records. Embedders live upstairs (``cleaning.embed``) and reach this module
-through the ``Embedder`` protocol; ``pipelines.attribution_index`` wires them together.
+through the ``Embedder`` protocol; ``pipelines.attribution.index`` wires them together.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ _IVF_FILE = "ivf.faiss"
 class Embedder(Protocol):
     """Audio windows → vectors. The one embedder interface, used three times: Fréchet Audio Distance in
     blind cleaning (``cleaning``), FAD in training evaluation (``training``), and the ``embedding``
-    attribution method (``pipelines.attribution_index``).
+    attribution method (``pipelines.attribution.index``).
 
     Attributes:
         name: identifies the embedder *and its parameters and version* (e.g.

@@ -20,7 +20,7 @@ This module is the model-agnostic part, in TRAK's featurize → finalize → sco
 - ``DTrakScorer``: finalize (the ridge-regularised kernel inverse) and blocked scoring of queries.
 
 The diffusion objective itself is the per-example loss protocol (``provenance.unlearning.PerExampleLoss``);
-``pipelines.attribution_loss`` implements it for linernotes checkpoints.
+``pipelines.attribution.loss`` implements it for linernotes checkpoints.
 """
 
 from __future__ import annotations

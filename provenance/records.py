@@ -476,7 +476,7 @@ DEAL = _schema(
         pa.field("valid_from", pa.date32()),  # ValidityPeriod StartDate (date part of StartDateTime)
         pa.field("valid_until", pa.date32()),  # null when open-ended
         pa.field("grants_ai_training", pa.bool_()),  # False for streaming/download deals: only a use type
-        # that names AI training would grant it (pipelines.ddex.deal_grants_training)
+        # that names AI training would grant it (pipelines.stages.ingest.ddex.deal_grants_training)
         pa.field("message", pa.string()),
         pa.field("message_id", pa.string()),
         pa.field("delivery_id", pa.string()),

@@ -4,11 +4,11 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.clean import CleanConfig
-from pipelines.clean_evaluate import EvaluateConfig
+from pipelines.stages.clean import CleanConfig
+from pipelines.experiments.clean_evaluate import EvaluateConfig
 from pipelines.config import load_config
-from pipelines.ingest import IngestConfig
-from pipelines.shard import ShardConfig
+from pipelines.stages.ingest.stage import IngestConfig
+from pipelines.stages.shard.stage import ShardConfig
 from training.config import TrainConfig
 
 INFRA = Path(__file__).resolve().parents[1] / "infra"

@@ -1,7 +1,7 @@
 """Musical conditioning from the catalog: tempo (BPM), key, instrument and duration.
 
-A shard sample's ``json`` (``pipelines/shard.py``) carries the track's catalog fields. ``encode_conditions``
-turns one such dict into a float32 vector of ``len(CONDITION_NAMES)`` numbers, NaN where a value is
+A shard sample's ``json`` (``pipelines/stages/shard/stage.py``) carries the track's catalog fields.
+``encode_conditions`` turns one such dict into a float32 vector of ``len(CONDITION_NAMES)`` numbers, NaN where a value is
 unknown, so that batches collate with the default ``torch.utils.data`` collation and a missing field
 never fails a run. ``MusicalConditionEncoder`` embeds the vector: tempo and duration as sinusoidal
 features of their logarithms (as Stable Audio embeds timing, Evans et al. 2024), key and instrument as

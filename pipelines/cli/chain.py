@@ -118,7 +118,7 @@ def train(
     """Train the mel-spectrogram diffusion model on a dataset's train shards (Ray Train, TorchTrainer)."""
     with errors():
         from pipelines.config import load_config, parse_overrides
-        from pipelines.jobs import run_train
+        from pipelines.stages.train import run_train
         from training.config import TrainConfig
 
         check_resume_options(resume or bool(resume_run), steps, batch_size, num_workers, use_gpu, dataset, config,
@@ -173,7 +173,7 @@ def generate(
             raise CliError(f"no audio file at --context {context}")
 
     def finish(result: Any) -> dict[str, Any]:
-        from pipelines.generate import GenerateJobResult
+        from pipelines.stages.generate import GenerateJobResult
 
         return GenerateJobResult.from_stage(result, out).to_json()
 
@@ -210,7 +210,7 @@ def attribute(
 ) -> None:
     """Which training recordings does this audio draw on, and who holds their rights?"""
     with errors():
-        from pipelines.attribution_methods import METHODS
+        from pipelines.attribution.methods import METHODS
 
         if not file.is_file():
             raise CliError(f"no audio file at {file}")
@@ -255,7 +255,7 @@ def demo(
 ) -> None:
     """Render a public-domain demo delivery, then run ingest → shard → train → generate → attribute."""
     with errors():
-        from pipelines.demo import run_demo
+        from pipelines.demo.run import run_demo
 
         with progress_bar(json_mode) as progress:
             result = run_demo(open_workspace(workdir), num_tracks=num_tracks, track_duration_s=track_duration_s,
@@ -309,7 +309,7 @@ def submit(
 
     with errors():
         from pipelines.config import load_config, parse_overrides
-        from pipelines.submit import submit_train
+        from pipelines.engines.submit import submit_train
         from training.config import TrainConfig
 
         cfg = load_config(TrainConfig, config, parse_overrides(overrides or []), steps=steps,

@@ -91,7 +91,7 @@ def clean_evaluate(
     plots."""
 
     with errors():
-        from pipelines.clean_evaluate import EvaluateConfig, run_evaluate
+        from pipelines.experiments.clean_evaluate import EvaluateConfig, run_evaluate
         from pipelines.config import load_config, parse_overrides
 
         cfg = load_config(EvaluateConfig, config, parse_overrides(overrides or []), source=source, delivery=delivery)

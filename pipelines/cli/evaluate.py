@@ -1,6 +1,6 @@
 """``linernotes evaluate`` (FAD per checkpoint and a run report) and ``linernotes variations`` (a batch of
 generations over seeds, guidance scales and durations): thin shells over the ``evaluate`` and ``variations``
-stages (``pipelines.evaluate``)."""
+stages (``pipelines.stages.evaluate``)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def variations(
             raise CliError(f"--duration-s must be in (0, 600] seconds, got {duration_s}")
 
     def finish(result: Any) -> dict[str, Any]:
-        from pipelines.evaluate import variations_payload
+        from pipelines.stages.evaluate import variations_payload
 
         return variations_payload(result, out_dir)
 

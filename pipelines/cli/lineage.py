@@ -41,7 +41,7 @@ def rights_explain(
 ) -> None:
     """Why was a track admitted or rejected? Every policy check, passed or not, and what the run recorded."""
     with errors():
-        from pipelines.rights import explain_track
+        from pipelines.stages.ingest.rights import explain_track
 
         emit(explain_track(open_workspace(workdir), track_id, run), json_mode, _render_explain)
 
@@ -77,7 +77,7 @@ def rights_opt_out(
 ) -> None:
     """Register an opt-out in the lineage store; every later ingest rejects what it names (opted_out)."""
     with errors():
-        from pipelines.rights import add_opt_out
+        from pipelines.stages.ingest.rights import add_opt_out
         from provenance.policy import normalize_isrc
 
         given = [(k, v) for k, v in (("rights_holder", rights_holder), ("track_id", track),
@@ -123,7 +123,7 @@ def lineage(
 ) -> None:
     """Walk the lineage both ways: what a track reached, or where a generation came from."""
     with errors():
-        from pipelines.lineage import lineage as walk
+        from pipelines.lineage.walk import lineage as walk
 
         emit(walk(open_workspace(workdir), entity_id, kind), json_mode, lambda p: out_console.print(render_lineage(p)))
 
@@ -157,7 +157,7 @@ def report(
 ) -> None:
     """Write an HTML report of a generation: players, mel images, rights-holder shares."""
     with errors():
-        from pipelines.report import build_report
+        from pipelines.lineage.report import build_report
 
         if top_k < 1:
             raise CliError(f"--top-k must be ≥ 1, got {top_k}")
@@ -177,7 +177,7 @@ def serve(
     with errors():
         import uvicorn
 
-        from pipelines.api import TOKEN_ENV, create_app
+        from pipelines.api.app import TOKEN_ENV, create_app
 
         if not 0 < port < 65536:
             raise CliError(f"--port must be in 1..65535, got {port}")

@@ -17,8 +17,8 @@ import pytest
 
 import torch
 
-from pipelines.attribution_index import read_shard_index
-from pipelines.index import iter_segment_mels, train_entries
+from pipelines.attribution.index import read_shard_index
+from pipelines.attribution.stage import iter_segment_mels, train_entries
 from provenance import dtrak
 from provenance.attribution import EmbeddingIndex
 from provenance.store import LineageStore
@@ -124,8 +124,8 @@ def test_dtrak_query_latency(num_segments, tmp_path):
 
 def test_unlearning_query_cost(ray_local, tmp_path):
     """One ``unlearning`` query (50 candidates) against one ``dtrak`` query on the test checkpoint."""
-    from pipelines.attribution_methods import DTrakAttributor, UnlearningAttributor, UnlearningSettings
-    from pipelines.index import IndexConfig, build_checkpoint_index
+    from pipelines.attribution.methods import DTrakAttributor, UnlearningAttributor, UnlearningSettings
+    from pipelines.attribution.stage import IndexConfig, build_checkpoint_index
     from tests.pipelines.attribution_support import make_workspace
 
     workspace, _, decoded, checkpoint = make_workspace(tmp_path / "ws")

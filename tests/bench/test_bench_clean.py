@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.clean_evaluate import EvaluateConfig, run_evaluate
+from pipelines.experiments.clean_evaluate import EvaluateConfig, run_evaluate
 from pipelines.cli.clean import _render_evaluate
 from pipelines.config import load_config
 

@@ -6,7 +6,7 @@
   ``soundfile.read(path)``, whose default dtype is float64; every ratio is printed against both;
 - naive: what a user would write instead, a loop of librosa.load + pyloudnorm + hashlib.
 
-``ours`` is ingest's per-file work on a mixture (``pipelines.ingest_steps._measure_outcome``: decode, the
+``ours`` is ingest's per-file work on a mixture (``pipelines.stages.ingest.steps._measure_outcome``: decode, the
 AudioFile measurements, true peak, DC offset, fingerprint); ``ours, stem`` the same without the fingerprint
 (ingest fingerprints only mixtures). Each runs in a process pool of 1 and 2 workers; CPU time is summed
 inside the workers, over ``ROUNDS`` passes over the files in which the methods take turns (a shared
@@ -68,7 +68,7 @@ def _naive(path: str) -> float:
 
 
 def _ours(path: str) -> float:
-    from pipelines.ingest_steps import _measure_outcome
+    from pipelines.stages.ingest.steps import _measure_outcome
 
     start = time.process_time()
     outcome = _measure_outcome(path)
@@ -77,7 +77,7 @@ def _ours(path: str) -> float:
 
 
 def _ours_stem(path: str) -> float:
-    from pipelines.ingest_steps import _measure_outcome
+    from pipelines.stages.ingest.steps import _measure_outcome
 
     start = time.process_time()
     outcome = _measure_outcome(path, with_fingerprint=False)
@@ -190,7 +190,7 @@ def delivery(tmp_path_factory) -> Path:
 
 
 def test_ingest_throughput(delivery, tmp_path):
-    from pipelines.ingest import IngestConfig, run_ingest
+    from pipelines.stages.ingest.stage import IngestConfig, run_ingest
     from provenance.workspace import Workspace
 
     paths = sorted(str(p) for p in (delivery / "audio").glob("*.flac"))

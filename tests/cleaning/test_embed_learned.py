@@ -15,7 +15,7 @@ from cleaning.embed import load_embedder
 from cleaning.embed_learned import Cnn14, ClapEmbedder, PannsCnn14Embedder
 from cleaning.fad import gaussian_stats, per_item_fad
 from cleaning.synthetic_stems import render_song
-from pipelines.clean import CleanConfig
+from pipelines.stages.clean import CleanConfig
 from pipelines.config import ConfigError, load_config, parse_overrides
 
 SR = 16000
@@ -122,7 +122,7 @@ def test_panns_embedder_loads_the_authors_format_shapes_and_determinism(cnn14_fi
 
 def test_clean_config_accepts_learned_embedders_and_the_measure_task_uses_them(cnn14_file, clap_dir, tmp_path):
     from cleaning.audio import write_audio
-    from pipelines.clean import _measure_track
+    from pipelines.stages.clean import _measure_track
 
     for spec in (f"panns:{cnn14_file}", f"clap:{clap_dir}"):
         config = load_config(CleanConfig, None, parse_overrides([f"embedder={spec}"]), reference_tracks=["r"],

@@ -1,5 +1,5 @@
 """A workspace with a real (tiny) dataset, a catalog, a generation WAV and its stored ``embedding`` attribution,
-for the API and report tests. The attribution is computed by ``pipelines.jobs.run_attribute`` for real."""
+for the API and report tests. The attribution is computed by ``pipelines.stages.train.run_attribute`` for real."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from cleaning.audio import write_audio
-from pipelines.jobs import run_attribute
+from pipelines.stages.train import run_attribute
 from provenance import records
 from provenance.store import LineageStore
 from provenance.workspace import Workspace

@@ -121,11 +121,11 @@ def write_dataset(workspace: Workspace, store: LineageStore) -> tuple[str, dict[
 
 
 def make_workspace(root: Path) -> tuple[Workspace, str, dict[str, np.ndarray], dict]:
-    """A workspace with the dataset and a trained checkpoint (``pipelines.jobs.run_train``, real Ray Train).
+    """A workspace with the dataset and a trained checkpoint (``pipelines.stages.train.run_train``, real Ray Train).
 
     Returns ``(workspace, dataset_id, segment_id → audio, checkpoint row)``.
     """
-    from pipelines.jobs import run_train
+    from pipelines.stages.train import run_train
     from training.config import TrainConfig
 
     workspace = Workspace.at(root).ensure()

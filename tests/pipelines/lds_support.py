@@ -7,7 +7,7 @@ between the attribution-predicted output Σ_{i∈S_m} τ(q, i) and the actual ou
 (−loss of q at fixed timesteps and noise); LDS is its mean over queries. Random scores give LDS ≈ 0.
 
 The model is a 2-layer convolutional denoiser with the project's Gaussian diffusion (v-prediction); the
-features and kernel are the project's own (``provenance.dtrak``, ``pipelines.attribution_loss``).
+features and kernel are the project's own (``provenance.dtrak``, ``pipelines.attribution.loss``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from pipelines.attribution_loss import DiffusionLoss, MelBatch
+from pipelines.attribution.loss import DiffusionLoss, MelBatch
 from provenance import dtrak
 
 

@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from fastapi.testclient import TestClient
 
-from pipelines.api import create_app
+from pipelines.api.app import create_app
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 from tests.pipelines.attributed_workspace import make_attributed_workspace

@@ -22,7 +22,7 @@ from cleaning.audio import AudioDecodeError, encode_flac, read_audio, write_audi
 from cleaning.embed import MelStatsEmbedder
 from cleaning.measure import measure_pcm_sha256
 from cleaning.mel import MelConfig, log_mel
-from pipelines.attribution_index import (
+from pipelines.attribution.index import (
     EmbeddingAttributor,
     attribute_audio,
     attribute_file,

@@ -17,8 +17,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from pipelines.attribution_methods import DTrakAttributor, UnlearningAttributor, UnlearningSettings, load_attributor
-from pipelines.index import IndexConfig, build_checkpoint_index, build_dtrak_features, checkpoint_index, train_entries
+from pipelines.attribution.methods import DTrakAttributor, UnlearningAttributor, UnlearningSettings, load_attributor
+from pipelines.attribution.stage import (
+    IndexConfig,
+    build_checkpoint_index,
+    build_dtrak_features,
+    checkpoint_index,
+    train_entries,
+)
 from provenance import dtrak
 from provenance.store import LineageStore
 from tests.pipelines.attribution_support import TRACKS, make_workspace
@@ -93,7 +99,7 @@ def test_self_retrieval(white_box, method):
 
 def noised_and_denoised(checkpoint_path, mel: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     """The model's DDIM reconstruction of ``mel`` (natural-log mel) from timestep ``fraction · T``."""
-    from pipelines.index import load_attribution_model, normalise
+    from pipelines.attribution.stage import load_attribution_model, normalise
 
     loaded = load_attribution_model(checkpoint_path)
     diffusion, model = loaded.diffusion, loaded.model
@@ -119,7 +125,7 @@ def test_memorization_ranks_the_source_in_the_top_5(white_box):
     test's scale (an 80-step checkpoint, neighbouring 5 s segments of one track nearly alike) that is not reached
     for every generation — the counts are printed and reported in the README.
     """
-    from pipelines.index import iter_segment_mels
+    from pipelines.attribution.stage import iter_segment_mels
 
     workspace, dataset_id, _, checkpoint = white_box
     entries = train_entries(workspace, dataset_id)

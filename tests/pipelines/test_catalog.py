@@ -18,8 +18,8 @@ from pipelines.catalog import (
     migrate_catalog,
     resolve_catalog,
 )
-from pipelines.clean import CleanConfig
-from pipelines.lineage import lineage
+from pipelines.stages.clean import CleanConfig
+from pipelines.lineage.walk import lineage
 from pipelines.stage import CACHED, RAN, get_stage, run_stage
 from provenance import records
 from provenance.store import LineageStore

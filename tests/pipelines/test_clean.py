@@ -13,7 +13,7 @@ from cleaning.audio import write_audio
 from cleaning.contamination import clip_hard
 from cleaning.measure import measure_pcm_sha256
 from cleaning.synthetic_stems import render_songs
-from pipelines.clean import CleanConfig, read_decisions, run_clean
+from pipelines.stages.clean import CleanConfig, read_decisions, run_clean
 from pipelines.config import ConfigError, load_config
 from provenance import records
 from provenance.store import LineageStore

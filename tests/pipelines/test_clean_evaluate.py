@@ -14,7 +14,13 @@ from cleaning.contamination import Planted
 from cleaning.evaluate import detection_metrics, gap_closed_percent, sdr_per_song, train_on
 from cleaning.synthetic_stems import render_song
 from pipelines.cli import app
-from pipelines.clean_evaluate import EvaluateConfig, _sdr_per_song, held_out_songs, paired_sdr_figures, run_evaluate
+from pipelines.experiments.clean_evaluate import (
+    EvaluateConfig,
+    _sdr_per_song,
+    held_out_songs,
+    paired_sdr_figures,
+    run_evaluate,
+)
 
 SOURCES = ["bass", "drums", "other", "vocals"]
 

@@ -14,7 +14,7 @@ from cleaning.measure import measure_pcm_sha256
 from cleaning.separate import load_separator, separate_audio
 from cleaning.separator import SeparatorSpec, build_separator, save_separator
 from cleaning.synthetic_stems import render_song
-from pipelines.clean_separate import SeparateConfig, run_separate
+from pipelines.stages.separate import SeparateConfig, run_separate
 from provenance import records
 from provenance.records import file_sha256
 from provenance.store import LineageStore

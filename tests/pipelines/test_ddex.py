@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ddex import (
+from pipelines.stages.ingest.ddex import (
     INVALID_FIELD,
     SCHEMA_INVALID,
     XML_UNSAFE,
@@ -21,7 +21,7 @@ from pipelines.ddex import (
     read_ern_delivery,
     validate_ern,
 )
-from pipelines.delivery import TRACK_COLUMNS, check_file_row, parse_track
+from pipelines.stages.ingest.delivery import TRACK_COLUMNS, check_file_row, parse_track
 from provenance.policy import check_isrc, normalize_isrc
 from provenance.records import RejectionReason
 

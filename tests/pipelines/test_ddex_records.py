@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.ddex import deal_rows, parse_ern, read_ern_records, release_rows
+from pipelines.stages.ingest.ddex import deal_rows, parse_ern, read_ern_records, release_rows
 from provenance.records import DEAL, RELEASE, to_table
 
 DDEX = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "ddex"

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipelines.demo import DEMO_GENERATION_S, run_demo
+from pipelines.demo.run import DEMO_GENERATION_S, run_demo
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 

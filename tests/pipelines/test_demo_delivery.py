@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipelines import demo_delivery
-from pipelines.demo_delivery import DemoDelivery, DemoPart, DemoPiece, build_demo_delivery
+from pipelines.demo import delivery as demo_delivery
+from pipelines.demo.delivery import DemoDelivery, DemoPart, DemoPiece, build_demo_delivery
 
 NUM_TRACKS = 2
 MAX_DURATION_S = 8.0

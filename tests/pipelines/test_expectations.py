@@ -7,9 +7,18 @@ import pandas as pd
 import pytest
 
 from cleaning.measure import measure_audio
-from pipelines.delivery import read_delivery
-from pipelines.expectations import (AUDIO_FILE_COLUMNS, CURATED_SUITE, DELIVERY_SUITE, ISRC_PATTERN, curated_suite,
-                                    delivery_frames, delivery_suite, validate_curated, validate_delivery)
+from pipelines.stages.ingest.delivery import read_delivery
+from pipelines.stages.ingest.expectations import (
+    AUDIO_FILE_COLUMNS,
+    CURATED_SUITE,
+    DELIVERY_SUITE,
+    ISRC_PATTERN,
+    curated_suite,
+    delivery_frames,
+    delivery_suite,
+    validate_curated,
+    validate_delivery,
+)
 from provenance.policy import check_isrc
 from provenance.records import AUDIO_FILE
 from tests.conftest import sine

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 
 from cleaning.audio import read_audio
-from pipelines.delivery import DeliveryError, read_delivery
-from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.stages.ingest.delivery import DeliveryError, read_delivery
+from pipelines.stages.ingest.stage import IngestConfig, run_ingest
 from provenance.records import AUDIO_FILE, REJECTION, TRACK, read_table
 from provenance.store import LineageStore
 from provenance.workspace import Workspace

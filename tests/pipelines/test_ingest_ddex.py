@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.stages.ingest.stage import IngestConfig, run_ingest
 from provenance.workspace import Workspace
 
 LICENSES = ("license_id,licensor,license_name,license_url,territories,valid_from,valid_until,ai_training,"

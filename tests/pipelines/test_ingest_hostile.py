@@ -5,7 +5,7 @@ import os
 import numpy as np
 import soundfile as sf
 
-from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.stages.ingest.stage import IngestConfig, run_ingest
 from provenance.workspace import Workspace
 from tests.conftest import sine
 from tests.pipelines.test_ingest import LICENSES, write_csv

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import soundfile as sf
 
-from pipelines.ingest import IngestConfig, run_ingest
+from pipelines.stages.ingest.stage import IngestConfig, run_ingest
 from provenance.workspace import Workspace
 from tests.pipelines.test_ingest import LICENSES, track, write_csv
 

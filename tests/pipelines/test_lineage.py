@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.lineage import LineageError, lineage
+from pipelines.lineage.walk import LineageError, lineage
 from provenance import records
 from provenance.store import LineageStore
 from provenance.workspace import STORE_URL_ENV, Workspace

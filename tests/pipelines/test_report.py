@@ -15,7 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.cli import app
-from pipelines.report import ReportError, build_report, report_path
+from pipelines.lineage.report import ReportError, build_report, report_path
 from provenance.store import LineageStore
 from provenance.workspace import STORE_URL_ENV
 from tests.pipelines.attributed_workspace import HOLDERS, make_attributed_workspace
@@ -127,7 +127,7 @@ def test_cli_report_loads_completely_in_chromium(attributed, browser, monkeypatc
 def test_report_served_by_the_api_loads_completely(attributed, browser):
     import uvicorn
 
-    from pipelines.api import create_app
+    from pipelines.api.app import create_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ import soundfile as sf
 from cleaning.audio import read_audio, resample, to_mono, write_audio
 from cleaning.measure import measure_pcm_sha256
 from pipelines.engines import Engine, EngineConfig
-from pipelines.shard import (
+from pipelines.stages.shard.stage import (
     ShardConfig,
     ShardInputError,
     num_target_samples,

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from pipelines.clean import CleanConfig
-from pipelines.clean_separate import SeparateConfig
+from pipelines.stages.clean import CleanConfig
+from pipelines.stages.separate import SeparateConfig
 from pipelines.engines import Engine
-from pipelines.shard import ShardConfig
+from pipelines.stages.shard.stage import ShardConfig
 from pipelines.stage import CACHED, RAN, STAGES, StageContext, cache_key, get_stage, run_stage
 from provenance import records
 from provenance.store import LineageStore
@@ -42,7 +42,7 @@ def stage_config(name: str, tmp_path: Path):
     if name == "separate":
         return SeparateConfig(model=str(tiny_separator(tmp_path)))
     if name == "index":
-        from pipelines.index import IndexConfig
+        from pipelines.attribution.stage import IndexConfig
 
         return IndexConfig()
     if name == "train":
@@ -50,23 +50,23 @@ def stage_config(name: str, tmp_path: Path):
 
         return TrainConfig()
     if name == "ingest":
-        from pipelines.ingest import IngestConfig
+        from pipelines.stages.ingest.stage import IngestConfig
 
         return IngestConfig(as_of="2026-11-21")
     if name == "generate":
-        from pipelines.generate import GenerateConfig
+        from pipelines.stages.generate import GenerateConfig
 
         return GenerateConfig(prompt="x")
     if name == "attribute":
-        from pipelines.attribute import attribute_config
+        from pipelines.attribution.attribute import attribute_config
 
         return attribute_config()
     if name in ("evaluate", "variations"):
-        from pipelines.evaluate import EvaluateConfig, VariationsConfig
+        from pipelines.stages.evaluate import EvaluateConfig, VariationsConfig
 
         return EvaluateConfig() if name == "evaluate" else VariationsConfig(prompt="x", seeds=[1])
     if name == "takedown":  # its inputs (the opt-out registry, the catalog) are the minimal catalog's
-        from pipelines.takedown import TakedownConfig
+        from pipelines.stages.takedown import TakedownConfig
 
         return TakedownConfig(kind="track_id", value="t1")
     return {"shard": ShardConfig(segment_s=0.5, sample_rate_hz=16000, n_fft=256, hop_length=128),
@@ -154,9 +154,9 @@ def test_cache_key_names_config_and_inputs_but_not_the_engine():
 
 
 def test_beam_runner_options_are_engine_settings_outside_ingests_cache_key(tmp_path):
-    from pipelines.delivery import read_delivery
+    from pipelines.stages.ingest.delivery import read_delivery
     from pipelines.engines import Engine
-    from pipelines.ingest import IngestConfig, run_fingerprint
+    from pipelines.stages.ingest.stage import IngestConfig, run_fingerprint
     from provenance.policy import OptOutRegistry
 
     ingest = get_stage("ingest")
@@ -234,7 +234,7 @@ def test_clean_run_with_fad_and_unlearning_finishes_on_a_fresh_workspace(tmp_pat
 
 
 def test_a_cached_dataset_missing_a_shard_is_built_again(ray_local, tmp_path):
-    from pipelines.shard import run_shard
+    from pipelines.stages.shard.stage import run_shard
 
     workspace = shard_catalog(tmp_path / "w", tmp_path / "audio")
     config = ShardConfig(segment_s=1.0, sample_rate_hz=16000, n_mels=32, n_fft=512, hop_length=160,
@@ -268,7 +268,7 @@ def test_every_stage_is_registered_in_chain_order_with_described_config_keys():
 
 
 def test_a_takedown_key_never_repeats_and_a_bad_target_fails_at_config_time(tmp_path):
-    from pipelines.takedown import TakedownConfig
+    from pipelines.stages.takedown import TakedownConfig
 
     workspace = _minimal_catalog(tmp_path / "w")
     stage, config = get_stage("takedown"), TakedownConfig(kind="isrc", value=" us-s1z-99-00001 ")

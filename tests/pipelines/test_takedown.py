@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from cleaning.audio import read_audio
 from pipelines.cli import app
-from pipelines.jobs import run_attribute
-from pipelines.takedown import parse_takedown
+from pipelines.stages.train import run_attribute
+from pipelines.stages.takedown import parse_takedown
 from provenance.store import LineageStore
 from provenance.workspace import STORE_URL_ENV, Workspace
 from tests.pipelines.test_ingest import LICENSES, track, write_csv

@@ -53,7 +53,7 @@ def _mkdir(path: Path) -> Path:
 
 
 def test_train_entrypoint_pins_every_field_of_the_config():
-    from pipelines.submit import train_entrypoint
+    from pipelines.engines.submit import train_entrypoint
 
     config = TrainConfig(**TINY, storage_path="s3://bucket/runs")
     argv = shlex.split(train_entrypoint(config, "/mnt/ws", "ds-1"))
@@ -64,7 +64,7 @@ def test_train_entrypoint_pins_every_field_of_the_config():
 
 
 def test_auth_headers_prefer_argument_then_environment_then_token_file(tmp_path, monkeypatch):
-    from pipelines.submit import auth_headers
+    from pipelines.engines.submit import auth_headers
 
     token_file = tmp_path / "auth_token"
     token_file.write_text("from-file\n")
@@ -135,7 +135,7 @@ def ray_head(tmp_path_factory):
     try:
         from ray.job_submission import JobSubmissionClient
 
-        from pipelines.submit import auth_headers
+        from pipelines.engines.submit import auth_headers
 
         deadline = time.monotonic() + 240
         while True:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from pipelines.lineage import known_tracks, matching_tracks
+from pipelines.lineage.walk import known_tracks, matching_tracks
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, get_stage, run_stage
 from provenance import records
 from provenance.policy import OptOutRegistry, normalize_isrc
@@ -167,7 +167,7 @@ TAKEDOWN = TakedownStage()
 def _rebuild(ctx: StageContext, datasets: list[dict[str, Any]], why: str) -> list[dict[str, Any]]:
     """Re-shard the affected datasets (one shard run per distinct shard config) through the runner, as child Runs
     of the takedown; link each new dataset to the one it replaces."""
-    from pipelines.shard import ShardResult
+    from pipelines.stages.shard.stage import ShardResult
 
     configs: dict[str, tuple[Any, list[str]]] = {}
     for dataset in datasets:
@@ -267,7 +267,7 @@ def _affected(workspace: Workspace, store: LineageStore, run_id: str, kind: str,
 def _shard_config(workspace: Workspace, dataset_id: str) -> Any:
     """The shard config a dataset was built with (its ``dataset.json``)."""
     from pipelines.inputs import read_dataset_manifest
-    from pipelines.shard import ShardConfig
+    from pipelines.stages.shard.stage import ShardConfig
 
     resolved = dict(read_dataset_manifest(workspace, dataset_id)["config"])
     resolved.pop("mel", None)

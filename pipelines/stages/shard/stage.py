@@ -9,10 +9,10 @@ Three parts, in the order they run:
    ``validation`` or ``train`` by a hash of its id, so no recording straddles splits. Within a split,
    segments sorted by ``segment_id`` are chunked into ``{split}-{000000}.tar`` shards of
    ``samples_per_shard``. Tracks that cannot be sharded become Rejections with a reason.
-2. **Encode** (``pipelines.shard_write``; Ray Data, one row per track): decode the mixture, downmix to mono, resample, cut the
+2. **Encode** (``pipelines.stages.shard.write``; Ray Data, one row per track): decode the mixture, downmix to mono, resample, cut the
    planned segments and encode each sample's members: ``KEY.flac`` (PCM_16 mono at the dataset rate),
    ``KEY.mel.npy`` (float16 log-mel ``(n_mels, segment_samples // hop_length + 1)``) and ``KEY.json``.
-3. **Commit** (``pipelines.shard_write``; on the driver): members are collected by shard and each tar is written with members
+3. **Commit** (``pipelines.stages.shard.write``; on the driver): members are collected by shard and each tar is written with members
    sorted by name and fixed headers (GNU format, ``mtime=0``, uid/gid 0, no owner names, mode 0o444),
    so the bytes do not depend on Ray's ordering. Everything goes into a temporary folder under
    ``datasets/``, ``index.parquet`` last, and the folder is renamed to ``datasets/<dataset_id>``.
@@ -38,14 +38,14 @@ from typing import Any
 
 from pipelines.catalog import CatalogVersion, catalog_id, resolve_catalog
 from pipelines.engines import Engine
-from pipelines.shard_config import (  # noqa: F401  (ShardConfig and the sample arithmetic are this stage's API)
+from pipelines.stages.shard.config import (  # noqa: F401  (ShardConfig and the sample arithmetic are this stage's API)
     SHARD_FORMAT_VERSION,
     STAGE,
     ShardConfig,
     ShardPlan,
     num_target_samples,
 )
-from pipelines.shard_write import (  # noqa: F401  (ShardInputError: what run_shard raises for a stale catalog)
+from pipelines.stages.shard.write import (  # noqa: F401  (ShardInputError: what run_shard raises for a stale catalog)
     ShardInputError,
     build_dataset,
     dataset_complete,

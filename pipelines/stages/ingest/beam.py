@@ -1,6 +1,6 @@
-"""The Beam adapters of the ingest stage: thin ``DoFn``s over the pure per-record steps of ``pipelines.ingest_steps``,
-and the graph that wires them (``build_pipeline``). The driver (``pipelines.ingest``) builds the pipeline on the
-engine's runner (``pipelines.engines.Engine.beam_pipeline``) and imports this module only when it runs.
+"""The Beam adapters of the ingest stage: thin ``DoFn``s over the pure per-record steps of
+``pipelines.stages.ingest.steps``, and the graph that wires them (``build_pipeline``). The driver
+(``pipelines.stages.ingest.stage``) builds the pipeline on the engine's runner (``pipelines.engines.Engine.beam_pipeline``) and imports this module only when it runs.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ quiet_beam_import_warnings()
 import apache_beam as beam  # noqa: E402
 
 from cleaning.warmup import warm_kernels  # noqa: E402
-from pipelines.delivery import Delivery  # noqa: E402
-from pipelines.ingest_config import IngestConfig  # noqa: E402
-from pipelines.ingest_steps import decide_tracks, finalize_track, measure_file, route_files  # noqa: E402
+from pipelines.stages.ingest.delivery import Delivery  # noqa: E402
+from pipelines.stages.ingest.config import IngestConfig  # noqa: E402
+from pipelines.stages.ingest.steps import decide_tracks, finalize_track, measure_file, route_files  # noqa: E402
 from provenance.policy import OptOutRegistry  # noqa: E402
 
 __all__ = ["build_pipeline"]

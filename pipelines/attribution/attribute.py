@@ -1,5 +1,5 @@
 """The ``attribute`` stage: which training recordings a query (a generation, any audio file) draws on, and who
-holds their rights, by one of the methods of ``pipelines.attribution_methods``; the result stored in the lineage
+holds their rights, by one of the methods of ``pipelines.attribution.methods``; the result stored in the lineage
 store under the query's id.
 
 Inputs (content ids): the query's decoded PCM (``sha256:``), the id the result is stored under (``gen-…`` or
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.attribute_config import AttributeConfig
+from pipelines.attribution.config import AttributeConfig
 from pipelines.inputs import resolve_checkpoint, resolve_dataset
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance.workspace import Workspace
@@ -70,7 +70,7 @@ class AttributeStage(Stage):
         return found
 
     def run(self, ctx: StageContext, config: Any) -> StageOutput:
-        from pipelines.attribution_methods import load_attributor
+        from pipelines.attribution.methods import load_attributor
 
         query_id, dataset_id = ctx.inputs["query_id"], ctx.inputs["dataset"]
         attributor = load_attributor(ctx.workspace, config.method, dataset_id=dataset_id,
@@ -172,13 +172,13 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
     ``embedding`` needs a dataset (default the newest); ``dtrak`` and ``unlearning`` need a checkpoint (default the
     newest, which must then be trained on ``dataset_id`` when that is given) and attribute to its dataset. A missing
     index is built first (cached in the workspace; ``progress`` is called as ``("indexing segments" | "D-TRAK
-    features", done, total)``). See ``pipelines.attribution_methods``.
+    features", done, total)``). See ``pipelines.attribution.methods``.
 
     Args:
         store: ignored (the runner opens the lineage store); kept for callers that pass theirs.
         text: the query's prompt (``""``: unknown), the condition of the white-box methods' losses.
-        index_config: a ``pipelines.index.IndexConfig`` (default ``IndexConfig()``).
-        unlearning: ``pipelines.attribution_methods.UnlearningSettings`` (default settings).
+        index_config: a ``pipelines.attribution.stage.IndexConfig`` (default ``IndexConfig()``).
+        unlearning: ``pipelines.attribution.methods.UnlearningSettings`` (default settings).
 
     Raises:
         ValueError: unknown method; a checkpoint of another dataset.

@@ -3,7 +3,7 @@
 No DTD is loaded, no entity is resolved, nothing is fetched from the network; a DOCTYPE anywhere in the
 prolog (the carrier of billion-laughs and XXE attacks; DDEX never needs one) is refused before parsing, and
 so are files over ``ErnLimits.max_bytes`` and elements nested deeper than ``ErnLimits.max_depth``. These
-raise ``ErnError(XML_UNSAFE, ...)``. ``pipelines.ddex`` maps the parsed element tree to catalog rows.
+raise ``ErnError(XML_UNSAFE, ...)``. ``pipelines.stages.ingest.ddex`` maps the parsed element tree to catalog rows.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SCHEMA_INVALID = "schema_invalid"  # not an ERN 4.x NewReleaseMessage, or fails 
 INVALID_FIELD = RejectionReason.INVALID_FIELD.value  # not well-formed XML
 
 ERN411_XSD_ENV = "LINERNOTES_ERN411_XSD"
-DEFAULT_ERN411_XSD = (Path(__file__).resolve().parents[1].parent / "shared" / "corpus" / "ddex" / "xsd"
+DEFAULT_ERN411_XSD = (Path(__file__).resolve().parents[3].parent / "shared" / "corpus" / "ddex" / "xsd"
                       / "ern411" / "release-notification.xsd")
 
 _ERN_NAMESPACE = re.compile(r"^http://ddex\.net/xml/ern/(4\d{1,2})$")

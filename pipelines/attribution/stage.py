@@ -2,11 +2,11 @@
 
 For a checkpoint trained on dataset ``D`` it builds, under ``indexes/<D>/``:
 
-- the ``embedding`` index of ``D``'s train segments (``pipelines.attribution_index``; shared by every
+- the ``embedding`` index of ``D``'s train segments (``pipelines.attribution.index``; shared by every
   checkpoint of ``D``, reused when cached);
 - ``<checkpoint_id>/dtrak-<identity>/``: D-TRAK features of every train segment (``provenance.dtrak``): the
   gradient of the configured objective (default D-TRAK's ``Square``) averaged over ``num_timesteps`` fixed
-  timesteps with fixed noise (``pipelines.attribution_loss.DiffusionLoss``), Rademacher-projected to
+  timesteps with fixed noise (``pipelines.attribution.loss.DiffusionLoss``), Rademacher-projected to
   ``projection_dim``; a memory-mapped ``(N, dim)`` float32 array with a done-mask, so a killed build
   resumes; then finalized (kernel inverse, float16 serving copy);
 - ``<checkpoint_id>/unlearning-<identity>/fisher.pt``: the diagonal empirical Fisher of the training loss on
@@ -112,7 +112,7 @@ def checkpoint_index(workspace: Workspace, checkpoint: Mapping[str, Any], config
 
 def train_entries(workspace: Workspace, dataset_id: str) -> list[dict[str, Any]]:
     """The dataset's train-split shard-index rows in feature-row order: by shard, then key."""
-    from pipelines.attribution_index import read_shard_index
+    from pipelines.attribution.index import read_shard_index
 
     rows = [row for row in read_shard_index(workspace, dataset_id) if row["split"] == records.Split.TRAIN.value]
     if not rows:
@@ -175,7 +175,7 @@ class DTrakFeaturizer:
                  device: str = "cpu", torch_threads: int | None = None) -> None:
         import torch
 
-        from pipelines.attribution_loss import DiffusionLoss
+        from pipelines.attribution.loss import DiffusionLoss
 
         if torch_threads:
             torch.set_num_threads(torch_threads)
@@ -191,7 +191,7 @@ class DTrakFeaturizer:
         """float32 ``(B, dim)`` features of ``B`` log-mels ``(n_mels, frames)`` (equal frames) and texts."""
         import torch
 
-        from pipelines.attribution_loss import MelBatch
+        from pipelines.attribution.loss import MelBatch
 
         x0 = np.stack([m if normalised else normalise(m, self.loaded) for m in mels])
         batch = MelBatch(torch.from_numpy(x0).to(self.device), tuple(texts))
@@ -262,7 +262,7 @@ def build_checkpoint_index(workspace: Workspace, checkpoint: Mapping[str, Any], 
         ValueError: no train segments, or non-finite features (a diverged checkpoint).
     """
     from cleaning.embed import load_embedder
-    from pipelines.attribution_index import build_embedding_index, index_dir
+    from pipelines.attribution.index import build_embedding_index, index_dir
 
     index = checkpoint_index(workspace, checkpoint, config)
     if not index.checkpoint_path.is_file():
@@ -337,7 +337,7 @@ def build_fisher(workspace: Workspace, index: CheckpointIndex, entries: Sequence
     ``seed`` (all of them when fewer), cached at ``index.fisher_path``; reused when present."""
     import torch
 
-    from pipelines.attribution_loss import DiffusionLoss, MelBatch
+    from pipelines.attribution.loss import DiffusionLoss, MelBatch
     from provenance.unlearning import diagonal_fisher
 
     if index.fisher_path.is_file():

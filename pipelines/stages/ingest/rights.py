@@ -13,8 +13,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.delivery import INGEST as STAGE
-from pipelines.delivery import parse_track, read_delivery, read_licenses
+from pipelines.stages.ingest.delivery import INGEST as STAGE
+from pipelines.stages.ingest.delivery import parse_track, read_delivery, read_licenses
 from provenance.policy import OptOutRegistry, RunPurpose, explain
 from provenance.records import Purpose
 from provenance.store import LineageStore
@@ -30,7 +30,7 @@ def explain_track(workspace: Workspace, track_id: str, run_id: str | None = None
 
     Raises:
         ExplainError: no (such) ingest run, or the track is not in that run's delivery.
-        pipelines.delivery.DeliveryError: the run's delivery can no longer be read.
+        pipelines.stages.ingest.delivery.DeliveryError: the run's delivery can no longer be read.
     """
 
     store = LineageStore(workspace.store_url)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.attribute import ATTRIBUTE, attribute_config, credit_tables_id
+from pipelines.attribution.attribute import ATTRIBUTE, attribute_config, credit_tables_id
 from pipelines.inputs import resolve_checkpoint
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
@@ -156,7 +156,7 @@ class GenerateJobResult:
     path: Path
     duration_s: float
     sampler: str
-    attribution: Any  # pipelines.attribute.AttributeJobResult | None
+    attribution: Any  # pipelines.attribution.attribute.AttributeJobResult | None
     stage_result: StageResult | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
@@ -175,7 +175,7 @@ class GenerateJobResult:
     @classmethod
     def from_stage(cls, result: StageResult, out: str | Path | None = None) -> "GenerateJobResult":
         """The result, with the WAV copied to ``out`` when given (also when the result is cached)."""
-        from pipelines.attribute import AttributeJobResult
+        from pipelines.attribution.attribute import AttributeJobResult
 
         d = result.details
         path = Path(result.outputs["wav"])

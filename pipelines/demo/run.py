@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import load_config
-from pipelines.demo_delivery import build_demo_delivery
+from pipelines.demo.delivery import build_demo_delivery
 from pipelines.engines import Engine
-from pipelines.ingest import IngestConfig, run_ingest
-from pipelines.jobs import run_generate, run_train
-from pipelines.shard import ShardConfig, run_shard
+from pipelines.stages.ingest.stage import IngestConfig, run_ingest
+from pipelines.stages.train import run_generate, run_train
+from pipelines.stages.shard.stage import ShardConfig, run_shard
 from provenance.workspace import Workspace
 
 DEMO_SEGMENT_S = 5.0

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from pipelines.demo_render import (
+from pipelines.demo.render import (
     fade_out_curve,
     normalise_to_pcm16,
     note_events,
@@ -369,7 +369,7 @@ def _readme_text(pieces: Sequence[DemoPiece], max_duration_s: float, sample_rate
                   "  it (build two tracks or more).\n")
     return f"""# linernotes demo delivery
 
-A small catalog delivery rendered offline by `pipelines/demo_delivery.py`, in the form that DESIGN.md
+A small catalog delivery rendered offline by `pipelines/demo/delivery.py`, in the form that DESIGN.md
 ("A catalog delivery") describes: `tracks.csv`, `files.csv` and `licenses.csv` here, audio paths relative to
 this folder. Each score part is one mono 16-bit FLAC stem at {sample_rate_hz} Hz under
 `audio/<track_id>/<part>.flac`, at most {max_duration_s:g} s long; the lowest part has role `bass`, the others
@@ -388,7 +388,7 @@ every stem, at or below -1 dBFS.
   commercial use allowed). The digital scores are the encodings bundled with
   music21's corpus (music21 is BSD-3-Clause; see the music21 corpus documentation for each encoding's source).
   Titles and composers come from the score metadata where it has them, else from the list in
-  `pipelines/demo_delivery.py`; `key` is music21's key analysis; `bpm` is the tempo of the rendering in quarter
+  `pipelines/demo/delivery.py`; `key` is music21's key analysis; `bpm` is the tempo of the rendering in quarter
   notes per minute (the score's own tempo marks are ignored).
 - **Sound**: rendered with TinySoundFont (MIT) and the TimGM6mb General MIDI soundfont (Tim Brechbill,
   GPL-2.0; it comes from MuseScore and ships in the pretty_midi wheel). The soundfont's licence covers its

@@ -1,4 +1,4 @@
-"""The shard stage's encode and commit steps (see ``pipelines.shard`` for the whole stage).
+"""The shard stage's encode and commit steps (see ``pipelines.stages.shard.stage`` for the whole stage).
 
 - **Encode** (Ray Data, one row per track, in the workers): decode the mixture, downmix to mono, resample, cut the
   planned segments and encode each sample's members: ``KEY.flac``, ``KEY.mel.npy`` and ``KEY.json``.
@@ -25,7 +25,7 @@ import numpy as np
 
 from cleaning.audio import encode_flac, read_audio, resample, to_mono
 from cleaning.mel import log_mel
-from pipelines.shard_config import SHARD_FORMAT_VERSION, ShardConfig, ShardPlan, num_target_samples
+from pipelines.stages.shard.config import SHARD_FORMAT_VERSION, ShardConfig, ShardPlan, num_target_samples
 from provenance import records
 from provenance.records import Split
 from provenance.workspace import Workspace

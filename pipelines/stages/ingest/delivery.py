@@ -18,7 +18,8 @@ from typing import Any
 from provenance.policy import check_isrc, check_iswc, normalize_isrc, normalize_iswc, parse_bool, parse_territories
 from provenance.records import RejectionReason, Role, rejection, sha256_hex
 
-INGEST = "ingest"  # the stage that reads deliveries (pipelines.ingest.STAGE); the default ``stage`` of its rejections
+# the stage that reads deliveries (pipelines.stages.ingest.stage.STAGE); the default ``stage`` of its rejections
+INGEST = "ingest"
 TRACK_COLUMNS = ("track_id", "isrc", "title", "artist", "rights_holder", "license_id", "attribution",
                  "genre", "tags", "description")
 TRACK_OPTIONAL = ("iswc", "bpm", "key")
@@ -79,7 +80,7 @@ def read_delivery(root: str | os.PathLike[str], default_license_id: str | None =
 
 
 def _read_ddex_delivery(root: Path) -> Delivery:
-    from pipelines.ddex import read_ern_records
+    from pipelines.stages.ingest.ddex import read_ern_records
 
     licenses_path = root / "licenses.csv"
     if not licenses_path.is_file():

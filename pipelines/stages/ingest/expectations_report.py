@@ -1,5 +1,5 @@
 """What a data-quality validation found: ``ValidationReport`` and its ``ExpectationResult``s, read from
-Great Expectations' results by ``pipelines.expectations``.
+Great Expectations' results by ``pipelines.stages.ingest.expectations``.
 
 ``route_failures`` sorts failed expectations into row failures (for the integrator to turn into Rejections)
 and table errors (for it to stop the run). Nothing here imports GX: the results are read by attribute.

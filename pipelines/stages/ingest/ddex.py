@@ -1,6 +1,6 @@
 """Reading DDEX ERN 4.x release messages (``NewReleaseMessage``) into the row dicts of a catalog delivery.
 
-A message becomes the rows a CSV delivery would have had (``pipelines.delivery``): one track row per
+A message becomes the rows a CSV delivery would have had (``pipelines.stages.ingest.delivery``): one track row per
 ``SoundRecording`` (the ``TRACK_COLUMNS`` plus ``iswc``) and one ``mixture`` file row per delivered audio
 file, plus the releases and deals (dataclasses, and ``records.RELEASE`` / ``records.DEAL`` rows by
 ``read_ern_records``). ERN 4.1, 4.1.1, 4.2 and 4.3 are read; the version
@@ -23,7 +23,7 @@ the licence comes from a separate agreement (``deal_grants_training`` is False f
 Hostile XML: no DTD is loaded, no entity is resolved, nothing is fetched from the network; a DOCTYPE
 anywhere in the prolog (the carrier of billion-laughs and XXE attacks; DDEX never needs one) is refused
 before parsing, and so are files over ``ErnLimits.max_bytes`` and elements nested deeper than
-``ErnLimits.max_depth``. These raise ``ErnError(XML_UNSAFE, ...)`` (``pipelines.ddex_xml``).
+``ErnLimits.max_depth``. These raise ``ErnError(XML_UNSAFE, ...)`` (``pipelines.stages.ingest.ddex_xml``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from typing import Any
 
 from lxml import etree
 
-from pipelines.ddex_xml import (
+from pipelines.stages.ingest.ddex_xml import (
     DEFAULT_ERN411_XSD,
     ERN411_XSD_ENV,
     INVALID_FIELD,

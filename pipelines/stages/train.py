@@ -1,6 +1,6 @@
 """The ``train`` stage on the contract and the callers' entry points of the model stages: ``run_train``,
-``run_index``, and (from their own modules, kept here for callers) ``run_generate`` (``pipelines.generate``),
-``run_attribute`` and ``run_attribute_file`` (``pipelines.attribute``)."""
+``run_index``, and (from their own modules, kept here for callers) ``run_generate`` (``pipelines.stages.generate``),
+``run_attribute`` and ``run_attribute_file`` (``pipelines.attribution.attribute``)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from cleaning.mel import MelConfig
-from pipelines.attribute import AttributeJobResult, run_attribute, run_attribute_file
+from pipelines.attribution.attribute import AttributeJobResult, run_attribute, run_attribute_file
 from pipelines.config import config_dict
-from pipelines.generate import GenerateJobResult, run_generate
+from pipelines.stages.generate import GenerateJobResult, run_generate
 from pipelines.inputs import MissingInputError, read_dataset_manifest, resolve_dataset
 from pipelines.stage import Resources, Stage, StageContext, StageOutput
 from provenance.records import sha256_hex
@@ -131,7 +131,7 @@ class TrainStage(Stage):
         return TrainConfig
 
     def inputs(self, ctx: StageContext, config: Any) -> dict[str, str]:
-        from pipelines.takedown import check_dataset_cleared
+        from pipelines.stages.takedown import check_dataset_cleared
 
         dataset = resolve_dataset(ctx.store, ctx.workspace, ctx.select.get("dataset"))
         check_dataset_cleared(ctx.workspace, ctx.store, dataset["dataset_id"])  # no training on taken-down recordings
@@ -217,14 +217,15 @@ class IndexJobResult:
 
 def run_index(workspace: Workspace, config: Any, checkpoint_id: str | None = None,
               progress: Callable[[str, int, int], None] | None = None) -> IndexJobResult:
-    """Build (or resume, or reuse) a checkpoint's attribution index (``pipelines.index``) through the stage runner.
+    """Build (or resume, or reuse) a checkpoint's attribution index (``pipelines.attribution.stage``) through the
+    stage runner.
 
-    ``config`` is a ``pipelines.index.IndexConfig``; ``checkpoint_id`` defaults to the newest checkpoint.
+    ``config`` is a ``pipelines.attribution.stage.IndexConfig``; ``checkpoint_id`` defaults to the newest checkpoint.
 
     Raises:
         MissingInputError: no checkpoint.
     """
-    from pipelines.index import INDEX
+    from pipelines.attribution.stage import INDEX
     from pipelines.stage import run_stage
 
     result = run_stage(INDEX, workspace, config, progress=progress, select={"checkpoint": checkpoint_id})

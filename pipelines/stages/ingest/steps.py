@@ -1,4 +1,4 @@
-"""The pure per-record steps of ingest, in the order the Beam graph applies them (``pipelines.ingest``).
+"""The pure per-record steps of ingest, in the order the Beam graph applies them (``pipelines.stages.ingest.stage``).
 
 ``decide_tracks`` (dedupe, fields, rights policy) → ``route_files`` (unknown or rejected tracks, roles, safe
 paths) → ``measure_file`` (decode, measure, cached per file) → ``finalize_track`` (stem agreement and
@@ -26,7 +26,7 @@ from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_contain
 from cleaning.fingerprint import fingerprint, fingerprint_similarity
 from cleaning.measure import Levels, measure_audio, measure_levels
 from cleaning.quality import check_stem_formats, measure_stem_residual_db, measure_true_peak_dbtp
-from pipelines.delivery import INGEST, check_file_row, file_record_id, parse_track
+from pipelines.stages.ingest.delivery import INGEST, check_file_row, file_record_id, parse_track
 from provenance.policy import OptOutRegistry, RunPurpose, decide
 from provenance.records import RejectionReason, Role, canonical_json, rejection, safe_name, sha256_hex
 

@@ -2,7 +2,7 @@
 General MIDI program through TinySoundFont and the TimGM6mb soundfont, and one common gain per track.
 
 Times are whole samples; rendering is single-threaded float arithmetic on a fresh synthesizer per stem and the
-stems are quantised to int16 here, so the same notes give the same samples. ``pipelines.demo_delivery`` picks
+stems are quantised to int16 here, so the same notes give the same samples. ``pipelines.demo.delivery`` picks
 the pieces and writes the delivery.
 """
 

@@ -8,7 +8,7 @@ undecodable audio. The OpenAPI spec is at ``/openapi.json``, interactive docs at
 
 Endpoints:
     GET  /health                                   store backend, version
-    GET  /lineage/{id}?kind=                       ``pipelines.lineage.lineage``
+    GET  /lineage/{id}?kind=                       ``pipelines.lineage.walk.lineage``
     GET  /generations/{id}/attribution?method=     stored attribution of a generation
     GET  /attributions/{query_id}?method=          stored attribution of any query (``pcm-...`` for files)
     GET  /opt-outs                                 the opt-out registry
@@ -111,7 +111,7 @@ def _read_routes(workspace: Workspace) -> APIRouter:
                     ) -> dict[str, Any]:
         """Lineage of a track, catalog version, dataset, checkpoint or generation, both ways (``linernotes
         lineage``)."""
-        from pipelines.lineage import LineageError, lineage
+        from pipelines.lineage.walk import LineageError, lineage
 
         try:
             return _jsonable(lineage(workspace, entity_id, kind))
@@ -152,7 +152,7 @@ def _read_routes(workspace: Workspace) -> APIRouter:
                    top_k: Annotated[int, Query(ge=1, le=50)] = 5, rebuild: bool = False) -> RedirectResponse:
         """The generation's HTML report (players, mel images, shares chart), built when missing (or with
         ``rebuild``): redirects to ``/files/generations/{id}/report.html``, where its relative links resolve."""
-        from pipelines.report import ReportError, build_report, report_path
+        from pipelines.lineage.report import ReportError, build_report, report_path
 
         if rebuild or not report_path(workspace, generation_id).is_file():
             try:
@@ -176,7 +176,7 @@ def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
                        method: Annotated[str, Form(pattern=METHOD_PATTERN)] = "embedding") -> dict[str, Any]:
         """Attribute an uploaded audio file; the result is stored under the file's ``pcm-`` id."""
         from cleaning.audio import AudioDecodeError, read_audio
-        from pipelines.attribute import ATTRIBUTE, attribute_config
+        from pipelines.attribution.attribute import ATTRIBUTE, attribute_config
         from pipelines.inputs import MissingInputError
         from pipelines.stage import run_stage
 
@@ -206,7 +206,7 @@ def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
     @router.post("/opt-outs", tags=["rights"], status_code=status.HTTP_201_CREATED)
     def post_opt_out(request: OptOutRequest) -> JSONResponse:
         """Register an opt-out; 201 when new, 200 when it was already registered."""
-        from pipelines.takedown import parse_takedown
+        from pipelines.stages.takedown import parse_takedown
 
         kind, value = parse_takedown(request.kind, request.value)
         store = LineageStore(workspace.store_url)
@@ -222,7 +222,7 @@ def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
         """Opt out, list every affected dataset, checkpoint, generation and attribution; optionally re-shard."""
         from pipelines.inputs import MissingInputError
         from pipelines.stage import run_stage
-        from pipelines.takedown import TAKEDOWN, TakedownConfig
+        from pipelines.stages.takedown import TAKEDOWN, TakedownConfig
 
         try:
             config = TakedownConfig(kind=request.kind, value=request.value, reason=request.reason,
@@ -238,7 +238,7 @@ def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
 
 
 def _attribution(workspace: Workspace, query_id: str, method: str) -> dict[str, Any]:
-    from pipelines.lineage import known_tracks, summarize_attribution
+    from pipelines.lineage.walk import known_tracks, summarize_attribution
 
     store = LineageStore(workspace.store_url)
     try:

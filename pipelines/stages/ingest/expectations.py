@@ -3,7 +3,7 @@
 Two suite families, each one GX suite per table (a GX suite validates one batch, i.e. one DataFrame):
 
 - ``linernotes.delivery.{tracks,files,licenses}``: the delivery tables as read by
-  ``pipelines.delivery.read_delivery`` (see ``delivery_frames``), before any audio is read;
+  ``pipelines.stages.ingest.delivery.read_delivery`` (see ``delivery_frames``), before any audio is read;
 - ``linernotes.curated.{audio_files,counts}``: the curated ``audio_files`` table and the run's counts.
 
 ``validate_delivery`` and ``validate_curated`` run them as GX Checkpoints whose ``UpdateDataDocsAction``
@@ -49,8 +49,13 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.delivery import FILE_COLUMNS, LICENSE_COLUMNS, TRACK_COLUMNS, Delivery
-from pipelines.expectations_report import ExpectationResult, ValidationReport, expectation_result, route_failures
+from pipelines.stages.ingest.delivery import FILE_COLUMNS, LICENSE_COLUMNS, TRACK_COLUMNS, Delivery
+from pipelines.stages.ingest.expectations_report import (
+    ExpectationResult,
+    ValidationReport,
+    expectation_result,
+    route_failures,
+)
 from provenance.policy import ISRC_PATTERN, normalize_isrc
 from provenance.records import Role
 
@@ -93,7 +98,7 @@ _KEEP_RESULTS_OF_SITES = 16  # validation results kept in memory per data docs s
 def delivery_suite() -> dict[str, gx.ExpectationSuite]:
     """The delivery expectations, one suite per table (``tracks``, ``files``, ``licenses``).
 
-    They mirror what ``pipelines.delivery.parse_track``, ``parse_license`` and ``check_file_row`` accept,
+    They mirror what ``pipelines.stages.ingest.delivery.parse_track``, ``parse_license`` and ``check_file_row`` accept,
     on values normalised by ``prepare_delivery``:
 
     - tracks: the ``TRACK_COLUMNS`` exist; ``track_id`` not null and unique; ``isrc`` null or ISO 3901

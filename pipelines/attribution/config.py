@@ -1,7 +1,7 @@
 """The attribute stage's config and the ``unlearning`` method's settings.
 
 Light on purpose (pydantic and the index config, no torch): the config is read by commands that run no stage
-(``linernotes stages``, ``--help``); the methods themselves are in ``pipelines.attribution_methods``.
+(``linernotes stages``, ``--help``); the methods themselves are in ``pipelines.attribution.methods``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from pipelines.index import IndexConfig
+from pipelines.attribution.stage import IndexConfig
 
 METHODS = ("embedding", "dtrak", "unlearning")
 

@@ -5,7 +5,7 @@ Each ``Attributor`` is loaded once (index, model, catalog) and answers queries w
 (ranked segments; track and rights-holder shares that sum to 1, with licence and attribution text).
 The white-box methods also answer ``attribute_mel`` for a log-mel query (a generation's own mel).
 
-- ``embedding`` (``pipelines.attribution_index.EmbeddingAttributor``): cosine similarity of mel-stats
+- ``embedding`` (``pipelines.attribution.index.EmbeddingAttributor``): cosine similarity of mel-stats
   embeddings; shares by a softmax of the cosines (τ = ``COSINE_TEMPERATURE``).
 - ``dtrak`` (``DTrakAttributor``): the query's D-TRAK feature (the mean over its segment-length windows of
   the projected gradient, the same objective, timesteps, noise and projection as the index) scored with
@@ -33,15 +33,15 @@ import torch
 
 from cleaning.audio import resample, to_mono
 from cleaning.mel import log_mel
-from pipelines.attribute_config import METHODS, AttributeConfig, UnlearningSettings  # noqa: F401 (this module's API)
-from pipelines.attribution_index import (
+from pipelines.attribution.config import METHODS, AttributeConfig, UnlearningSettings  # noqa: F401 (this module's API)
+from pipelines.attribution.index import (
     EmbeddingAttributor,
     read_segment_json_meta,
     read_shard_index,
 )
-from pipelines.attribution_loss import DiffusionLoss, MelBatch, silence_mask, windows
+from pipelines.attribution.loss import DiffusionLoss, MelBatch, silence_mask, windows
 from pipelines.catalog import read_catalog_licenses, read_catalog_tracks
-from pipelines.index import (
+from pipelines.attribution.stage import (
     CheckpointIndex,
     DTrakFeaturizer,
     IndexConfig,

@@ -25,7 +25,7 @@ import numpy as np
 
 from cleaning.audio import read_audio, to_mono, write_audio
 from cleaning.mel import MelConfig, log_mel
-from pipelines.lineage import known_tracks, summarize_attribution
+from pipelines.lineage.walk import known_tracks, summarize_attribution
 from provenance import records
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -125,7 +125,7 @@ def _write(workspace: Workspace, generation: dict[str, Any], attribution: dict[s
 def _segment_audio(workspace: Workspace, dataset_id: str | None, segment_ids: list[str]
                    ) -> dict[str, tuple[np.ndarray, int]]:
     """Decoded audio of the named segments from the dataset's shards; empty when the dataset is gone."""
-    from pipelines.attribution_index import iter_segment_audio, read_shard_index
+    from pipelines.attribution.index import iter_segment_audio, read_shard_index
 
     if not dataset_id or not segment_ids:
         return {}

@@ -8,9 +8,9 @@ stage hands to the engine, ``pipelines.engines``)::
         ─▶ reshuffle ─▶ decode + measure each file ─▶ co-group with decisions ─▶ finalize track
            (build the mixture from the stems when none was delivered; a track without usable audio is rejected)
 
-The per-record steps are pure functions in ``pipelines.ingest_steps``, the Beam adapters and the graph are in
-``pipelines.ingest_beam`` and the config in ``pipelines.ingest_config``; this module holds the stage and the driver,
-and imports Beam and the audio libraries only when the stage runs (``linernotes stages`` describes it without
+The per-record steps are pure functions in ``pipelines.stages.ingest.steps``, the Beam adapters and the graph are in
+``pipelines.stages.ingest.beam`` and the config in ``pipelines.stages.ingest.config``; this module holds the stage and
+the driver, and imports Beam and the audio libraries only when the stage runs (``linernotes stages`` describes it without
 them). Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` (or of the DDEX messages) ends in
 exactly one of: accepted, or a Rejection with its reason. The driver reads the three tables, fails before any audio
 is read on a table-level problem, and writes the catalog Parquet tables atomically when the pipeline is done.
@@ -29,10 +29,10 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipelines.catalog import commit_catalog
-from pipelines.delivery import INGEST as STAGE
-from pipelines.delivery import Delivery, file_record_id, read_delivery, read_licenses
+from pipelines.stages.ingest.delivery import INGEST as STAGE
+from pipelines.stages.ingest.delivery import Delivery, file_record_id, read_delivery, read_licenses
 from pipelines.engines import EngineConfig
-from pipelines.ingest_config import IngestConfig
+from pipelines.stages.ingest.config import IngestConfig
 from pipelines.stage import Resources, Stage, StageContext, StageOutput
 from provenance.policy import OptOutRegistry
 from provenance.records import (
@@ -90,7 +90,7 @@ def run_ingest(delivery_root: str | Path, workspace: Workspace, config: IngestCo
     as that run wrote them is ``cached``: no work, that run's result.
 
     Raises:
-        pipelines.delivery.DeliveryError: a table-level problem (before any audio is read).
+        pipelines.stages.ingest.delivery.DeliveryError: a table-level problem (before any audio is read).
         FileNotFoundError: the opt-out CSV does not exist.
     """
     from pipelines.stage import run_stage
@@ -160,8 +160,8 @@ INGEST_STAGE = IngestStage()
 def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
             opt_outs: OptOutRegistry) -> tuple[dict[str, Any], dict[str, str]]:
     """Check, decode and measure the delivery (Beam), link duplicates, write and check the curated catalog."""
-    from pipelines.ingest_beam import build_pipeline
-    from pipelines.ingest_steps import link_duplicates
+    from pipelines.stages.ingest.beam import build_pipeline
+    from pipelines.stages.ingest.steps import link_duplicates
 
     say, workspace, run_id, run_dir = ctx.say, ctx.workspace, ctx.run_id, ctx.run_dir
     say("checking the delivery tables (Great Expectations)")
@@ -229,7 +229,7 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
 def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
                                 ) -> tuple[Delivery, list[dict[str, Any]], Any, dict[str, str]]:
     """Check the delivery's rows before any audio is read: text encoding, then the delivery suite
-    (``pipelines.expectations``, Great Expectations).
+    (``pipelines.stages.ingest.expectations``, Great Expectations).
 
     A table-level failure (a missing column) raises ``DeliveryError`` naming it. A row holding bytes that
     are not UTF-8 is rejected ``invalid_encoding``; a row failing expectations is rejected with a reason
@@ -243,8 +243,8 @@ def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
     """
     import dataclasses
 
-    from pipelines.delivery import DeliveryError, encoding_problem, printable
-    from pipelines.expectations import delivery_frames, validate_delivery
+    from pipelines.stages.ingest.delivery import DeliveryError, encoding_problem, printable
+    from pipelines.stages.ingest.expectations import delivery_frames, validate_delivery
 
     kinds = {"tracks": "track", "files": "audio_file", "licenses": "license"}
     ids = {"tracks": "track_id", "licenses": "license_id"}
@@ -306,7 +306,7 @@ def _expectation_reason(names: list[str]) -> RejectionReason:
 def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, Any], run_dir: Path) -> Any:
     import pandas as pd
 
-    from pipelines.expectations import AUDIO_FILE_COLUMNS, validate_curated
+    from pipelines.stages.ingest.expectations import AUDIO_FILE_COLUMNS, validate_curated
 
     frame = pd.DataFrame(audio_files, columns=list(AUDIO_FILE_COLUMNS))
     return validate_curated(frame, counts, run_dir)
@@ -315,7 +315,7 @@ def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, An
 def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:
     """What an ingest's outputs depend on: the delivery's tables, every audio file's (path, size, mtime),
     the config (purpose, territory, date; not the runner options), the opt-outs and ``MEASURE_VERSION``."""
-    from pipelines.ingest_steps import MEASURE_VERSION
+    from pipelines.stages.ingest.steps import MEASURE_VERSION
 
     files = []
     for row in delivery.files:

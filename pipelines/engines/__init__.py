@@ -30,7 +30,7 @@ DEFAULT_OBJECT_STORE_MEMORY_BYTES = 512 * 1024 * 1024
 
 # The repository root, so that Ray workers import ``provenance``/``cleaning``/``pipelines`` from the same
 # tree as the driver even when the package is not installed (a local Ray only).
-_REPO_ROOT = Path(__file__).resolve().parents[1]
+_REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class EngineConfig(BaseModel):

@@ -1,0 +1,1 @@
+"""The HTTP API (``linernotes serve``): ``pipelines.api.app.create_app``."""

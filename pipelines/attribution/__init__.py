@@ -1,0 +1,1 @@
+"""Attribution: the index and attribute stages, the embedding and shard indexes, the loss, the three methods."""

@@ -1,0 +1,1 @@
+"""Experiments apart from the production stages: the evaluation of the cleaning methods."""

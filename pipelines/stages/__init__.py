@@ -1,0 +1,3 @@
+"""The stages on the contract of ``pipelines.stage``: ingest, separate, clean, shard, train, generate, evaluate,
+takedown.
+"""

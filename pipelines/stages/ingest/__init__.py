@@ -1,0 +1,1 @@
+"""Ingest: deliveries (CSV, DDEX), their expectations, the per-record steps, ``rights explain``."""

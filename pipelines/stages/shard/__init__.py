@@ -1,0 +1,1 @@
+"""The shard stage: its config and plan, the encode and commit steps, and the stage."""
