@@ -246,6 +246,54 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
             engine.close()
 
 
+@dataclass
+class StagePlan:
+    """What :func:`run_stage` would do: ``cached`` (and the cached result) or ``run``, and why."""
+
+    stage: str
+    status: str  # cached | run
+    why: str
+    inputs: dict[str, str]
+    cached: StageResult | None = None
+
+
+def plan_stage(stage: Stage, workspace: Workspace, config: Any, *, store: LineageStore, engine: Engine,
+               select: Mapping[str, str | None] | None = None) -> StagePlan:
+    """Resolve ``stage``'s inputs and cache key, and say whether :func:`run_stage` would run it; does no work.
+
+    ``why`` names what differs from the stage's newest succeeded Run: the config keys, the inputs, the code version,
+    or outputs that are gone.
+
+    Raises:
+        Whatever the stage's ``inputs`` raise (a missing upstream output: run the stage before it).
+    """
+    ctx = StageContext(workspace, store, engine, select=dict(select or {}))
+    inputs = stage.inputs(ctx, config)
+    key = cache_key(stage, config, inputs)
+    cached = _cached_result(store, stage, key, workspace)
+    if cached is not None:
+        return StagePlan(stage.name, CACHED, f"run {cached.run_id} has this cache key and its outputs", inputs,
+                         cached)
+    return StagePlan(stage.name, "run", _why_run(store, stage, config, inputs, key), inputs)
+
+
+def _why_run(store: LineageStore, stage: Stage, config: Any, inputs: Mapping[str, str], key: str) -> str:
+    finished = [run for run in store.list_runs(stage.name) if run["status"] == "succeeded"]
+    if not finished:
+        return "no earlier run"
+    last = finished[-1]
+    if last.get("cache_key") == key:
+        return f"the outputs of run {last['run_id']} are gone or changed"
+    now, before = hashed_config(stage, config), last.get("config") or {}
+    keys = sorted(k for k, v in now.items() if before.get(k) != v)
+    was = last.get("inputs") or {}
+    changed = sorted(k for k, v in inputs.items() if (stage.key_inputs is None or k in stage.key_inputs)
+                     and was.get(k) != v)
+    reasons = ([f"config {', '.join(keys)} changed"] if keys else []) + (
+        [f"input {', '.join(changed)} changed"] if changed else [])
+    return (" and ".join(reasons) or "the code version changed") + f" since run {last['run_id']}"
+
+
 def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], key: str,
          parent_run_id: str | None) -> StageResult:
     resolved = stage.resolved_config(config)

@@ -5,7 +5,7 @@ command shares; the command modules register on it when imported here. Commands 
 (torch, Ray, Beam) only when they run, so ``--help`` and the read-only commands start fast.
 """
 
-from pipelines.cli import chain, clean, evaluate, lineage  # noqa: F401  (each registers its commands)
+from pipelines.cli import chain, clean, evaluate, lineage, run  # noqa: F401  (each registers its commands)
 from pipelines.cli.common import app
 
 

@@ -107,10 +107,29 @@ def runs(workdir: WorkdirOpt = Path(DEFAULT_WORKDIR), json_mode: JsonOpt = False
         table = Table(title="runs", title_justify="left")
         for column in ("run", "kind", "status", "started", "counts"):
             table.add_column(column, overflow="fold")
-        for row in rows:
-            table.add_row(row["run_id"], row["kind"], row["status"], row["started_at"],
-                          json.dumps(row.get("counts") or {})[:120])
+        for depth, row in run_tree(rows):
+            table.add_row(("  " * (depth - 1) + "└ " if depth else "") + row["run_id"], row["kind"], row["status"],
+                          row["started_at"], json.dumps(row.get("counts") or {})[:120])
         out_console.print(table)
+
+
+def run_tree(rows: list[dict[str, Any]]) -> list[tuple[int, dict[str, Any]]]:
+    """Runs in start order with each Run's child Runs (``parent_run_id``: the stages of a whole run, a takedown's
+    re-shard) right under it: (depth, row)."""
+    ids = {row["run_id"] for row in rows}
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for row in rows:
+        parent = row.get("parent_run_id")
+        children.setdefault(parent if parent in ids else None, []).append(row)
+    out: list[tuple[int, dict[str, Any]]] = []
+
+    def walk(parent: str | None, depth: int) -> None:
+        for row in children.get(parent, []):
+            out.append((depth, row))
+            walk(row["run_id"], depth + 1)
+
+    walk(None, 0)
+    return out
 
 
 @app.command()
