@@ -230,6 +230,7 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
     workspace.ensure()
     try:
         with LineageStore(workspace.store_url) as store:
+            store.mark_interrupted()  # Runs whose process was killed are `interrupted`, never left `running`
             ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}), dict(options or {}))
             inputs = stage.inputs(ctx, config)
             key = cache_key(stage, config, inputs)

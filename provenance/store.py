@@ -2,6 +2,8 @@
 
 SQLite by default (a file in the workspace), any SQLAlchemy URL otherwise (PostgreSQL). Bulk tables stay
 in Parquet; the store holds the records that link them and the paths of the Parquet files each run wrote.
+It also holds the workspace lock (:meth:`LineageStore.lock`, :mod:`provenance.locks`), and knows which process runs
+each Run, so a Run whose process was killed is marked ``interrupted`` (:meth:`LineageStore.mark_interrupted`).
 """
 
 from __future__ import annotations
@@ -9,10 +11,13 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import secrets
+import socket
 import subprocess
+import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata as package_metadata
 from pathlib import Path
@@ -20,6 +25,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from provenance.locks import HEARTBEAT_S, LOCK_STALE_S, HeldLock, LockInfo, hold_lock, lock_metadata, \
+    process_alive, read_lock
 from provenance.records import canonical_json, sha256_hex
 
 
@@ -53,7 +60,7 @@ runs = sa.Table(
     sa.Column("spec_sha256", sa.String(64), nullable=False),
     sa.Column("config", sa.Text, nullable=False),
     sa.Column("code_version", sa.String(32), nullable=False),
-    sa.Column("status", sa.String(16), nullable=False),  # running | succeeded | failed
+    sa.Column("status", sa.String(16), nullable=False),  # running | succeeded | stopped | failed | interrupted
     sa.Column("started_at", sa.String(32), nullable=False),
     sa.Column("finished_at", sa.String(32)),
     sa.Column("counts", sa.Text),  # JSON
@@ -64,9 +71,12 @@ runs = sa.Table(
     sa.Column("inputs", sa.Text),  # JSON: {name: content id}
     sa.Column("output_ids", sa.Text),  # JSON: {name: content id}
     sa.Column("parent_run_id", sa.String(64)),
+    # the process that runs it, so a Run whose process was killed is found and marked ``interrupted``
+    sa.Column("pid", sa.Integer),
+    sa.Column("hostname", sa.String(255)),
 )
 # Columns added to ``runs`` after its first release: a store made before them gains them on first open.
-_ADDED_RUN_COLUMNS = ("cache_key", "inputs", "output_ids", "parent_run_id")
+_ADDED_RUN_COLUMNS = ("cache_key", "inputs", "output_ids", "parent_run_id", "pid", "hostname")
 _RUN_JSON = ("counts", "outputs", "config", "inputs", "output_ids")
 
 datasets = sa.Table(
@@ -172,14 +182,28 @@ class LineageStore:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = sa.create_engine(url, future=True)
-        metadata.create_all(self.engine)
-        self._migrate()
+        self._create_schema()
 
     def __enter__(self) -> "LineageStore":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _create_schema(self, attempts: int = 5) -> None:
+        """Create the tables a new store lacks and add the run columns an old one lacks. Two processes opening a new
+        store at once race (``create_all`` looks, then creates; the loser's ``CREATE TABLE`` or ``ALTER TABLE`` fails
+        on what the winner made): the loser tries again, finds the schema there, and goes on."""
+        for attempt in range(attempts):
+            try:
+                metadata.create_all(self.engine)
+                lock_metadata.create_all(self.engine)
+                self._migrate()
+                return
+            except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def _migrate(self) -> None:
         """Add the run columns a store made by an earlier version lacks (ALTER TABLE … ADD COLUMN, nullable)."""
@@ -217,7 +241,8 @@ class LineageStore:
             c.execute(runs.insert().values(
                 run_id=run_id, kind=kind, spec_sha256=spec_sha256 or sha256_hex(config_json), config=config_json,
                 code_version=code_version(), status="running", started_at=utc_now(), cache_key=cache_key,
-                inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id,
+                inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id, pid=os.getpid(),
+                hostname=socket.gethostname(),
             ))
         return run_id
 
@@ -249,8 +274,32 @@ class LineageStore:
         self.finish_run(record.run_id, record.counts, record.outputs, status=record.status,
                         output_ids=record.output_ids)
 
+    def mark_interrupted(self) -> list[dict[str, Any]]:
+        """Mark ``interrupted`` every ``running`` Run of this host whose process is gone (killed, crashed), with
+        ``finished_at`` now and the error ``"interrupted: process P is gone"``; returns those Runs, oldest first.
+
+        The stage runner calls it at start, so no Run stays ``running`` after its process died. Runs of another host
+        (their process cannot be checked from here) and Runs recorded before pids were (no ``pid``) are left alone.
+        Each Run is updated only while still ``running``, so a Run that finishes meanwhile keeps its result.
+        """
+        query = (sa.select(runs.c.run_id, runs.c.pid).where(
+            (runs.c.status == "running") & (runs.c.hostname == socket.gethostname()) & runs.c.pid.is_not(None))
+            .order_by(runs.c.started_at))
+        with self.engine.connect() as c:
+            gone = [(run_id, pid) for run_id, pid in c.execute(query) if not process_alive(pid)]
+        marked = []
+        for run_id, pid in gone:
+            with self._begin() as c:
+                updated = c.execute(runs.update().where((runs.c.run_id == run_id) & (runs.c.status == "running"))
+                                    .values(status="interrupted", finished_at=utc_now(),
+                                            error=f"interrupted: process {pid} is gone")).rowcount
+            if updated:
+                marked.append(self.get_run(run_id))
+        return marked
+
     def find_cached_run(self, kind: str, cache_key: str) -> dict[str, Any] | None:
-        """The newest ``succeeded`` run of ``kind`` with ``cache_key``, or None."""
+        """The newest ``succeeded`` run of ``kind`` with ``cache_key``, or None (a ``running``, ``stopped``,
+        ``failed`` or ``interrupted`` Run is never a cached result)."""
         query = (sa.select(runs).where((runs.c.kind == kind) & (runs.c.cache_key == cache_key)
                                        & (runs.c.status == "succeeded"))
                  .order_by(runs.c.started_at.desc()).limit(1))
@@ -267,6 +316,30 @@ class LineageStore:
             query = query.where(runs.c.kind == kind)
         with self.engine.connect() as c:
             return [self._decode(dict(r._mapping), _RUN_JSON) for r in c.execute(query)]
+
+    # the workspace lock ------------------------------------------------------------------------------
+    def lock(self, name: str, holder: str, *, wait: bool = False, timeout_s: float | None = None,
+             poll_s: float = 0.5, stale_s: float = LOCK_STALE_S,
+             heartbeat_s: float = HEARTBEAT_S) -> AbstractContextManager[HeldLock]:
+        """Hold the lock ``name`` (``"workspace"`` keeps two runs off one workspace) as ``holder`` (a run id) for a
+        ``with`` block: taken atomically, released on exit (also on an error), its heartbeat refreshed by a
+        background thread meanwhile. A lock whose holder's process is gone (this host), or whose heartbeat is older
+        than ``stale_s`` (any host), is taken over. See :mod:`provenance.locks` for how, and its limits.
+
+        Args:
+            wait: poll every ``poll_s`` seconds until the lock is free, at most ``timeout_s`` seconds (None: no limit);
+                False: refuse at once.
+
+        Raises:
+            LockHeld: a live holder has the lock; the message names its run id, pid, host and since when.
+        """
+        return hold_lock(self.engine, name, holder, wait=wait, timeout_s=timeout_s, poll_s=poll_s, stale_s=stale_s,
+                         heartbeat_s=heartbeat_s)
+
+    def lock_holder(self, name: str) -> LockInfo | None:
+        """Who holds the lock ``name`` now (None: free). A holder whose process is gone still shows until the next
+        :meth:`lock` takes it over."""
+        return read_lock(self.engine, name)
 
     # datasets ---------------------------------------------------------------------------------------
     def add_dataset(self, record: Mapping[str, Any], track_segments: Mapping[str, int]) -> None:
