@@ -17,7 +17,7 @@ from typing import Any
 from pipelines.engines import Engine
 from pipelines.runspec import RunSpec
 from pipelines.stage import CACHED, Progress, Status, StageResult, get_stage, plan_stage, run_stage
-from provenance.store import LineageStore
+from provenance.store import LineageStore, new_run_id
 from provenance.workspace import Workspace
 
 RUN_KIND = "run"
@@ -46,6 +46,11 @@ class _Chain:
             self.select["train_run"] = result.run_id
 
 
+def workspace_lock(workspace: Workspace) -> str:
+    """The name of a workspace's lock in the lineage store (several workspaces may share a PostgreSQL store)."""
+    return f"workspace:{workspace.root}"
+
+
 def window(spec: RunSpec, from_stage: str | None = None, until_stage: str | None = None) -> list[str]:
     """The spec's stages that this invocation runs (``--from``/``--until``, both included), in chain order.
 
@@ -64,8 +69,13 @@ def window(spec: RunSpec, from_stage: str | None = None, until_stage: str | None
 
 
 def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str | None = None, force: bool = False,
-             progress: Progress | None = None, status: Status | None = None) -> dict[str, Any]:
+             wait: bool = False, wait_timeout_s: float | None = None, progress: Progress | None = None,
+             status: Status | None = None) -> dict[str, Any]:
     """Run ``spec``: every stage in its window through :func:`pipelines.stage.run_stage`, as one whole-run Run.
+
+    One run at a time per workspace: the run holds the workspace lock in the lineage store (so it holds on
+    PostgreSQL too) from before its Run is registered until it ends; a lock left by a killed process is taken over.
+    Runs a killed process left ``running`` are marked ``interrupted`` first.
 
     Returns:
         ``{"run_id", "status": "succeeded", "workspace", "spec_sha256", "stages": [{stage, status (ran|cached|skipped),
@@ -74,14 +84,20 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
     Raises:
         RunFailed: a stage failed (its row has ``status: failed`` and the error); the whole-run Run is ``failed``.
         ValueError: a bad ``--from``/``--until``.
+        provenance.locks.LockHeld: another run holds the workspace (``wait``: still, after ``wait_timeout_s``).
     """
     selected = window(spec, from_stage, until_stage)
     workspace = Workspace.at(spec.workspace).ensure()
     chain = _Chain({"delivery": str(spec.delivery) if spec.delivery else None})
     say = status or (lambda message: None)
-    with Engine(spec.engine) as engine, LineageStore(workspace.store_url) as store:
+    run_id = new_run_id(RUN_KIND)
+    with LineageStore(workspace.store_url) as store, \
+            store.lock(workspace_lock(workspace), run_id, wait=wait, timeout_s=wait_timeout_s), \
+            Engine(spec.engine) as engine:
+        for interrupted in store.mark_interrupted():
+            say(f"run {interrupted['run_id']} ({interrupted['kind']}) was interrupted: its process is gone")
         record = {"spec": spec.values, "source": spec.source, "from": from_stage, "until": until_stage}
-        with store.run(RUN_KIND, record, spec_sha256=spec.sha256) as run:
+        with store.run(RUN_KIND, record, run_id=run_id, spec_sha256=spec.sha256) as run:
             payload = {"run_id": run.run_id, "status": "running", "workspace": str(workspace.root),
                        "spec_sha256": spec.sha256, "stages": chain.rows}
             for name in spec.stages:

@@ -36,6 +36,10 @@ def run_command(
                                           "nothing.")] = False,
     workdir: Annotated[Optional[Path], typer.Option("--workdir", "-w", help="Workspace folder; default the spec's "
                                                     "`workspace:`, else $LINERNOTES_WORKDIR or ./linernotes-work.")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="When another run holds the workspace, wait for it "
+                                       "(default: refuse, naming it).")] = False,
+    wait_timeout_s: Annotated[Optional[float], typer.Option("--wait-timeout-s", help="With --wait, give up after "
+                                                            "this many seconds.")] = None,
     json_mode: JsonOpt = False,
     force: ForceOpt = False,
 ) -> None:
@@ -50,10 +54,15 @@ def run_command(
             emit(plan_spec(loaded, from_stage=from_stage, until_stage=until_stage, force=force), json_mode,
                  lambda p: render_plan(p, out_console.print))
             return
+        from provenance.locks import LockHeld
+
         try:
             with progress_bar(json_mode) as progress:
-                payload = run_spec(loaded, from_stage=from_stage, until_stage=until_stage, force=force,
-                                   progress=progress, status=say)
+                payload = run_spec(loaded, from_stage=from_stage, until_stage=until_stage, force=force, wait=wait,
+                                   wait_timeout_s=wait_timeout_s, progress=progress, status=say)
+        except LockHeld as err:  # exit 75 (EX_TEMPFAIL): try again later
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(75) from err
         except RunFailed as err:
             if json_mode:
                 print(json.dumps(err.payload, default=str))

@@ -154,3 +154,33 @@ def test_a_failed_stage_fails_the_whole_run(tmp_path, delivery):
     with engine.connect() as c:
         statuses = dict(c.execute(sa.text("select kind, status from runs")).fetchall())
     assert statuses["run"] == "failed" and "running" not in statuses.values()
+
+
+def test_one_run_at_a_time_per_workspace_and_two_deliveries_keep_both_catalogs(tmp_path, delivery, store_url):
+    from pipelines.catalog import list_catalogs
+    from pipelines.runner import workspace_lock
+    from provenance.workspace import Workspace
+
+    spec = write_spec(tmp_path / "spec.yaml", delivery, stages={"ingest": {}})
+    work = Workspace.at(tmp_path / "work", store_url).ensure()
+    env = {"LINERNOTES_STORE_URL": store_url}
+    with LineageStore(store_url) as store, store.lock(workspace_lock(work), "run-holder-in-the-test"):
+        refused = linernotes("run", str(spec), "--workdir", str(work.root), env=env)
+        assert refused.returncode == 75 and "in use by run run-holder-in-the-test" in refused.stderr
+        waited = linernotes("run", str(spec), "--workdir", str(work.root), "--wait", "--wait-timeout-s", "1", env=env)
+        assert waited.returncode == 75 and "after waiting" in waited.stderr
+    assert stage_runs(store_url) == [], "a refused run does no work"
+
+    first = payload(linernotes("run", str(spec), "--workdir", str(work.root), "--json", env=env))
+    other = tmp_path / "delivery-2"
+    other.mkdir()
+    sf.write(other / "c.wav", sine(880, 2.0, 22050, 0.5).T, 22050)
+    write_csv(other / "licenses.csv", LICENSES[:1], list(LICENSES[0]))
+    write_csv(other / "tracks.csv", [track("c", "L-open")], list(track("c", "L-open")))
+    write_csv(other / "files.csv", [{"track_id": "c", "role": "mixture", "instrument": "", "path": "c.wav"}],
+              ["track_id", "role", "instrument", "path"])
+    second = payload(linernotes("run", str(spec), "--workdir", str(work.root), "--json", "--set", f"delivery={other}",
+                                env=env))
+    catalogs = {v.catalog_id for v in list_catalogs(work)}
+    assert {first["stages"][0]["output_ids"]["catalog"], second["stages"][0]["output_ids"]["catalog"]} <= catalogs
+    assert len(catalogs) == 2
