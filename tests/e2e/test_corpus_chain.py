@@ -160,3 +160,29 @@ def test_attributing_a_training_segment_returns_its_track_first(chain, tmp_path)
         top = result["tracks"][0]
         assert top["rights_holder"] and top["license_id"] and top["attribution"]
         assert abs(sum(t["share"] for t in result["tracks"]) - 1.0) < 1e-6
+
+
+def test_the_corpus_spec_runs_once_then_is_cached(tmp_path):
+    """`linernotes run infra/runs/corpus.yaml` from an empty workspace, then again: every stage cached, no new stage
+    Run, under a tenth of the first's wall time, and the dataset the separate commands give."""
+    import time
+
+    spec = Path(__file__).resolve().parents[2] / "infra" / "runs" / "corpus.yaml"
+    linernotes = Path(sys.executable).with_name("linernotes")
+
+    def run() -> tuple[dict, float]:
+        started = time.perf_counter()
+        proc = subprocess.run([str(linernotes), "run", str(spec), "--workdir", str(tmp_path / "work"), "--json"],
+                              capture_output=True, text=True, timeout=1500,
+                              env={**os.environ, "GX_ANALYTICS_ENABLED": "false"})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+    first, first_s = run()
+    assert [s["status"] for s in first["stages"]] == ["ran"] * 4
+    shard = next(s for s in first["stages"] if s["stage"] == "shard")
+    assert shard["output_ids"]["dataset"] == DATASET_IDS["commercial"]
+    again, again_s = run()
+    assert [s["status"] for s in again["stages"]] == ["cached"] * 4
+    assert [s["run_id"] for s in again["stages"]] == [s["run_id"] for s in first["stages"]]
+    assert again_s < first_s / 10, (first_s, again_s)
