@@ -70,7 +70,7 @@ def window(spec: RunSpec, from_stage: str | None = None, until_stage: str | None
 
 def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str | None = None, force: bool = False,
              wait: bool = False, wait_timeout_s: float | None = None, progress: Progress | None = None,
-             status: Status | None = None) -> dict[str, Any]:
+             status: Status | None = None, workspace: Workspace | None = None) -> dict[str, Any]:
     """Run ``spec``: every stage in its window through :func:`pipelines.stage.run_stage`, as one whole-run Run.
 
     One run at a time per workspace: the run holds the workspace lock in the lineage store (so it holds on
@@ -79,7 +79,7 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
 
     Returns:
         ``{"run_id", "status": "succeeded", "workspace", "spec_sha256", "stages": [{stage, status (ran|cached|skipped),
-        run_id, inputs, outputs, counts}, …]}`` in chain order.
+        run_id, inputs, outputs, output_ids, counts, and the stage's own details}, …]}`` in chain order.
 
     Raises:
         RunFailed: a stage failed (its row has ``status: failed`` and the error); the whole-run Run is ``failed``.
@@ -87,7 +87,7 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
         provenance.locks.LockHeld: another run holds the workspace (``wait``: still, after ``wait_timeout_s``).
     """
     selected = window(spec, from_stage, until_stage)
-    workspace = Workspace.at(spec.workspace).ensure()
+    workspace = (workspace or Workspace.at(spec.workspace)).ensure()  # an open one keeps its store URL
     chain = _Chain({"delivery": str(spec.delivery) if spec.delivery else None})
     say = status or (lambda message: None)
     run_id = new_run_id(RUN_KIND)
@@ -119,9 +119,7 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
                     run.counts = {"stages": {row["stage"]: row["status"] for row in chain.rows}}
                     raise RunFailed(f"stage {name} failed: {type(err).__name__}: {err}", payload) from err
                 chain.carry(name, result)
-                chain.rows.append({"stage": name, "status": result.status, "run_id": result.run_id,
-                                   "inputs": result.inputs, "outputs": result.outputs, "counts": result.counts,
-                                   "output_ids": result.output_ids})
+                chain.rows.append(result.to_json())  # the stage contract's shape, with the stage's own details
                 say(f"{name}: {result.status} (run {result.run_id})")
             run.counts = {"stages": {row["stage"]: row["status"] for row in chain.rows}}
             run.output_ids = {k: v for k, v in chain.select.items() if k in CARRIED and v}

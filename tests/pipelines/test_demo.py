@@ -28,6 +28,8 @@ def test_demo_runs_the_chain_and_names_its_outputs(ray_local, tmp_path):
     assert attribution["tracks"][0]["track_id"] == "demo-bach-bwv153-1"  # the only track trained on
     store = LineageStore(workspace.store_url)
     kinds = [run["kind"] for run in store.list_runs()]
-    assert kinds == ["ingest", "shard", "train", "generate", "attribute"]
+    assert kinds == ["run", "ingest", "shard", "train", "generate", "attribute"]  # the whole run, then its stages
+    assert {run["parent_run_id"] for run in store.list_runs() if run["kind"] in ("ingest", "shard", "train")} == {
+        summary["run_id"]}
     assert all(run["status"] == "succeeded" for run in store.list_runs())
     assert {message for message, _, _ in notes} >= {"rendering scores", "segments", "training steps"}
