@@ -5,6 +5,12 @@ The ground floor of the ``embedding`` attribution method (and the shared tail of
 into segment, track and rights-holder shares that each sum to 1, and carries every track's licence and
 attribution text so a rights team can act on the result.
 
+Shares are money: a rights team pays out by them. So ``aggregate`` never makes shares from scores that say
+nothing — all zero (the cosines of digital silence), all equal (no segment told from another), or undefined
+(NaN/inf) — and returns an ``AttributionResult`` with no segments and a ``NoAttribution`` saying why instead
+(``no_shares_reason``). The ``attribute`` stage adds the one reason it can see before scoring: a query whose
+peak is below the silence floor (``silent_query``).
+
 Pure: numpy, faiss, the records. Embedders live upstairs (``cleaning.embed``) and reach this module
 through the ``Embedder`` protocol; ``pipelines.attribution.index`` wires them together.
 """
@@ -340,10 +346,33 @@ class RightsHolderShare:
     track_ids: tuple[str, ...]
 
 
+NO_ATTRIBUTION_REASONS = ("silent_query", "scores_undefined", "scores_all_zero", "scores_all_equal")
+"""Why a query gets no ranking and no shares: its peak is below the silence floor (the ``attribute`` stage);
+a retrieved score is NaN or inf; every retrieved score is 0; two or more retrieved scores, all equal."""
+
+
+@dataclass(frozen=True)
+class NoAttribution:
+    """Why a query has nothing to attribute: ``reason`` is one of ``NO_ATTRIBUTION_REASONS``; ``detail`` says
+    it for a person (e.g. ``"peak -inf dBFS is below the floor of -60 dBFS"``)."""
+
+    reason: str
+    detail: str
+
+    def __post_init__(self) -> None:
+        if self.reason not in NO_ATTRIBUTION_REASONS:
+            raise ValueError(f"unknown no-attribution reason {self.reason!r}; "
+                             f"one of {', '.join(NO_ATTRIBUTION_REASONS)}")
+
+    def to_dict(self) -> dict[str, str]:
+        return {"reason": self.reason, "detail": self.detail}
+
+
 @dataclass(frozen=True)
 class AttributionResult:
     """One query's attribution by one method. ``segments``, ``tracks`` and ``rights_holders`` are each
-    ordered by share (then score / id) and their shares each sum to 1."""
+    ordered by share (then score / id) and their shares each sum to 1 — or, when ``no_attribution`` is set,
+    all three are empty: the query had nothing to attribute, and ``no_attribution`` says why."""
 
     method: str
     query_id: str
@@ -351,6 +380,13 @@ class AttributionResult:
     segments: tuple[ScoredSegment, ...]
     tracks: tuple[TrackShare, ...]
     rights_holders: tuple[RightsHolderShare, ...]
+    no_attribution: NoAttribution | None = None
+
+    @classmethod
+    def unattributed(cls, method: str, query_id: str, dataset_id: str,
+                     why: NoAttribution) -> "AttributionResult":
+        """A result with no ranking and no shares, and the reason."""
+        return cls(method, query_id, dataset_id, (), (), (), why)
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per segment with exactly the fields of ``records.ATTRIBUTION`` (``generation_id`` is
@@ -371,6 +407,7 @@ class AttributionResult:
             "tracks": [dataclasses.asdict(t) for t in self.tracks],
             "rights_holders": [{**dataclasses.asdict(r), "track_ids": list(r.track_ids)}
                                for r in self.rights_holders],
+            "no_attribution": self.no_attribution.to_dict() if self.no_attribution is not None else None,
         }
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -401,7 +438,10 @@ def share_weights(scores: Sequence[float], temperature: float | None = None) -> 
       linear rule when scores crowd together; τ is in the score's own units. The ``embedding`` method
       uses this rule at ``COSINE_TEMPERATURE``.
 
-    Shares are relative to the segments passed in (the retrieved top k), so they depend on k.
+    Shares are relative to the segments passed in (the retrieved top k), so they depend on k. This is the
+    rule alone: ``aggregate`` first asks ``no_shares_reason`` whether the scores may be shared out at all
+    (all-zero, all-equal or undefined scores are not), so the uniform fallback only ever applies to
+    scores that differ and are not all zero.
 
     Raises:
         ValueError: no scores, a non-finite score, or ``temperature <= 0``.
@@ -422,6 +462,34 @@ def share_weights(scores: Sequence[float], temperature: float | None = None) -> 
     return weights / weights.sum()
 
 
+def no_shares_reason(scores: Sequence[float]) -> NoAttribution | None:
+    """Why these ranked scores must not be turned into shares, or None when they may be.
+
+    Shares are money, so none are made from scores that carry no information about whom to credit:
+    - ``scores_undefined``: a score is NaN or ±inf (a degenerate query or a failed method; the ranking
+      itself is then meaningless);
+    - ``scores_all_zero``: every score is exactly 0 (e.g. the cosines of a silent query, whose embedding is
+      the zero vector);
+    - ``scores_all_equal``: two or more scores, all exactly equal (no segment is told from another; any rule
+      would split the credit by how many segments each holder happens to have in the top k).
+
+    One non-zero score alone is a ranking of one and may be shared (it takes everything). Scores that differ
+    but are all ≤ 0 may be shared by the rule of ``share_weights``.
+
+    Args:
+        scores: the retrieved segments' scores, float ``(n,)``, n ≥ 1.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if not np.all(np.isfinite(values)):
+        bad = int(np.count_nonzero(~np.isfinite(values)))
+        return NoAttribution("scores_undefined", f"{bad} of {values.size} retrieved scores are NaN or inf")
+    if np.all(values == 0.0):
+        return NoAttribution("scores_all_zero", f"all {values.size} retrieved scores are 0")
+    if values.size > 1 and np.all(values == values[0]):
+        return NoAttribution("scores_all_equal", f"all {values.size} retrieved scores equal {values[0]:.6g}")
+    return None
+
+
 def aggregate(ranked: Sequence[ScoredSegment], track_meta: Mapping[str, Mapping[str, Any]], *,
               method: str, query_id: str, dataset_id: str,
               temperature: float | None = None) -> AttributionResult:
@@ -431,6 +499,11 @@ def aggregate(ranked: Sequence[ScoredSegment], track_meta: Mapping[str, Mapping[
     by ``share_weights`` (default: proportional to ``max(score, 0)``, uniform if none is positive). A
     track's share is the sum of its segments' shares; a rights holder's, the sum of its tracks'. Each sum
     is 1 up to float rounding (< 1e-12).
+
+    Shares are money: scores that are all zero, all equal or undefined (NaN/inf) give no shares, whatever
+    the method. The result then has no segments, tracks or rights holders, and its ``no_attribution``
+    names the reason (``no_shares_reason``: ``scores_all_zero``, ``scores_all_equal``,
+    ``scores_undefined``); its ``rows()`` are empty, so nothing is stored as Attribution.
 
     Args:
         ranked: the retrieved segments (``rank`` and ``share`` are ignored and recomputed); unique ids.
@@ -442,14 +515,19 @@ def aggregate(ranked: Sequence[ScoredSegment], track_meta: Mapping[str, Mapping[
         temperature: see ``share_weights``.
 
     Raises:
-        ValueError: ``ranked`` is empty, repeats a segment, has a non-finite score, or names a track
-            that ``track_meta`` does not describe.
+        ValueError: ``ranked`` is empty, repeats a segment, or names a track that ``track_meta`` does not
+            describe.
     """
+    if not ranked:
+        raise ValueError("cannot share out an empty ranking")
     if len({s.segment_id for s in ranked}) != len(ranked):
         raise ValueError("ranked segments repeat a segment id")
     missing = sorted({s.track_id for s in ranked} - set(track_meta))
     if missing:
         raise ValueError(f"no track metadata for {missing}; pass them in track_meta")
+    why = no_shares_reason([float(s.score) for s in ranked])
+    if why is not None:
+        return AttributionResult.unattributed(method, query_id, dataset_id, why)
     ordered = sorted(ranked, key=lambda s: (-float(s.score), s.segment_id))
     weights = share_weights([s.score for s in ordered], temperature)
     segments = tuple(

@@ -6,6 +6,10 @@ write with 403. Errors are JSON ``{"detail": ...}``: 401 missing or wrong token,
 404 unknown id, 409 missing input (no dataset yet), 413 upload too large, 422 malformed request or
 undecodable audio. The OpenAPI spec is at ``/openapi.json``, interactive docs at ``/docs``.
 
+A query with nothing to attribute (a silent upload, or scores that cannot be shared) is an answer, not an error:
+200 with no segments, tracks or rights holders and ``no_attribution: {reason, detail}`` (``POST /attribute`` and the
+attribution ``GET``s alike); a normal answer has ``no_attribution: null``.
+
 Endpoints:
     GET  /health                                   store backend, version
     GET  /lineage/{id}?kind=                       ``pipelines.lineage.walk.lineage``
@@ -174,7 +178,9 @@ def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
                        top_k: Annotated[int, Form(ge=1, le=1000)] = 10,
                        dataset_id: Annotated[str | None, Form(max_length=64)] = None,
                        method: Annotated[str, Form(pattern=METHOD_PATTERN)] = "embedding") -> dict[str, Any]:
-        """Attribute an uploaded audio file; the result is stored under the file's ``pcm-`` id."""
+        """Attribute an uploaded audio file; the result is stored under the file's ``pcm-`` id. A silent upload
+        (peak below the stage's ``silence_floor_dbfs``) is 200 with no segments or shares and its ``no_attribution``
+        reason, and nothing is stored."""
         from cleaning.audio import AudioDecodeError, read_audio
         from pipelines.attribution.attribute import ATTRIBUTE, attribute_config
         from pipelines.inputs import MissingInputError
@@ -238,18 +244,25 @@ def _write_routes(workspace: Workspace, max_upload_bytes: int) -> APIRouter:
 
 
 def _attribution(workspace: Workspace, query_id: str, method: str) -> dict[str, Any]:
-    from pipelines.lineage.walk import known_tracks, summarize_attribution
+    """The stored ``method`` attribution of ``query_id`` (``no_attribution`` None); or, when its attribute Run found
+    nothing to attribute, no segments or shares and ``no_attribution`` with the reason. 404 otherwise."""
+    from pipelines.lineage.walk import find_no_attribution, known_tracks, summarize_attribution
 
     store = LineageStore(workspace.store_url)
     try:
         rows = store.get_attributions(query_id)
         methods = sorted({row["method"] for row in rows})
         mine = [row for row in rows if row["method"] == method]
-        if not mine:
+        if mine:
+            return {"query_id": query_id, "method": method, "methods": methods,
+                    **summarize_attribution(mine, known_tracks(workspace, store)), "no_attribution": None}
+        why = find_no_attribution(store, query_id, method)
+        if why is None:
             have = f"it has {', '.join(methods)}" if methods else "none is stored"
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {method} attribution for {query_id!r} ({have})")
-        return {"query_id": query_id, "method": method, "methods": methods,
-                **summarize_attribution(mine, known_tracks(workspace, store))}
+        return {"query_id": query_id, "method": method, "methods": methods, "dataset_id": why["dataset_id"],
+                "run_id": why["run_id"], "segments": [], "tracks": [], "rights_holders": [],
+                "no_attribution": {"reason": why["reason"], "detail": why["detail"]}}
     finally:
         store.close()
 

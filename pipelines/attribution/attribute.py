@@ -7,6 +7,11 @@ Inputs (content ids): the query's decoded PCM (``sha256:``), the id the result i
 The same query against the same index, method and config is ``cached``: attribution is deterministic, and the
 stored rows of the earlier Run are the result.
 
+A query whose sample peak is below ``silence_floor_dbfs`` (default -60 dBFS, shard's floor) is not scored: the
+Run succeeds with no ranking, no shares and no stored Attribution rows, and says why (``no_attribution``:
+``{"reason": "silent_query", "detail": ...}``; ``counts["no_attribution"]`` counts it by reason). Scores that are all
+zero, all equal or undefined give the same kind of answer (``provenance.attribution.aggregate``): shares are money.
+
 The query comes as a file (``select={"query": path}``) or, for callers that hold decoded audio (the HTTP API's
 upload, a test), as ``options={"query_audio": (audio, sample_rate_hz)}``; ``options["query_id"]`` names the
 result (default ``pcm-`` + 16 hex of the PCM's sha256). Light at import: the attribution methods (torch) load
@@ -35,7 +40,7 @@ class AttributeStage(Stage):
     """The attribute stage on the contract: a query's audio (+ a dataset, a checkpoint) → stored attribution."""
 
     name = STAGE
-    version = "1"
+    version = "2"  # 2: silent queries and all-zero / all-equal / undefined scores give no shares
     resources = Resources(engine="local", cpus=1.0)
     reads = ("query", "query_id", "dataset", "checkpoint", "catalog")
     writes = ("attribution",)
@@ -70,24 +75,53 @@ class AttributeStage(Stage):
         return found
 
     def run(self, ctx: StageContext, config: Any) -> StageOutput:
-        from pipelines.attribution.methods import load_attributor
+        """Score the query with the method and store its ranked segments and shares — or, for a silent query or
+        scores that cannot be shared (see the module docstring), store none (replacing any earlier result of the
+        same query and method) and report why. Either way the Run succeeds."""
+        from provenance.attribution import AttributionResult
 
         query_id, dataset_id = ctx.inputs["query_id"], ctx.inputs["dataset"]
-        attributor = load_attributor(ctx.workspace, config.method, dataset_id=dataset_id,
-                                     checkpoint=ctx.prepared["checkpoint"], config=config.index_config(),
-                                     settings=config.unlearning_settings(), progress=ctx.progress)
-        result = attributor.attribute(ctx.prepared["audio"], ctx.prepared["sample_rate_hz"], query_id,
-                                      top_k=config.top_k, text=config.prompt)
+        silent = silent_query_reason(ctx.prepared["audio"], config.silence_floor_dbfs)
+        if silent is not None:
+            ctx.say(f"attribute: nothing to attribute ({silent.detail})")
+            result = AttributionResult.unattributed(config.method, query_id, dataset_id, silent)
+        else:
+            from pipelines.attribution.methods import load_attributor
+
+            attributor = load_attributor(ctx.workspace, config.method, dataset_id=dataset_id,
+                                         checkpoint=ctx.prepared["checkpoint"], config=config.index_config(),
+                                         settings=config.unlearning_settings(), progress=ctx.progress)
+            result = attributor.attribute(ctx.prepared["audio"], ctx.prepared["sample_rate_hz"], query_id,
+                                          top_k=config.top_k, text=config.prompt)
         ctx.store.add_attributions(query_id, config.method, ctx.run_id, dataset_id, result.rows())
         path = ctx.workspace.run_dir(ctx.run_id) / "attribution.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(result.to_json() + "\n")
+        why = result.no_attribution
         counts = {"segments": len(result.segments), "tracks": len(result.tracks),
-                  "rights_holders": len(result.rights_holders)}
+                  "rights_holders": len(result.rights_holders),
+                  "no_attribution": {why.reason: 1} if why is not None else {}}
         return StageOutput(outputs={"attribution": str(path)}, counts=counts, details=result.to_dict())
 
 
 ATTRIBUTE = AttributeStage()
+
+
+def silent_query_reason(audio: np.ndarray, floor_dbfs: float) -> Any:
+    """A ``provenance.attribution.NoAttribution`` (``silent_query``) when the query's sample peak is below
+    ``floor_dbfs``, else None.
+
+    Args:
+        audio: float32 ``(channels, samples)``, full scale 1.0.
+        floor_dbfs: the silence floor, dBFS (``AttributeConfig.silence_floor_dbfs``).
+    """
+    from cleaning.measure import measure_peak_dbfs
+    from provenance.attribution import NoAttribution
+
+    peak_dbfs = measure_peak_dbfs(np.asarray(audio, dtype=np.float32))
+    if peak_dbfs >= floor_dbfs:
+        return None
+    return NoAttribution("silent_query", f"peak {peak_dbfs:.1f} dBFS is below the floor of {floor_dbfs:g} dBFS")
 
 
 def credit_tables_id(workspace: Workspace) -> str:
@@ -147,8 +181,15 @@ class AttributeJobResult:
 
 def attribution_from_dict(payload: dict[str, Any]) -> Any:
     """``AttributionResult.to_dict()`` back into an ``AttributionResult`` (for a cached result's summary)."""
-    from provenance.attribution import AttributionResult, RightsHolderShare, ScoredSegment, TrackShare
+    from provenance.attribution import (
+        AttributionResult,
+        NoAttribution,
+        RightsHolderShare,
+        ScoredSegment,
+        TrackShare,
+    )
 
+    why = payload.get("no_attribution")
     segment_fields = {f.name for f in dataclasses.fields(ScoredSegment)}
     track_fields = {f.name for f in dataclasses.fields(TrackShare)}
     return AttributionResult(
@@ -157,7 +198,8 @@ def attribution_from_dict(payload: dict[str, Any]) -> Any:
                        for s in payload["segments"]),
         tracks=tuple(TrackShare(**{k: v for k, v in t.items() if k in track_fields}) for t in payload["tracks"]),
         rights_holders=tuple(RightsHolderShare(r["rights_holder"], r["share"], tuple(r["track_ids"]))
-                             for r in payload["rights_holders"]))
+                             for r in payload["rights_holders"]),
+        no_attribution=NoAttribution(why["reason"], why["detail"]) if why else None)
 
 
 def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, query_id: str,

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from cleaning.measure import SILENCE_FLOOR_DBFS
 from pipelines.attribution.stage import IndexConfig
 
 METHODS = ("embedding", "dtrak", "unlearning")
@@ -57,8 +58,9 @@ class UnlearningSettings:
 
 class AttributeConfig(IndexConfig):
     """Config of the ``attribute`` stage (``linernotes attribute --config/--set``): the method, how many segments to
-    rank and the query's prompt; every ``IndexConfig`` key (which index to use or build); and the ``unlearning``
-    method's settings (:class:`UnlearningSettings`)."""
+    rank and the query's prompt; every ``IndexConfig`` key (which index to use or build); the ``unlearning``
+    method's settings (:class:`UnlearningSettings`); and ``silence_floor_dbfs``, the sample peak (dBFS) below
+    which a query is silent and gets no ranking and no shares (``silent_query``)."""
 
     method: str = Field("embedding", description="Attribution method: embedding | dtrak | unlearning.")
     top_k: int = Field(10, ge=1, description="Training segments to rank (shares are over these).")
@@ -72,6 +74,10 @@ class AttributeConfig(IndexConfig):
                                                   "mean.")
     num_steps: int = Field(1, ge=1, description="unlearning: ascent steps.")
     normalize: bool = Field(True, description="unlearning: divide by the self-influence (RelatIF).")
+    silence_floor_dbfs: float = Field(SILENCE_FLOOR_DBFS, le=0.0,
+                                      description="A query whose sample peak is below this (dBFS) is silent: no "
+                                                  "ranking and no shares (reason silent_query). The same floor as "
+                                                  "shard's silent_segment.")
 
     @field_validator("method")
     @classmethod

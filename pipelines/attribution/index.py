@@ -196,7 +196,9 @@ class EmbeddingAttributor:
         favour brief resemblances and is not done here). Shares follow
         ``provenance.attribution.share_weights``: by default a softmax of the cosines at
         ``COSINE_TEMPERATURE`` (0.05), so a near-copy of one segment takes most of the credit; pass
-        ``temperature=None`` for shares proportional to ``max(cosine, 0)``.
+        ``temperature=None`` for shares proportional to ``max(cosine, 0)``. Cosines that are all zero (a
+        silent query embeds to the zero vector), all equal or undefined give no segments and no shares, with
+        the reason in ``no_attribution`` (``provenance.attribution.aggregate``): shares are money.
 
         Args:
             audio: float32 ``(channels, samples)`` at ``sample_rate_hz``, any length > 0.

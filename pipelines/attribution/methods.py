@@ -19,8 +19,12 @@ The white-box methods also answer ``attribute_mel`` for a log-mel query (a gener
 
 Share rule of ``dtrak`` and ``unlearning`` (``METHOD_TEMPERATURE``): a segment's share is proportional to its
 positive score (``provenance.attribution.share_weights`` with ``temperature=None``): a TRAK score or a loss
-increase ≤ 0 says the segment did not support the query and gets no share; if none is positive, the
-retrieved segments share equally.
+increase ≤ 0 says the segment did not support the query and gets no share; if none is positive (but the scores
+differ), the retrieved segments share equally.
+
+Whatever the method, shares are money: retrieved scores that are all zero, all equal or undefined (NaN/inf) give
+no ranking and no shares, and the result's ``no_attribution`` says why (``provenance.attribution.aggregate``).
+A silent query is refused before any method runs, by the ``attribute`` stage (``silence_floor_dbfs``).
 """
 
 from __future__ import annotations
@@ -68,8 +72,9 @@ class Attributor(Protocol):
     def attribute(self, audio: np.ndarray, sample_rate_hz: int, query_id: str, top_k: int = 10,
                   text: str = "") -> AttributionResult:
         """Rank training segments for float32 ``(channels, samples)`` audio at ``sample_rate_hz``; ``text``
-        is the generation's prompt (``""``: unknown, the null condition). Raises ValueError on empty or
-        non-finite audio or ``top_k < 1``."""
+        is the generation's prompt (``""``: unknown, the null condition). Scores that cannot be shared (all
+        zero, all equal, NaN/inf) give a result with no segments and its ``no_attribution`` reason. Raises
+        ValueError on empty or non-finite audio or ``top_k < 1``."""
         ...
 
 

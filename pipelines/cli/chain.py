@@ -224,6 +224,13 @@ def attribute(
 
 
 def render_attribution(payload: dict[str, Any]) -> None:
+    """The ranked segments, tracks and rights holders with their shares; or, for a query with nothing to attribute
+    (``no_attribution``), one line saying why."""
+    why = payload.get("no_attribution")
+    if why:
+        out_console.print(f"nothing to attribute ({payload['method']}): {why['reason']}, {why['detail']}; "
+                          f"no ranking, no shares", markup=False, highlight=False, soft_wrap=True)
+        return
     segments = Table(title=f"training segments ({payload['method']})", title_justify="left")
     for column in ("rank", "segment", "score", "share"):
         segments.add_column(column, justify="right" if column != "segment" else "left")

@@ -7,7 +7,9 @@ folder can be copied or served as it is):
 - for each of the top-k training segments of the stored attribution: rank, score, share, track, rights
   holder, licence and attribution text, a player (the segment's audio cut from the dataset's shard, as WAV)
   and its log-mel image;
-- the rights holders' shares as a bar chart (PNG) and a table; the tracks' shares as a table.
+- the rights holders' shares as a bar chart (PNG) and a table; the tracks' shares as a table;
+- or, when the generation had nothing to attribute (silence, or scores that cannot be shared: its ``attribute`` Run
+  stored no rows and said why), that reason in place of the shares and segments: no one is credited.
 
 The attribution is read from the lineage store (``generate`` stores it; ``linernotes attribute`` or the API
 store others); the method is a parameter. Mel images and the chart are drawn with matplotlib (Agg).
@@ -25,7 +27,7 @@ import numpy as np
 
 from cleaning.audio import read_audio, to_mono, write_audio
 from cleaning.mel import MelConfig, log_mel
-from pipelines.lineage.walk import known_tracks, summarize_attribution
+from pipelines.lineage.walk import find_no_attribution, known_tracks, summarize_attribution
 from provenance import records
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -50,8 +52,12 @@ def build_report(workspace: Workspace, generation_id: str, method: str = "embedd
         method: whose stored attribution to show (``embedding``, ``dtrak``, ``unlearning``).
         top_k: training segments with a player and a mel image (the tables list every stored segment).
 
+    A generation whose ``method`` attribution found nothing to attribute (``find_no_attribution``) gets a report
+    that says so, with the reason (``no_attribution`` in the returned dict), and no shares.
+
     Raises:
-        ReportError: no such generation, its WAV is missing, or no ``method`` attribution is stored for it.
+        ReportError: no such generation, its WAV is missing, or no ``method`` attribution is stored for it (and
+            none was found to have nothing to attribute).
     """
     store = LineageStore(workspace.store_url)
     try:
@@ -59,11 +65,15 @@ def build_report(workspace: Workspace, generation_id: str, method: str = "embedd
         if generation is None:
             raise ReportError(f"no generation {generation_id!r} in the lineage store")
         rows = store.get_attributions(generation_id, method)
-        if not rows:
+        if rows:
+            attribution = {**summarize_attribution(rows, known_tracks(workspace, store)), "no_attribution": None}
+        elif (why := find_no_attribution(store, generation_id, method)) is not None:
+            attribution = {"dataset_id": why["dataset_id"], "run_id": why["run_id"], "segments": [], "tracks": [],
+                           "rights_holders": [], "no_attribution": {"reason": why["reason"], "detail": why["detail"]}}
+        else:
             methods = sorted({r["method"] for r in store.get_attributions(generation_id)})
             have = f"stored: {', '.join(methods)}" if methods else "none stored"
             raise ReportError(f"generation {generation_id} has no {method} attribution ({have})")
-        attribution = summarize_attribution(rows, known_tracks(workspace, store))
         with store.run("report", {"generation_id": generation_id, "method": method, "top_k": top_k}) as run:
             payload = _write(workspace, generation, attribution, method, top_k)
             run.counts, run.outputs = {"segments": payload["segments"], "players": payload["players"]}, \
@@ -108,7 +118,8 @@ def _write(workspace: Workspace, generation: dict[str, Any], attribution: dict[s
         elif segment in top:
             entry["missing"] = f"audio unavailable: dataset {attribution['dataset_id']} or its shard is gone"
         segments.append(entry)
-    _shares_png(attribution["rights_holders"], files_tmp / "rights-holder-shares.png")
+    if attribution["rights_holders"]:
+        _shares_png(attribution["rights_holders"], files_tmp / "rights-holder-shares.png")
 
     html = _render(generation=generation, method=method, attribution=attribution, segments=segments,
                    generation_src=generation_src, top_k=top_k,
@@ -119,7 +130,7 @@ def _write(workspace: Workspace, generation: dict[str, Any], attribution: dict[s
     path = records.write_text(html, report_path(workspace, generation_id))
     return {"generation_id": generation_id, "method": method, "report": str(path),
             "segments": len(segments), "players": 1 + sum(1 for s in segments if s.get("audio")),
-            "files": sorted(str(p) for p in files_dir.iterdir())}
+            "files": sorted(str(p) for p in files_dir.iterdir()), "no_attribution": attribution["no_attribution"]}
 
 
 def _segment_audio(workspace: Workspace, dataset_id: str | None, segment_ids: list[str]
@@ -205,6 +216,15 @@ TEMPLATE = """<!doctype html>
 <img class="mel" id="generation-mel" src="report_files/generation-mel.png" alt="log-mel of the generated track">
 </section>
 
+{% if attribution.no_attribution %}
+<section id="no-attribution">
+<h2>Nothing to attribute</h2>
+<p><b>{{ attribution.no_attribution.reason }}</b>{% if attribution.no_attribution.detail %}:
+ {{ attribution.no_attribution.detail }}{% endif %}.</p>
+<p>No training segment is ranked and no rights holder is credited: shares are only computed from scores that
+tell training segments apart.</p>
+</section>
+{% else %}
 <section id="shares">
 <h2>Rights holders</h2>
 <img id="shares-chart" src="report_files/rights-holder-shares.png" alt="rights-holder shares">
@@ -240,6 +260,7 @@ TEMPLATE = """<!doctype html>
 {% endfor %}
 </table>
 </section>
+{% endif %}
 </body>
 </html>
 """

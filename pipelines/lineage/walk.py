@@ -12,8 +12,10 @@ still described.
 
 from __future__ import annotations
 
+import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -268,6 +270,30 @@ def summarize_attribution(rows: Iterable[Mapping[str, Any]],
         "rights_holders": [{"rights_holder": h, "share": s}
                            for h, s in sorted(holder_share.items(), key=lambda kv: (-kv[1], kv[0]))],
     }
+
+
+def find_no_attribution(store: LineageStore, query_id: str, method: str) -> dict[str, str] | None:
+    """Why a query has no stored ``method`` attribution, when its newest succeeded ``attribute`` Run found nothing
+    to attribute: ``{"reason", "detail", "run_id", "dataset_id"}`` (``reason`` one of
+    ``provenance.attribution.NO_ATTRIBUTION_REASONS``); None when that Run stored a ranking, or none ran.
+
+    The reason is in the Run's counts (``no_attribution``: reason → 1); the detail in its ``summary.json`` (``""``
+    when that file is gone)."""
+    mine = [run for run in store.list_runs("attribute")
+            if run.get("status") == "succeeded" and (run.get("inputs") or {}).get("query_id") == query_id
+            and (run.get("config") or {}).get("method", "embedding") == method]
+    if not mine:
+        return None
+    newest = mine[-1]  # list_runs is oldest first
+    reasons = sorted(((newest.get("counts") or {}).get("no_attribution") or {}))
+    if not reasons:
+        return None
+    detail = ""
+    summary = (newest.get("outputs") or {}).get("summary")
+    if summary and Path(summary).is_file():
+        detail = (json.loads(Path(summary).read_text()).get("no_attribution") or {}).get("detail", "")
+    return {"reason": reasons[0], "detail": detail, "run_id": newest["run_id"],
+            "dataset_id": (newest.get("inputs") or {}).get("dataset")}
 
 
 def _checkpoint_brief(record: Mapping[str, Any]) -> dict[str, Any]:

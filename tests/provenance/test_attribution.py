@@ -1,4 +1,5 @@
-"""EmbeddingIndex (exact cosine search, ties, save/load) and aggregate (scores → shares)."""
+"""EmbeddingIndex (exact cosine search, ties, save/load) and aggregate (scores → shares; no shares from scores
+that are all zero, all equal or undefined)."""
 
 from __future__ import annotations
 
@@ -10,13 +11,17 @@ import pytest
 
 from provenance import records
 from provenance.attribution import (
+    COSINE_TEMPERATURE,
+    NO_ATTRIBUTION_REASONS,
     AttributionResult,
     Embedder,
     EmbeddingIndex,
+    NoAttribution,
     ScoredSegment,
     aggregate,
     attribution_table,
     l2_normalize,
+    no_shares_reason,
     read_index_meta,
     share_weights,
 )
@@ -217,11 +222,55 @@ def test_softmax_rule_with_temperature():
     ([], "empty"),
     (scored(("t1@0", "t1", 0.5), ("t1@0", "t1", 0.4)), "repeat"),
     (scored(("t9@0", "t9", 0.5)), "t9"),
-    (scored(("t1@0", "t1", float("nan"))), "finite"),
 ])
 def test_aggregate_rejects_bad_input(ranked, match):
     with pytest.raises(ValueError, match=match):
         run_aggregate(ranked)
+
+
+@pytest.mark.parametrize("temperature", [None, COSINE_TEMPERATURE])
+@pytest.mark.parametrize(("scores", "reason"), [
+    ([0.0] * 10, "scores_all_zero"),  # the cosines of a silent query: the 80 % / 20 % split of issue 17
+    ([0.0], "scores_all_zero"),
+    ([0.7, 0.7, 0.7, 0.7], "scores_all_equal"),
+    ([-0.2, -0.2], "scores_all_equal"),
+    ([float("nan")], "scores_undefined"),
+    ([0.9, float("nan"), 0.1], "scores_undefined"),
+    ([float("inf"), 0.5], "scores_undefined"),
+    ([0.3, float("-inf")], "scores_undefined"),
+])
+def test_scores_that_tell_no_segment_apart_give_no_shares(scores, reason, temperature):
+    """Shares are money: all-zero, all-equal or undefined scores give no ranking, no shares, no rows — and why."""
+    tracks = ["t1", "t1", "t1", "t1", "t1", "t1", "t1", "t1", "t3", "t3"]  # 8 : 2, as the silent query was split
+    ranked = [ScoredSegment(f"{tracks[i]}@{i}", tracks[i], score) for i, score in enumerate(scores)]
+    result = run_aggregate(ranked, temperature=temperature)
+    assert (result.segments, result.tracks, result.rights_holders) == ((), (), ())
+    assert result.no_attribution is not None and result.no_attribution.reason == reason
+    assert result.no_attribution.detail
+    assert result.rows() == []
+    data = json.loads(result.to_json())
+    assert data["no_attribution"] == {"reason": reason, "detail": result.no_attribution.detail}
+    assert data["segments"] == data["tracks"] == data["rights_holders"] == []
+    assert no_shares_reason(scores).reason == reason
+
+
+@pytest.mark.parametrize("temperature", [None, COSINE_TEMPERATURE])
+@pytest.mark.parametrize("scores", [[0.9, 0.5, 0.5, 0.1], [0.2, 0.0, 0.0], [0.4], [0.3, -0.1]])
+def test_scores_that_differ_give_shares_summing_to_one(scores, temperature):
+    ranked = [ScoredSegment(f"t{1 + i % 3}@{i}", f"t{1 + i % 3}", score) for i, score in enumerate(scores)]
+    result = run_aggregate(ranked, temperature=temperature)
+    assert result.no_attribution is None and no_shares_reason(scores) is None
+    assert len(result.segments) == len(scores)
+    for parts in (result.segments, result.tracks, result.rights_holders):
+        assert abs(math.fsum(p.share for p in parts) - 1.0) < 1e-9
+    assert result.segments[0].share == max(s.share for s in result.segments)
+    assert json.loads(result.to_json())["no_attribution"] is None
+
+
+def test_no_attribution_reasons_are_a_closed_set():
+    assert set(NO_ATTRIBUTION_REASONS) == {"silent_query", "scores_undefined", "scores_all_zero", "scores_all_equal"}
+    with pytest.raises(ValueError, match="no_such_reason"):
+        NoAttribution("no_such_reason", "x")
 
 
 def test_rows_match_the_attribution_record_and_fit_the_lineage_store(tmp_path):
