@@ -8,19 +8,24 @@ Three parts, in the order they run:
    (whole samples, integer arithmetic; the resampler returns at least that many). A track goes to
    ``validation`` or ``train`` by a hash of its id, so no recording straddles splits. Within a split,
    segments sorted by ``segment_id`` are chunked into ``{split}-{000000}.tar`` shards of
-   ``samples_per_shard``. Tracks that cannot be sharded become Rejections with a reason.
-2. **Encode** (``pipelines.stages.shard.write``; Ray Data, one row per track): decode the mixture, downmix to mono, resample, cut the
-   planned segments and encode each sample's members: ``KEY.flac`` (PCM_16 mono at the dataset rate),
-   ``KEY.mel.npy`` (float16 log-mel ``(n_mels, segment_samples // hop_length + 1)``) and ``KEY.json``.
-3. **Commit** (``pipelines.stages.shard.write``; on the driver): members are collected by shard and each tar is written with members
-   sorted by name and fixed headers (GNU format, ``mtime=0``, uid/gid 0, no owner names, mode 0o444),
-   so the bytes do not depend on Ray's ordering. Everything goes into a temporary folder under
-   ``datasets/``, ``index.parquet`` last, and the folder is renamed to ``datasets/<dataset_id>``.
+   ``samples_per_shard``. Clean's decisions in the catalog version are read here: a track whose mixture was
+   dropped is rejected, and with ``stems: true`` its kept stems are planned with it (none left: rejected).
+   Tracks that cannot be sharded become Rejections with a reason.
+2. **Encode** (``pipelines.stages.shard.write``; Ray Data, one row per track): decode the mixture (and the
+   planned stems), downmix to mono, resample, cut the planned segments; a segment whose peak is below
+   ``silence_floor_dbfs`` becomes a ``silent_segment`` Rejection; the others get their members: ``KEY.flac``
+   (PCM_16 mono at the dataset rate), ``KEY.mel.npy`` (float16 log-mel ``(n_mels, segment_samples // hop_length +
+   1)``), ``KEY.json`` and, with stems, ``KEY.<role>[.<instrument>].flac``.
+3. **Commit** (``pipelines.stages.shard.write``; on the driver): the kept samples fill the shards in the planned
+   order and each tar is written with members sorted by name and fixed headers (GNU format, ``mtime=0``, uid/gid
+   0, no owner names, mode 0o444), so the bytes do not depend on Ray's ordering. Everything goes into a temporary
+   folder under ``datasets/``, ``index.parquet`` last, and the folder is renamed to ``datasets/<dataset_id>``.
 
 ``dataset_id = "ds-" + sha256(canonical JSON of {"index": index rows, "shard_sha256": {tar: sha256}})[:16]``:
 the index rows pin every segment and its flac bytes, the tar digests pin the mel and json members too
 (a changed rights holder or mel setting must not reuse an older dataset). A re-run whose plan (config,
-track metadata and decoded-PCM sha256 of every mixture) matches a committed dataset does no new work.
+track metadata, planned stems and decoded-PCM sha256 of every mixture and stem) matches a committed dataset does
+no new work.
 """
 
 from __future__ import annotations
@@ -198,8 +203,8 @@ class ShardStage(Stage):
                       "rejected": dict(sorted(Counter(r["reason"] for r in track_rejections).items())),
                       "segments_planned": counts.get("segments_planned", counts["segments"]),
                       "segments": counts["segments"],
-                      "segments_rejected": dict(sorted(Counter(r["reason"] for r in segment_rejections).items())), "segments_by_split": by_split, "shards": counts["shards"],
-                      "reused": reused}
+                      "segments_rejected": dict(sorted(Counter(r["reason"] for r in segment_rejections).items())),
+                      "segments_by_split": by_split, "shards": counts["shards"], "reused": reused}
         return StageOutput(outputs={"dataset": str(dataset_dir), "rejections": str(rejections_path)},
                            counts=run_counts, output_ids={"dataset": manifest["dataset_id"]}, details=details)
 
