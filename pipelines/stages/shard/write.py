@@ -45,7 +45,7 @@ Progress = Callable[[str, int, int], None]
 # Encode (one track → its samples); runs inside Ray workers
 # ---------------------------------------------------------------------------------------------------
 class ShardInputError(ValueError):
-    """A mixture does not match its catalog row (decode failure, other rate, length or channel count)."""
+    """A mixture or stem does not match its catalog row (decode failure, other rate, length or channel count)."""
 
 
 def encode_track(item: Mapping[str, Any], config: ShardConfig) -> list[dict[str, Any]]:
@@ -64,8 +64,6 @@ def encode_track(item: Mapping[str, Any], config: ShardConfig) -> list[dict[str,
         ShardInputError: a file cannot be decoded or no longer matches the catalog.
     """
     mono = _read_mono(item, item["track_id"], "mixture", config)
-    stems = [(stem, _read_mono(stem, item["track_id"], f"stem {stem['member']}", config))
-             for stem in item.get("stems", ())]
     mel_config, segment_samples = config.mel_config(), config.segment_samples
     out = []
     for segment in item["segments"]:
@@ -82,11 +80,16 @@ def encode_track(item: Mapping[str, Any], config: ShardConfig) -> list[dict[str,
             continue
         buffer = io.BytesIO()
         np.save(buffer, log_mel(clip, mel_config).astype(np.float16), allow_pickle=False)
-        stem_flacs = [encode_flac(_window(audio, start, segment_samples), config.sample_rate_hz, subtype="PCM_16")
-                      for _stem, audio in stems]
         out.append({**row, "flac": encode_flac(clip, config.sample_rate_hz, subtype="PCM_16"),
-                    "mel_npy": buffer.getvalue(), "json": _sample_json(item, segment, config).encode("utf-8"),
-                    "stem_members": [stem["member"] for stem, _audio in stems], "stem_flacs": stem_flacs})
+                    "mel_npy": buffer.getvalue(), "json": _sample_json(item, segment, config).encode("utf-8")})
+    del mono
+    for stem in item.get("stems", ()):  # one stem decoded at a time: memory stays one file, not the multitrack
+        audio = _read_mono(stem, item["track_id"], f"stem {stem['member']}", config)
+        for segment, row in zip(item["segments"], out):
+            if not row["rejection"]:
+                window = _window(audio, segment["start_sample"], segment_samples)
+                row["stem_members"].append(stem["member"])
+                row["stem_flacs"].append(encode_flac(window, config.sample_rate_hz, subtype="PCM_16"))
     return out
 
 
