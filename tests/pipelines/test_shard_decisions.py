@@ -219,14 +219,15 @@ def test_a_dropped_mixture_and_a_track_without_kept_stems_are_rejections():
 
 def test_several_stems_of_a_role_are_named_by_instrument():
     rows = _plan_rows(["a"], roles=("mixture", "bass"))
-    for instrument in ("Distortion Guitar", "Bright Acoustic Piano", "Distortion Guitar", ""):
+    for instrument in ("Distortion Guitar", "Electric Guitar (jazz)", "Distortion Guitar", "", "Distortion Guitar #2"):
         rows.append({**rows[-1], "role": "other", "instrument": instrument, "uri": f"/x/a/{instrument}.wav"})
     plan = plan_shards([_track_row("a")], rows, {"lic-1"}, STEMS)
     members = [(s["role"], s["instrument"], s["member"]) for s in plan.work[0]["stems"]]
     assert members == [("bass", "", "bass.flac"),  # sorted by member
-                       ("other", "Bright Acoustic Piano", "other.bright-acoustic-piano.flac"),
+                       ("other", "Distortion Guitar #2", "other.distortion-guitar-2-2.flac"),  # "-2" was taken
                        ("other", "Distortion Guitar", "other.distortion-guitar-2.flac"),
                        ("other", "Distortion Guitar", "other.distortion-guitar.flac"),
+                       ("other", "Electric Guitar (jazz)", "other.electric-guitar-jazz.flac"),
                        ("other", "", "other.stem.flac")]
     assert all(m.count(".") == 2 for _r, _i, m in members if _r == "other")
 

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -388,18 +389,22 @@ def _kept_stems(track_id: str, rows: Sequence[Mapping[str, Any]],
 
 def _stem_members(keys: Sequence[tuple[str, str]]) -> list[str]:
     """Member extensions for (role, instrument) pairs: ``vocals.flac`` when the role has one stem, else
-    ``other.<slug>.flac`` with a dot-free slug of the instrument (``-2``, ``-3`` … when two slugs collide)."""
+    ``other.<slug>.flac`` with a dot-free slug of the instrument (``Electric Guitar (jazz)`` →
+    ``electric-guitar-jazz``; ``-2``, ``-3`` … added when a name is taken)."""
     per_role = Counter(role for role, _ in keys)
-    used: Counter[tuple[str, str]] = Counter()
+    used: set[str] = set()
     members = []
     for role, instrument in keys:
         if per_role[role] == 1:
-            members.append(f"{role}.flac")
-            continue
-        slug = records.safe_name(instrument.strip().lower().replace(" ", "-"), 40) or "stem"
-        used[(role, slug)] += 1
-        suffix = f"-{used[(role, slug)]}" if used[(role, slug)] > 1 else ""
-        members.append(f"{role}.{slug}{suffix}.flac")
+            member = f"{role}.flac"
+        else:
+            slug = re.sub(r"[^a-z0-9]+", "-", instrument.lower()).strip("-")[:40].strip("-") or "stem"
+            member, n = f"{role}.{slug}.flac", 1
+            while member in used:
+                n += 1
+                member = f"{role}.{slug}-{n}.flac"
+        used.add(member)
+        members.append(member)
     return members
 
 
