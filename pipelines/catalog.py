@@ -217,6 +217,27 @@ def catalog_id(workspace: Workspace, tables: tuple[str, ...] = ("tracks", "audio
     return "cat-" + records.sha256_hex(records.canonical_json(digests))[:16]
 
 
+#: StemScore ``method`` values that carry a stem's decision: clean's ``final`` row, or ``reference`` (a trusted stem).
+DECISION_METHODS = ("final", "reference")
+
+
+def read_stem_decisions(version: CatalogVersion) -> list[dict[str, Any]]:
+    """The decisions of a catalog version: its ``stem_scores`` rows whose method is ``final`` or ``reference``
+    (track_id, role, instrument, decision ``keep``/``drop``, reason, run_id of the clean Run). Empty when the
+    version holds no ``stem_scores`` (no clean run yet)."""
+    path = version.table("stem_scores")
+    if not path.is_file():
+        return []
+    return [row for row in pq.read_table(path).to_pylist() if row["method"] in DECISION_METHODS]
+
+
+def decisions_id(version: CatalogVersion) -> str:
+    """Content id of a version's stem decisions: ``decisions-`` + 16 hex of ``stem_scores.parquet``'s sha256, or
+    ``none`` when the version has no decisions."""
+    path = version.table("stem_scores")
+    return "decisions-" + records.file_sha256(path)[:16] if path.is_file() else "none"
+
+
 def read_catalog_licenses(workspace: Workspace) -> dict[str, dict[str, Any]]:
     """``license_id`` → {license_name, license_url} from the catalog; empty if there is no licences table."""
     path = workspace.catalog_table("licenses")

@@ -81,6 +81,9 @@ class RejectionReason(enum.StrEnum):
     NO_AUDIO = "no_audio"
     # shard
     SHORTER_THAN_SEGMENT = "shorter_than_segment"
+    MIXTURE_DROPPED = "mixture_dropped"  # clean's final decision on the track's mixture is drop
+    NO_KEPT_STEMS = "no_kept_stems"  # stems required (shard.stems) and clean dropped every stem of the track
+    SILENT_SEGMENT = "silent_segment"  # a segment whose peak is below shard.silence_floor_dbfs
 
 
 def _schema(fields: list[pa.Field], name: str) -> pa.Schema:

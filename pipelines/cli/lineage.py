@@ -244,6 +244,15 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
     if kind == "dataset":
         if payload.get("catalog"):
             up.add(f"catalog {payload['catalog']}")
+        used = payload.get("decisions") or {}
+        if used.get("clean_run_id"):
+            branch = up.add(f"decisions of clean run {used['clean_run_id']} ({used.get('decisions')}"
+                            f"{', stems in the samples' if used.get('stems') else ', mixtures only'})")
+            for stem in used.get("dropped") or []:
+                branch.add(f"dropped {stem['role']}{'/' + stem['instrument'] if stem['instrument'] else ''} of "
+                           f"{stem['track_id']}: {stem['reason']}")
+        elif used:
+            up.add("no clean decisions (no clean run on that catalog version)")
         for parent in payload["derived_from"]:
             up.add(f"derived from dataset {parent['parent_dataset_id']} ({parent['reason']})")
         for child in payload["versions"]:
@@ -258,8 +267,17 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
     if payload.get("tracks") and kind != "track":
         up.add(f"{len(payload['tracks'])} track(s): " + ", ".join(t["track_id"] for t in payload["tracks"][:12])
                + (" …" if len(payload["tracks"]) > 12 else ""))
+    if kind == "track" and payload.get("stems"):
+        stems = tree.add("stems (latest decisions)")
+        for stem in payload["stems"]:
+            name = stem["role"] + (f"/{stem['instrument']}" if stem["instrument"] else "")
+            decision = stem["decision"] or "undecided"
+            why = f": {stem['reason']}" if stem["reason"] else ""
+            by = f" (clean run {stem['run_id']})" if stem["run_id"] else ""
+            stems.add(f"{name}: {decision}{why}{by}")
     for d in payload.get("datasets", []) if kind == "track" else []:
-        down.add(f"dataset {d['dataset_id']} ({d.get('segments', 0)} segment(s) of this track)")
+        held = f"; stems {', '.join(d['stems'])}" if d.get("stems") else ""
+        down.add(f"dataset {d['dataset_id']} ({d.get('segments', 0)} segment(s) of this track{held})")
     for c in payload.get("checkpoints", []) if kind in ("track", "dataset") else []:
         down.add(f"checkpoint {c['checkpoint_id']} (step {c['step']}, dataset {c['dataset_id']})")
     for g in payload.get("generations", []) if kind != "generation" else []:

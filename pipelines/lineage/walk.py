@@ -5,6 +5,10 @@ and the generations sampled from those checkpoints, plus every stored attributio
 a generation comes from a checkpoint, trained on a dataset, cut from tracks under licences held by rights
 holders; its stored attributions say which of those tracks it draws on most.
 
+Clean's decisions sit between a track's stems and the datasets: a track shows its stems with their latest decision
+(the latest catalog version's ``stem_scores``) and, per dataset, which stems it holds; a dataset shows the catalog
+version and the clean Run whose decisions it used, and the stems those decisions dropped.
+
 Track metadata (title, rights holder, licence, ISRC) comes from the curated catalog and from the tracks
 tables of every ingest run in the workspace (the newest run wins), so a track a later ingest dropped is
 still described.
@@ -20,7 +24,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from pipelines.catalog import catalogs_dir, latest_catalog, list_catalogs, read_catalog_licenses, resolve_catalog
+from pipelines.catalog import (
+    catalogs_dir,
+    latest_catalog,
+    list_catalogs,
+    read_catalog_licenses,
+    read_stem_decisions,
+    resolve_catalog,
+)
 from provenance.policy import OptOutRegistry
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
@@ -104,7 +115,8 @@ class _Walk:
         attributed = self.store.attributions_to_tracks([track_id])
         if not in_datasets and not attributed and track_id not in self.tracks:
             return None
-        datasets = [self._dataset_brief(d, segments=self.store.dataset_track_segments(d).get(track_id, 0))
+        datasets = [self._dataset_brief(d, segments=self.store.dataset_track_segments(d).get(track_id, 0),
+                                        stems=self._manifest(d).get("stems", {}).get(track_id))
                     for d in in_datasets]
         checkpoints = self.store.checkpoints_of_datasets(in_datasets)
         generations = self.store.generations_of_checkpoints(c["checkpoint_id"] for c in checkpoints)
@@ -114,6 +126,7 @@ class _Walk:
         return {
             "track": meta,
             "opted_out": None if decision.admitted else decision.detail,
+            "stems": self._stems(track_id),
             "datasets": datasets,
             "checkpoints": [_checkpoint_brief(c) for c in checkpoints],
             "generations": [_generation_brief(g) for g in generations],
@@ -131,6 +144,7 @@ class _Walk:
             "dataset": record,
             "run": self._run_brief(record["run_id"]),
             "catalog": (run.get("inputs") or {}).get("catalog"),
+            "decisions": self._decisions_used(dataset_id, run),
             "derived_from": self.store.dataset_parents(dataset_id),
             "versions": self.store.dataset_children(dataset_id),
             **self._contents(dataset_id),
@@ -233,6 +247,44 @@ class _Walk:
                                for h in sorted(holders)],
             "licenses": [licenses[k] for k in sorted(licenses)],
         }
+
+    def _stems(self, track_id: str) -> list[dict[str, Any]]:
+        """The track's stems in the latest catalog version, each with its latest decision (None: undecided)."""
+        version = latest_catalog(self.workspace)
+        if version is None or not version.table("audio_files").is_file():
+            return []
+        decided = {(r["track_id"], r["role"], r["instrument"] or ""): r for r in read_stem_decisions(version)}
+        rows = pq.read_table(version.table("audio_files"), columns=["track_id", "role", "instrument"]).to_pylist()
+        out = []
+        for row in sorted((r for r in rows if r["track_id"] == track_id and r["role"] != "mixture"),
+                          key=lambda r: (r["role"], r["instrument"] or "")):
+            decision = decided.get((track_id, row["role"], row["instrument"] or "")) or {}
+            out.append({"role": row["role"], "instrument": row["instrument"] or "",
+                        "decision": decision.get("decision"), "reason": decision.get("reason") or "",
+                        "method": decision.get("method"), "run_id": decision.get("run_id")})
+        return out
+
+    def _decisions_used(self, dataset_id: str, run: Mapping[str, Any]) -> dict[str, Any]:
+        """The catalog version and clean decisions a dataset was sharded with, and the stems they dropped (None
+        when that version is no longer in the workspace)."""
+        manifest, inputs = self._manifest(dataset_id), run.get("inputs") or {}
+        catalog_id = manifest.get("catalog_id") or inputs.get("catalog")
+        clean_run_id = manifest.get("clean_run_id")
+        dropped = None
+        if catalog_id and self._has_catalog(catalog_id):
+            dropped = [{"track_id": r["track_id"], "role": r["role"], "instrument": r["instrument"] or "",
+                        "reason": r["reason"]}
+                       for r in read_stem_decisions(resolve_catalog(self.workspace, catalog_id))
+                       if r["decision"] == "drop"]
+        return {"catalog_id": catalog_id, "decisions": manifest.get("decisions") or inputs.get("decisions"),
+                "clean_run_id": clean_run_id, "clean_run": self._run_brief(clean_run_id) if clean_run_id else None,
+                "stems": bool((manifest.get("config") or {}).get("stems")), "dropped": dropped}
+
+    def _manifest(self, dataset_id: str) -> dict[str, Any]:
+        """A dataset's ``dataset.json`` (empty when its folder is gone)."""
+        uri = (self.store.get_dataset(dataset_id) or {}).get("uri")
+        path = Path(uri) / "dataset.json" if uri else None
+        return json.loads(path.read_text()) if path is not None and path.is_file() else {}
 
     def _dataset_brief(self, dataset_id: str, **extra: Any) -> dict[str, Any]:
         record = self.store.get_dataset(dataset_id) or {}

@@ -38,7 +38,14 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from cleaning import blind_settings as methods
 from cleaning.contamination import StemItem
 from cleaning.decision import DROP, KEEP, decide
-from pipelines.catalog import CatalogVersion, catalog_id, derive_catalog, resolve_catalog
+from pipelines.catalog import (
+    CatalogVersion,
+    catalog_id,
+    derive_catalog,
+    latest_catalog,
+    read_stem_decisions,
+    resolve_catalog,
+)
 from pipelines.engines import Engine
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, StageResult, run_stage
 from provenance import records
@@ -264,13 +271,11 @@ def read_stems(workspace: Workspace, version: CatalogVersion | None = None
     return stems, mixtures
 
 
-def read_decisions(workspace: Workspace) -> list[dict[str, Any]]:
-    """The latest ``final`` decision per stem (``catalog/stem_scores.parquet``): rows with track_id, role,
-    instrument, decision and reason. Empty when no clean run has finished."""
-    path = workspace.catalog_dir / "stem_scores.parquet"
-    if not path.is_file():
-        return []
-    return [r for r in pq.read_table(path).to_pylist() if r["method"] in (FINAL, REFERENCE)]
+def read_decisions(workspace: Workspace, version: CatalogVersion | None = None) -> list[dict[str, Any]]:
+    """The ``final`` (or ``reference``) decision per stem of a catalog version (default: the latest): rows with
+    track_id, role, instrument, decision and reason. Empty when no clean run has finished."""
+    version = version or latest_catalog(workspace)
+    return read_stem_decisions(version) if version is not None else []
 
 
 # measuring (Ray) ------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ class ShardConfig(BaseModel):
     validation_fraction: float = 0.1
     samples_per_shard: int = 64
     max_segments_per_track: int | None = None  # None = every whole segment
+    # each sample also carries its track's kept stems (clean's decisions) as ``<role>.flac`` members
+    stems: bool = False
+    # a segment whose sample peak (mono, at the dataset rate) is below this is a Rejection (silent_segment)
+    silence_floor_dbfs: float = -60.0
 
     @model_validator(mode="after")
     def _check(self) -> "ShardConfig":
@@ -45,6 +49,8 @@ class ShardConfig(BaseModel):
             raise ValueError(f"shard.hop_length ({self.hop_length}) must be < shard.n_fft ({self.n_fft})")
         if self.max_segments_per_track is not None and self.max_segments_per_track < 1:
             raise ValueError(f"shard.max_segments_per_track must be ≥ 1 or null, got {self.max_segments_per_track}")
+        if not -200.0 <= self.silence_floor_dbfs <= 0.0:
+            raise ValueError(f"shard.silence_floor_dbfs must be in [-200, 0] dBFS, got {self.silence_floor_dbfs}")
         if self.segment_samples < self.n_fft:
             raise ValueError(f"shard.segment_s={self.segment_s} gives {self.segment_samples} samples, fewer than "
                              f"shard.n_fft={self.n_fft}: raise segment_s")
@@ -73,7 +79,11 @@ class ShardPlan:
 
     ``work`` items hold ``track_id``, ``uri``, ``source_rate_hz``, ``source_num_samples``, ``num_channels``,
     ``pcm_sha256``, ``meta`` (the track fields the json member carries) and ``segments`` (dicts with
-    ``segment_id``, ``start_sample``, ``split``, ``shard``, ``key``).
+    ``segment_id``, ``start_sample``, ``split``, ``shard``, ``key``); with ``stems`` in the config also
+    ``stems``: the kept stems, dicts with ``role``, ``instrument``, ``member`` (the member's extension,
+    ``vocals.flac``), ``uri``, ``source_rate_hz``, ``source_num_samples``, ``num_channels``, ``pcm_sha256``.
+    A segment's ``shard`` is where it goes when no segment is rejected while encoding (``silent_segment``); the
+    encoder fills shards in the same order with the segments it keeps.
     """
 
     work: list[dict[str, Any]]
@@ -85,3 +95,8 @@ class ShardPlan:
 def num_target_samples(num_source_samples: int, source_rate_hz: int, target_rate_hz: int) -> int:
     """Whole samples of a ``num_source_samples`` signal at ``target_rate_hz``: ``floor(n * target / source)``."""
     return int(num_source_samples) * int(target_rate_hz) // int(source_rate_hz)
+
+
+def shard_name(split: str, index: int) -> str:
+    """The tar of a split's ``index``-th shard: ``train-000000.tar``."""
+    return f"{split}-{index:06d}.tar"
