@@ -172,6 +172,7 @@ BAD_ARGUMENTS = {
     "rights explain": (["rights", "explain", "no-such-track"], "linernotes ingest"),
     "rights opt-out": (["rights", "opt-out"], "exactly one"),
     "runs": (["runs", "--jsn"], "No such option"),
+    "run": (["run", "/no/such/spec.yaml"], "does not exist"),
     "lineage": (["lineage", "no-such-id"], "no-such-id"),
     "takedown": (["takedown"], "exactly one"),
     "report": (["report", "gen-none"], "gen-none"),
