@@ -123,6 +123,7 @@ def parse_spec(raw: Any, *, base_dir: Path, source: str = "<dict>", overrides: I
         raise ConfigError(f"run spec {source}: {_problems(err)}") from err
     delivery = _delivery(top, base_dir, source)
     configs = {name: _stage_config(name, top.stages[name] or {}, top.purpose, source) for name in top.stages}
+    _check_train_source(configs, source)
     root = Path(workspace or top.workspace or os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR).expanduser().resolve()
     resolved = {
         "delivery": str(delivery) if delivery else None, "purpose": top.purpose.model_dump(mode="json"),
@@ -164,6 +165,17 @@ def _check_order(names: list[str], source: str) -> None:
         if RUN_CHAIN.index(later) < RUN_CHAIN.index(earlier):
             raise ConfigError(f"run spec {source}: stages.{later} is listed after stages.{earlier}, but {later} comes "
                               f"before it in the chain; list the stages in chain order: {', '.join(RUN_CHAIN)}")
+
+
+def _check_train_source(configs: Mapping[str, BaseModel], source: str) -> None:
+    """``train.source: stems`` needs stem members: refuse a spec whose own shard stage writes none, before any work
+    (a spec without shard is checked when train resolves its dataset)."""
+    train, shard = configs.get("train"), configs.get("shard")
+    if train is not None and shard is not None and getattr(train, "source", "mixture") == "stems" and \
+            not getattr(shard, "stems", False):
+        raise ConfigError(f"run spec {source}: stages.train.source: 'stems' needs stem members, but stages.shard "
+                          "writes none; shard with `stems: true` (stages.shard.stems: true) or train with source: "
+                          "mixture")
 
 
 def _delivery(top: SpecFile, base_dir: Path, source: str) -> Path | None:

@@ -37,6 +37,11 @@ class TrainConfig(BaseModel):
     # data
     crop_frames: int = Field(128, description="mel frames per training example (random crop / pad)")
     shuffle_buffer: int = Field(256, description="samples held by the streaming shuffle buffer")
+    source: Literal["mixture", "stems"] = Field(
+        "mixture", description="what one training example is: 'mixture', a segment's mixture mel; 'stems', each "
+                               "kept stem of each segment (a dataset sharded with stems: true), its mel computed "
+                               "from the stem, its text 'Instrument: <instrument or role>. <track text>' and its "
+                               "instrument condition the same label (training/stems.py)")
     # model
     base_channels: int = Field(64, description="channels of the U-Net's first level (≥ n_mels avoids a bottleneck)")
     channel_mults: tuple[int, ...] = Field((1, 2, 2), description="channel multiplier per U-Net level")

@@ -12,6 +12,10 @@ offsets. With fewer shards than readers, every reader reads every shard and keep
 ``MelBatchStream`` is the trainer's stream: whole batches with the samples' conditioning fields, epochs of
 a fixed length per reader (so uneven shards never starve a rank), and an exact resume position.
 ``MelTextStream`` is the earlier per-sample stream, kept for its callers.
+
+With ``source="stems"`` (``shard_statistics`` and ``MelBatchStream``) every kept stem of a sample is one example
+(``training.stems``): its mel is computed from the stem's FLAC member at load time and its text and instrument name
+the stem. The mixture path (the default) reads and yields exactly what it did before stems existed.
 """
 
 from __future__ import annotations
@@ -32,8 +36,12 @@ from training.conditioning import encode_conditions
 import webdataset as wds
 
 from cleaning.mel import MelConfig
+from training.stems import STEM_FLAC, NoStemsError, expand_stems, is_stem_member, no_stems_message, stem_mel
 
 _MEMBERS = ("mel.npy", "json")
+SOURCES = ("mixture", "stems")
+"""What a training example is (``TrainConfig.source``): a segment's mixture ``mel.npy``, or each of its kept stems
+(``training.stems``)."""
 
 
 @dataclass(frozen=True)
@@ -127,19 +135,33 @@ class ShardStatistics:
     num_samples: int
 
 
-def shard_statistics(shard_paths: Sequence[str | os.PathLike[str]]) -> ShardStatistics:
-    """``measure_mel_stats`` and the number of samples, in one float64 pass over the shards.
+def shard_statistics(shard_paths: Sequence[str | os.PathLike[str]], source: str = "mixture",
+                     mel_config: MelConfig | None = None) -> ShardStatistics:
+    """``measure_mel_stats`` and the number of examples, in one float64 pass over the shards.
+
+    With ``source="stems"`` the examples are the samples' stems and their mels are computed from the stem FLACs
+    with ``mel_config`` (the dataset's), so the statistics normalise what the stem model is trained on.
 
     Raises:
-        ValueError: no samples, or the values are constant or not finite.
+        NoStemsError: ``source="stems"`` and a sample has no stem list (the dataset was sharded without stems).
+        ValueError: no examples, the values are constant or not finite, an unknown ``source``, or ``stems``
+            without ``mel_config``.
     """
+    _check_source(source, mel_config)
+    if source == "stems":
+        mels: Iterator[np.ndarray] = (stem_mel(example[STEM_FLAC], mel_config).astype(np.float32)
+                                      for example in _raw_samples([str(p) for p in shard_paths], source))
+    else:
+        mels = (sample["mel"] for sample in iter_mel_samples(shard_paths))
     total, total_sq, num_values, num_samples = 0.0, 0.0, 0, 0
-    for sample in iter_mel_samples(shard_paths):
-        mel = sample["mel"].astype(np.float64)
+    for values in mels:
+        mel = values.astype(np.float64)
         total += float(mel.sum())
         total_sq += float((mel * mel).sum())
         num_values += mel.size
         num_samples += 1
+    if num_values == 0 and source == "stems":
+        raise NoStemsError(no_stems_message(f"{len(shard_paths)} shard(s) {list(map(str, shard_paths))[:3]}"))
     if num_values == 0:
         raise ValueError(f"no samples in {len(shard_paths)} shard(s): {list(map(str, shard_paths))[:3]}")
     mean = total / num_values
@@ -244,6 +266,19 @@ def _is_training_member(name: str) -> bool:
     return name.endswith(".mel.npy") or name.endswith(".json")
 
 
+def _is_stem_training_member(name: str) -> bool:
+    """Keep ``KEY.json`` and the stems ``KEY.<role>[.<slug>].flac``; skip the mixture's audio and mel."""
+    return name.endswith(".json") or is_stem_member(name)
+
+
+def _check_source(source: str, mel_config: MelConfig | None) -> None:
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {list(SOURCES)}, got {source!r}")
+    if source == "stems" and mel_config is None:
+        raise ValueError("source='stems' needs mel_config: the dataset's (dataset.json config.mel) to compute "
+                         "the stems' mels")
+
+
 # --- the trainer's stream: fixed-length epochs, whole batches, an exact resume position -----------------
 
 CONDITIONING_FIELDS = ("text", "tags", "bpm", "key", "instrument", "genre", "mood", "duration_s")
@@ -299,16 +334,24 @@ class MelBatchStream(torch.utils.data.IterableDataset):
         rank, world_size: this rank and the number of ranks.
         shuffle_buffer: samples held by the shuffle buffer (1 disables shuffling).
         start_batch: batches this rank has already consumed (0 for a new run).
+        source: ``"mixture"`` (each sample's ``mel.npy``) or ``"stems"`` (each kept stem of each sample, its mel
+            computed from the stem's FLAC at load time, its json ``training.stems.stem_meta``); a "sample" above
+            is then one stem example, and ``samples_per_epoch`` counts stem examples.
+        mel_config: the dataset's mel parameters; required with ``source="stems"``.
 
     Raises:
-        ValueError: no shards, ``mel_std <= 0``, a bad rank, a non-positive size (at construction); a pass
-            over the shards that yields no sample for a reader (when iterated), instead of spinning.
+        NoStemsError: ``source="stems"`` and a sample has no stem list (when iterated).
+        ValueError: no shards, an unknown source, stems without ``mel_config``, ``mel_std <= 0``, a bad rank,
+            a non-positive size (at construction); a pass over the shards that yields no sample for a reader
+            (when iterated), instead of spinning.
     """
 
     def __init__(self, shard_paths: Sequence[str | os.PathLike[str]], mel_mean: float, mel_std: float,
                  crop_frames: int, log_floor: float, *, batch_size: int, seed: int, samples_per_epoch: int,
-                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 256, start_batch: int = 0) -> None:
+                 rank: int = 0, world_size: int = 1, shuffle_buffer: int = 256, start_batch: int = 0,
+                 source: str = "mixture", mel_config: MelConfig | None = None) -> None:
         super().__init__()
+        _check_source(source, mel_config)
         if not shard_paths:
             raise ValueError("shard_paths is empty: pass the dataset's train shards")
         if not mel_std > 0:
@@ -328,6 +371,7 @@ class MelBatchStream(torch.utils.data.IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.samples_per_epoch, self.shuffle_buffer = samples_per_epoch, max(1, shuffle_buffer)
         self.start_batch = start_batch
+        self.source, self.mel_config = source, mel_config
 
     def reader_layout(self) -> tuple[int, int, int, int]:
         """``(reader, num_readers, logical worker, loader worker count)`` of the calling process.
@@ -368,7 +412,10 @@ class MelBatchStream(torch.utils.data.IterableDataset):
                 if index < offset:
                     continue
                 rng = np.random.default_rng([self.seed, reader, epoch, index])
-                mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False)  # float16, whole segment
+                if self.source == "stems":  # float16, whole segment, as shard computes a mel.npy
+                    mel = stem_mel(sample[STEM_FLAC], self.mel_config)
+                else:
+                    mel = np.load(io.BytesIO(sample["mel.npy"]), allow_pickle=False)  # float16, whole segment
                 yield sample["__key__"], self._crop(mel, rng), json.loads(sample["json"].decode("utf-8"))
 
     def _crop(self, mel: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -389,9 +436,9 @@ class MelBatchStream(torch.utils.data.IterableDataset):
             order = np.random.default_rng([self.seed, epoch, pass_index, 0]).permutation(num_shards)
             shards = [self.shard_paths[i] for i in order]
             if num_shards >= num_readers:  # split by shard: disjoint shards per reader
-                samples: Iterator[dict[str, Any]] = _raw_samples(shards[reader::num_readers])
+                samples: Iterator[dict[str, Any]] = _raw_samples(shards[reader::num_readers], self.source)
             else:  # fewer shards than readers: every reader reads them all, keeps every n-th sample
-                samples = (s for i, s in enumerate(_raw_samples(shards)) if i % num_readers == reader)
+                samples = (s for i, s in enumerate(_raw_samples(shards, self.source)) if i % num_readers == reader)
             num_yielded = 0
             for sample in samples:
                 num_yielded += 1
@@ -409,9 +456,16 @@ class MelBatchStream(torch.utils.data.IterableDataset):
                 "meta": metas, "key": [key for key, _, _ in batch]}
 
 
-def _raw_samples(shard_paths: Sequence[str]) -> Iterator[dict[str, Any]]:
-    """WebDataset samples (``__key__``, ``__url__``, ``mel.npy``, ``json`` bytes) of the shards, in tar order."""
+def _raw_samples(shard_paths: Sequence[str], source: str = "mixture") -> Iterator[dict[str, Any]]:
+    """WebDataset samples (``__key__``, ``__url__``, ``mel.npy``, ``json`` bytes) of the shards, in tar order; with
+    ``source="stems"`` their stem examples (``training.stems.expand_stems``: ``stem.flac`` instead of ``mel.npy``)."""
     sources = ({"url": path} for path in shard_paths)
+    if source == "stems":
+        for sample in wds.tarfile_samples(sources, select_files=_is_stem_training_member):
+            if "json" not in sample:
+                raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} lacks ['json']")
+            yield from expand_stems(sample)
+        return
     for sample in wds.tarfile_samples(sources, select_files=_is_training_member):
         missing = [member for member in _MEMBERS if member not in sample]
         if missing:

@@ -95,8 +95,9 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
           stop_after_steps: int | None = None) -> TrainResult:
     """Train a ``MelUNet`` on the train shards of a dataset with Ray Train's ``TorchTrainer``.
 
-    The caller has connected to Ray (``ray.init``). The log-mel statistics and the sample count are
-    measured here, on the driver, with one pass over ``shard_paths``; the workers read the shards
+    The caller has connected to Ray (``ray.init``). The log-mel statistics and the sample count (of the
+    examples ``config.source`` names: mixtures, or stems) are measured here, on the driver, with one pass over
+    ``shard_paths``; the workers read the shards
     themselves, so the paths must be visible to every worker (a shared file system on a cluster).
 
     Args:
@@ -116,6 +117,8 @@ def train(shard_paths: list[str], dataset_id: str, mel_config: MelConfig, config
         The checkpoint's path, step count, per-step losses and normalisation statistics.
 
     Raises:
+        training.stems.NoStemsError: ``config.source == "stems"`` on shards without stem members (raised here,
+            before Ray Train starts).
         ValueError: no shards, a storage URI pyarrow cannot open, ``stop_after_steps < 1``, or a
             checkpoint of another config or dataset in the run folder (raised here, before Ray Train starts).
         FileNotFoundError: a shard does not exist.
@@ -276,7 +279,8 @@ def _open_batches(run: _Rank) -> Iterator[dict[str, Any]]:
     stream = MelBatchStream(loop_config["shard_paths"], loop_config["mel_mean"], loop_config["mel_std"],
                             config.crop_frames, run.mel_config.log_floor, batch_size=config.batch_size,
                             seed=config.seed, samples_per_epoch=loop_config["samples_per_epoch"], rank=run.rank,
-                            world_size=run.world_size, shuffle_buffer=config.shuffle_buffer, start_batch=run.step)
+                            world_size=run.world_size, shuffle_buffer=config.shuffle_buffer, start_batch=run.step,
+                            source=config.source, mel_config=run.mel_config)
     return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=config.num_loader_workers,
                                             pin_memory=run.device.type == "cuda"))
 
@@ -411,7 +415,7 @@ def _loop_config(shard_paths: list[str], dataset_id: str, mel_config: MelConfig,
                  storage: RunStorage, resume_from: str | None, stop_after_steps: int | None) -> dict[str, Any]:
     """The settings every rank gets (plain data, pickled by Ray Train), with the log-mel statistics and the
     sample count measured here, on the driver, in one pass over ``shard_paths``."""
-    stats = shard_statistics(shard_paths)
+    stats = shard_statistics(shard_paths, config.source, mel_config)
     return {
         "shard_paths": [str(Path(path).resolve()) for path in shard_paths],
         "dataset_id": dataset_id,

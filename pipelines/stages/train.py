@@ -138,6 +138,10 @@ class TrainStage(Stage):
         manifest = read_dataset_manifest(ctx.workspace, dataset["dataset_id"])
         if not manifest["shards"]["train"]:
             raise MissingInputError(f"dataset {dataset['dataset_id']} has no train shards")
+        if config.source == "stems" and not (manifest["config"].get("stems") and manifest.get("stems")):
+            from training.stems import NoStemsError, no_stems_message
+
+            raise NoStemsError(no_stems_message(f"dataset {dataset['dataset_id']}"))
         return {"dataset": dataset["dataset_id"]}
 
     def record(self, ctx: StageContext, config: Any) -> dict[str, Any]:
