@@ -218,6 +218,21 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
             tree.add(f"[red]opted out:[/] {payload['opted_out']}")
     down = tree.add("↓ reached")
     up = tree.add("↑ came from")
+    _render_sources(payload, tree, up, down)
+    _render_contents(payload, tree, up)
+    _render_reached(payload, down)
+    if kind == "generation":
+        _render_attributions(payload, tree)
+    if kind != "generation" and not down.children:
+        down.add("nothing yet")
+    tree.children = [child for child in tree.children if child.children or child not in (up, down)]
+    return tree
+
+
+def _render_sources(payload: dict[str, Any], tree: Tree, up: Tree, down: Tree) -> None:
+    """What a checkpoint, generation, catalog version or dataset came from (and a catalog's or dataset's own
+    downstream versions)."""
+    kind, entity_id = payload["kind"], payload["id"]
     if kind in ("checkpoint", "generation") and payload.get("dataset"):
         d = payload["dataset"]
         up.add(f"dataset {d['dataset_id']} ({d.get('num_tracks')} tracks, {d.get('num_segments')} segments)")
@@ -242,21 +257,30 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
         for d in payload["datasets"]:
             down.add(f"dataset {d['dataset_id']} ({d.get('num_tracks')} tracks, {d.get('num_segments')} segments)")
     if kind == "dataset":
-        if payload.get("catalog"):
-            up.add(f"catalog {payload['catalog']}")
-        used = payload.get("decisions") or {}
-        if used.get("clean_run_id"):
-            branch = up.add(f"decisions of clean run {used['clean_run_id']} ({used.get('decisions')}"
-                            f"{', stems in the samples' if used.get('stems') else ', mixtures only'})")
-            for stem in used.get("dropped") or []:
-                branch.add(f"dropped {stem['role']}{'/' + stem['instrument'] if stem['instrument'] else ''} of "
-                           f"{stem['track_id']}: {stem['reason']}")
-        elif used:
-            up.add("no clean decisions (no clean run on that catalog version)")
-        for parent in payload["derived_from"]:
-            up.add(f"derived from dataset {parent['parent_dataset_id']} ({parent['reason']})")
-        for child in payload["versions"]:
-            down.add(f"new version {child['dataset_id']} ({child['reason']})")
+        _render_dataset_sources(payload, up, down)
+
+
+def _render_dataset_sources(payload: dict[str, Any], up: Tree, down: Tree) -> None:
+    if payload.get("catalog"):
+        up.add(f"catalog {payload['catalog']}")
+    used = payload.get("decisions") or {}
+    if used.get("clean_run_id"):
+        branch = up.add(f"decisions of clean run {used['clean_run_id']} ({used.get('decisions')}"
+                        f"{', stems in the samples' if used.get('stems') else ', mixtures only'})")
+        for stem in used.get("dropped") or []:
+            branch.add(f"dropped {stem['role']}{'/' + stem['instrument'] if stem['instrument'] else ''} of "
+                       f"{stem['track_id']}: {stem['reason']}")
+    elif used:
+        up.add("no clean decisions (no clean run on that catalog version)")
+    for parent in payload["derived_from"]:
+        up.add(f"derived from dataset {parent['parent_dataset_id']} ({parent['reason']})")
+    for child in payload["versions"]:
+        down.add(f"new version {child['dataset_id']} ({child['reason']})")
+
+
+def _render_contents(payload: dict[str, Any], tree: Tree, up: Tree) -> None:
+    """Licences, rights holders and tracks behind a record; a track's stems and their latest decisions."""
+    kind = payload["kind"]
     for name in ("licenses", "rights_holders"):
         if payload.get(name):
             branch = up.add(name.replace("_", " "))
@@ -275,6 +299,11 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
             why = f": {stem['reason']}" if stem["reason"] else ""
             by = f" (clean run {stem['run_id']})" if stem["run_id"] else ""
             stems.add(f"{name}: {decision}{why}{by}")
+
+
+def _render_reached(payload: dict[str, Any], down: Tree) -> None:
+    """What a track or dataset reached: datasets, checkpoints, generations, attributions."""
+    kind = payload["kind"]
     for d in payload.get("datasets", []) if kind == "track" else []:
         held = f"; stems {', '.join(d['stems'])}" if d.get("stems") else ""
         down.add(f"dataset {d['dataset_id']} ({d.get('segments', 0)} segment(s) of this track{held})")
@@ -285,19 +314,17 @@ def render_lineage(payload: dict[str, Any]) -> Tree:
     for a in payload.get("attributions", []) if kind == "track" else []:
         down.add(f"attributed in {a['generation_id']} ({a['method']}): share {a['share']:.1%}, best rank "
                  f"{a['best_rank']}")
-    if kind == "generation":
-        for method, result in payload["attributions"].items():
-            branch = tree.add(f"attribution ({method}, top {len(result['segments'])} segments)")
-            holders = branch.add("rights holders")
-            for holder in result["rights_holders"]:
-                holders.add(f"{holder['share']:6.1%}  {holder['rights_holder']}")
-            tracks = branch.add("tracks")
-            for track in result["tracks"][:10]:
-                tracks.add(f"{track['share']:6.1%}  {track['track_id']} {track.get('title') or ''}")
-    if kind != "generation" and not down.children:
-        down.add("nothing yet")
-    tree.children = [child for child in tree.children if child.children or child not in (up, down)]
-    return tree
+
+
+def _render_attributions(payload: dict[str, Any], tree: Tree) -> None:
+    for method, result in payload["attributions"].items():
+        branch = tree.add(f"attribution ({method}, top {len(result['segments'])} segments)")
+        holders = branch.add("rights holders")
+        for holder in result["rights_holders"]:
+            holders.add(f"{holder['share']:6.1%}  {holder['rights_holder']}")
+        tracks = branch.add("tracks")
+        for track in result["tracks"][:10]:
+            tracks.add(f"{track['share']:6.1%}  {track['track_id']} {track.get('title') or ''}")
 
 
 def render_takedown(payload: dict[str, Any]) -> list[Any]:
