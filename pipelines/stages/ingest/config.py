@@ -20,6 +20,11 @@ from provenance.records import Purpose
 NEAR_DUPLICATE_THRESHOLD = 0.8
 
 
+MEASURE_VERSION = "7"
+"""Bump when decoding or measuring changes: it is part of every measurement cache key and of ingest's delivery
+fingerprint (kept here, light, so resolving ingest's inputs imports no audio library)."""
+
+
 class IngestConfig(BaseModel):
     """Configuration of one ingest run.
 

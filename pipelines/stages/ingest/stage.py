@@ -32,7 +32,7 @@ from pipelines.catalog import commit_catalog
 from pipelines.stages.ingest.delivery import INGEST as STAGE
 from pipelines.stages.ingest.delivery import Delivery, file_record_id, read_delivery, read_licenses
 from pipelines.engines import EngineConfig
-from pipelines.stages.ingest.config import IngestConfig
+from pipelines.stages.ingest.config import MEASURE_VERSION, IngestConfig
 from pipelines.stage import Resources, Stage, StageContext, StageOutput
 from provenance.policy import OptOutRegistry
 from provenance.records import (
@@ -315,8 +315,6 @@ def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, An
 def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:
     """What an ingest's outputs depend on: the delivery's tables, every audio file's (path, size, mtime),
     the config (purpose, territory, date; not the runner options), the opt-outs and ``MEASURE_VERSION``."""
-    from pipelines.stages.ingest.steps import MEASURE_VERSION
-
     files = []
     for row in delivery.files:
         path = (delivery.root / (row.get("path") or "")).resolve()

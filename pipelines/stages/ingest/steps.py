@@ -100,8 +100,7 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
                                      "path": str(path)})
 
 
-MEASURE_VERSION = "7"
-"""Bump when decoding or measuring changes: it is part of every measurement cache key."""
+from pipelines.stages.ingest.config import MEASURE_VERSION  # noqa: E402  (light: the ingest config's module)
 MAX_CHANNELS = 2
 
 
