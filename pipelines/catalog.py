@@ -130,7 +130,12 @@ def commit_catalog(workspace: Workspace, tables: Mapping[str, pa.Table | Path], 
         else:
             if final.exists():  # damaged: move it aside, then put the whole new one in its place
                 os.replace(final, folder / f".damaged-{catalog_id}-{uuid.uuid4().hex[:8]}")
-            os.replace(staging, final)
+            try:
+                os.replace(staging, final)
+            except OSError:  # another process committed the same tables meanwhile
+                if not (final.is_dir() and _intact(final, digests)):
+                    raise
+                shutil.rmtree(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -155,6 +160,22 @@ def point_catalog(workspace: Workspace, catalog_id: str) -> None:
     os.replace(tmp, link)
 
 
+def advance_catalog(workspace: Workspace, catalog_id: str) -> None:
+    """Make version ``catalog_id`` the latest, unless the latest was derived from it (then it is newer): a cached
+    ingest after a clean must not move ``catalog`` back to the version without clean's decisions."""
+    latest = latest_catalog(workspace)
+    seen: set[str] = set()
+    version = latest
+    while version is not None and version.catalog_id not in seen:
+        if version.catalog_id == catalog_id:
+            return
+        seen.add(version.catalog_id)
+        parent = version.info().get("parent")
+        version = CatalogVersion(parent, catalogs_dir(workspace) / parent) if parent and (
+            catalogs_dir(workspace) / parent).is_dir() else None
+    point_catalog(workspace, catalog_id)
+
+
 def migrate_catalog(workspace: Workspace) -> CatalogVersion | None:
     """Turn a plain ``catalog/`` folder (the layout before versions) into a version and a link to it.
 
@@ -170,8 +191,13 @@ def migrate_catalog(workspace: Workspace) -> CatalogVersion | None:
     if not tables:
         shutil.rmtree(aside)
         return None
-    version = commit_catalog(workspace, {name: aside / path.name for name, path in tables.items()},
-                             parent=None, stage="migrated", run_id="migrated")
+    try:
+        version = commit_catalog(workspace, {name: aside / path.name for name, path in tables.items()},
+                                 parent=None, stage="migrated", run_id="migrated")
+    except BaseException:
+        if not old.exists() and not old.is_symlink():
+            os.replace(aside, old)  # put the old folder back: the next start migrates it again
+        raise
     shutil.rmtree(aside)
     return version
 

@@ -36,6 +36,8 @@ from provenance.workspace import DEFAULT_WORKDIR
 #: The stages a run spec may name, in chain order (each reads what the ones before it write).
 RUN_CHAIN = ("ingest", "separate", "clean", "shard", "train", "index", "generate", "evaluate")
 WORKDIR_ENV = "LINERNOTES_WORKDIR"
+#: stage config keys that a command line hands to the engine; a run spec sets them once, under ``engine:``
+ENGINE_OWNED = frozenset({"address", "num_cpus", "beam_options"})
 
 
 class PurposeSpec(BaseModel):
@@ -135,8 +137,9 @@ def parse_spec(raw: Any, *, base_dir: Path, source: str = "<dict>", overrides: I
 
 def _with_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Apply ``--set`` pairs to the raw spec (values parsed as YAML, as every ``--set``)."""
-    stages = {k: dict(v or {}) for k, v in (values.get("stages") or {}).items()} if isinstance(
-        values.get("stages"), Mapping) else values.get("stages")
+    stages = {k: dict(v or {}) if isinstance(v, Mapping) or v is None else v
+              for k, v in (values.get("stages") or {}).items()} if isinstance(
+        values.get("stages"), Mapping) else values.get("stages")  # a non-mapping value: SpecFile names it
     values = {**values, "stages": stages}
     for dotted, value in parse_overrides(list(overrides)).items():
         head, _, key = dotted.partition(".")
@@ -147,7 +150,7 @@ def _with_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[st
             values[head] = value
         elif head in ("purpose", "engine"):
             values[head] = {**dict(values.get(head) or {}), key: value}
-        elif isinstance(stages, dict) and head in stages:
+        elif isinstance(stages, dict) and isinstance(stages.get(head), dict):
             stages[head][key] = value
         elif head in RUN_CHAIN:
             raise ConfigError(f"--set {dotted}: the spec does not run {head}; add `{head}: {{}}` under `stages:`")
@@ -195,8 +198,13 @@ def _delivery(top: SpecFile, base_dir: Path, source: str) -> Path | None:
 def _stage_config(name: str, values: Mapping[str, Any], purpose: PurposeSpec, source: str) -> BaseModel:
     from pipelines.stage import get_stage
 
-    model = get_stage(name).config_model
+    stage = get_stage(name)
+    model = stage.config_model
     values = dict(values)
+    engine = sorted(set(values) & set(stage.engine_keys) & ENGINE_OWNED)
+    if engine:  # one engine serves the whole run: a stage's own Ray address, CPUs or Beam options would be ignored
+        raise ConfigError(f"run spec {source}: stages.{name}.{engine[0]}: an engine setting; in a run spec it goes "
+                          f"under `engine:` ({', '.join(EngineConfig.model_fields)})")
     if name == "ingest":  # the purpose is the run's; the ingest config may still say otherwise, explicitly
         values.setdefault("purpose", "commercial" if purpose.commercial else "non-commercial")
         values.setdefault("territory", purpose.territory)

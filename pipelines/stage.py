@@ -36,7 +36,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pipelines.catalog import catalogs_dir, point_catalog
+from pipelines.catalog import advance_catalog, catalogs_dir
 from pipelines.engines import Engine, EngineConfig
 from provenance import records
 from provenance.store import LineageStore, code_version, new_run_id
@@ -240,7 +240,7 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
             else:
                 result = _run(stage, ctx, config, inputs, key, parent_run_id)
             if "catalog" in result.output_ids:  # a stage that commits a catalog version makes it the latest
-                point_catalog(workspace, result.output_ids["catalog"])
+                advance_catalog(workspace, result.output_ids["catalog"])
             return result
     finally:
         if own_engine:

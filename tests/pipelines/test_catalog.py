@@ -65,6 +65,20 @@ def test_versions_are_content_addressed_and_never_overwritten(tmp_path):
         resolve_catalog(workspace, "cat-nope")
 
 
+def test_a_cached_stage_never_moves_catalog_back_to_an_ancestor(tmp_path):
+    from pipelines.catalog import advance_catalog
+
+    workspace = Workspace.at(tmp_path / "w").ensure()
+    first = commit_catalog(workspace, {"tracks": _tracks("a")}, parent=None, stage="ingest", run_id="r1")
+    cleaned = derive_catalog(workspace, first, {"stem_scores": _tracks("x")}, stage="clean", run_id="r2")
+    advance_catalog(workspace, first.catalog_id)  # e.g. `linernotes ingest` again, cached, after a clean
+    assert latest_catalog(workspace) == cleaned, "the latest still holds clean's decisions"
+    other = commit_catalog(workspace, {"tracks": _tracks("b")}, parent=None, stage="ingest", run_id="r3")
+    assert latest_catalog(workspace) == other
+    advance_catalog(workspace, first.catalog_id)  # another delivery's version: it becomes the latest again
+    assert latest_catalog(workspace) == first
+
+
 def test_a_damaged_version_is_replaced_whole(tmp_path):
     workspace = Workspace.at(tmp_path / "w").ensure()
     first = commit_catalog(workspace, {"tracks": _tracks("a")}, parent=None, stage="ingest", run_id="r1")

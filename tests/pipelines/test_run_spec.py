@@ -116,6 +116,9 @@ BAD_SPECS = {
     "stage before its input": ({"stages": {"shard": {}, "ingest": {}}},
                                r"stages\.ingest is listed after stages\.shard.*chain order"),
     "missing delivery": ({"delivery": "nowhere", "stages": {"ingest": {}}}, r"delivery: no folder at .*nowhere"),
+    "a stage that is not a mapping": ({"stages": {"ingest": {}, "shard": 5}}, r"stages\.shard: Input should be"),
+    "an engine key in a stage": ({"stages": {"ingest": {}, "clean": {"num_cpus": 2}}},
+                                 r"stages\.clean\.num_cpus: an engine setting; .* under `engine:`"),
 }
 
 
