@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import random
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from provenance.records import RejectionReason
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 from tests.conftest import sine
+from tests.pipelines.shard_support import read_samples, stems_by_track
 from tests.pipelines.test_shard import _audio_row, _track_row
 
 SR = 16000
@@ -65,28 +65,6 @@ def _songs_catalog(root: Path) -> Workspace:
     return _write_catalog(root, tracks)
 
 
-def _samples(dataset_dir: Path) -> dict[str, dict[str, bytes]]:
-    """Every sample of a dataset: key → member extension → bytes."""
-    out: dict[str, dict[str, bytes]] = {}
-    for path in sorted(dataset_dir.glob("*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, _, extension = member.name.partition(".")
-                out.setdefault(key, {})[extension] = tar.extractfile(member).read()
-    return out
-
-
-def _stems_by_track(dataset_dir: Path) -> dict[str, set[str]]:
-    """track id → the stem members its samples hold (checked against each sample's json)."""
-    out: dict[str, set[str]] = {}
-    for members in _samples(dataset_dir).values():
-        sample = json.loads(members["json"])
-        listed = {s["member"] for s in sample.get("stems", [])}
-        assert listed == set(members) - {"flac", "json", "mel.npy"}
-        out.setdefault(sample["track_id"], set()).update(listed)
-    return out
-
-
 @pytest.fixture(scope="module")
 def story(ray_local, tmp_path_factory):
     """shard (stems and mixture only) → clean drops the contaminated stem → shard → clean with a permissive rule
@@ -106,11 +84,11 @@ def test_a_stem_clean_dropped_is_in_no_member_and_no_json(story):
     clean, dropped = story["clean_drop"], story["dropped"]
     assert clean.num_dropped == 1 and clean.dropped_by_reason == {"stem_not_in_mixture": 1}
     assert dropped.dataset_id != story["before"].dataset_id and dropped.status == "ran"
-    stems = _stems_by_track(dropped.dataset_dir)
+    stems = stems_by_track(dropped.dataset_dir)
     assert stems == {"synth-000": {"bass.flac", "drums.flac", "other.flac", "vocals.flac"},
                      "synth-001": {"bass.flac", "drums.flac", "vocals.flac"},
                      "synth-002": {"bass.flac", "drums.flac", "other.flac", "vocals.flac"}}
-    assert _stems_by_track(story["before"].dataset_dir)["synth-001"] == stems["synth-000"]
+    assert stems_by_track(story["before"].dataset_dir)["synth-001"] == stems["synth-000"]
     index = pq.read_table(dropped.dataset_dir / "index.parquet").to_pylist()
     assert not [m for row in index if row["track_id"] == "synth-001" for m in row["members"] if ".other." in m]
     manifest = json.loads((dropped.dataset_dir / "dataset.json").read_text())
@@ -126,7 +104,7 @@ def test_stem_members_are_the_stem_windows_at_the_dataset_rate(story):
     dropped = story["dropped"]
     row = next(r for r in pq.read_table(dropped.dataset_dir / "index.parquet").to_pylist()
                if r["segment_id"] == f"synth-002@{SR}")
-    members = _samples(dropped.dataset_dir)[row["key"]]
+    members = read_samples(dropped.dataset_dir)[row["key"]]
     assert row["members"] == sorted(f"{row['key']}.{m}" for m in members)
     audio_files = records.read_table(latest_catalog(story["workspace"]).table("audio_files")).to_pylist()
     uri = next(r["uri"] for r in audio_files if (r["track_id"], r["role"]) == ("synth-002", "drums"))
@@ -145,7 +123,7 @@ def test_unchanged_decisions_are_cached_and_keeping_the_stem_brings_it_back(stor
     assert again.status == "cached" and again.run_id == dropped.run_id and again.dataset_id == dropped.dataset_id
     assert story["clean_keep"].num_dropped == 0
     assert kept.status == "ran" and kept.dataset_id != dropped.dataset_id
-    assert "other.flac" in _stems_by_track(kept.dataset_dir)["synth-001"]
+    assert "other.flac" in stems_by_track(kept.dataset_dir)["synth-001"]
     # the same stems kept as before any clean run: the same bytes, the same id
     assert kept.dataset_id == story["before"].dataset_id
     with LineageStore(story["workspace"].store_url) as store:
@@ -159,7 +137,7 @@ def test_without_stems_decisions_change_no_dataset(story):
     assert mix_dropped.dataset_id == mix_before.dataset_id and mix_dropped.reused  # ... and the same dataset
     assert mix_dropped.stage_result.inputs["decisions"].startswith("decisions-")
     assert all(set(m) == {"flac", "json", "mel.npy"} and "stems" not in json.loads(m["json"])
-               for m in _samples(mix_dropped.dataset_dir).values())
+               for m in read_samples(mix_dropped.dataset_dir).values())
 
 
 def test_lineage_walks_stem_decision_dataset(story):
@@ -272,7 +250,7 @@ def test_a_silent_stretch_is_a_counted_rejection_never_a_sample(silent):
     assert [(r["shard"], r["segment_id"]) for r in index] == [
         ("train-000000.tar", "t-stretch@16000"), ("train-000000.tar", "t-stretch@32000"),
         ("train-000001.tar", "t-tone@0"), ("train-000001.tar", "t-tone@16000"), ("train-000002.tar", "t-tone@32000")]
-    for key, members in _samples(result.dataset_dir).items():
+    for key, members in read_samples(result.dataset_dir).items():
         audio, _ = sf.read(io.BytesIO(members["flac"]), dtype="float32")
         assert 20 * np.log10(np.abs(audio).max()) >= config.silence_floor_dbfs, key
     again = run_shard(workspace, config)
