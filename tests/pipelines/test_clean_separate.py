@@ -108,8 +108,8 @@ def test_stems_of_two_separators_and_two_mixtures_never_overwrite_each_other(tmp
     base = _mixtures_catalog(workspace, tmp_path, {"song-0": 10, "song-1": 11}, "ingest-a")
     first, second = _checkpoint(tmp_path, seed=1), _checkpoint(tmp_path, seed=2)
     assert file_sha256(first) != file_sha256(second)
-    config_a = SeparateConfig(model=str(first), segment_s=1.0, num_cpus=2, num_actors=2)
-    config_b = SeparateConfig(model=str(second), segment_s=1.0, num_cpus=2, num_actors=2)
+    config_a = SeparateConfig(model=str(first), segment_s=1.0, num_cpus=2, num_actors=1)
+    config_b = SeparateConfig(model=str(second), segment_s=1.0, num_cpus=2, num_actors=1)
     separate = get_stage("separate")
 
     by_a = run_stage(separate, workspace, config_a, select={"catalog": base})
