@@ -8,7 +8,8 @@ Layout (all under ``root``)::
                                    separate and clean each commit a new one (pipelines/catalog.py)
         licenses.parquet tracks.parquet audio_files.parquet rejections.parquet [stem_scores.parquet]
     catalog -> catalogs/<id>       a link to the latest version
-    audio/mixtures/                mixtures built by summing stems (float32 WAV)
+    audio/mixtures/                mixtures built by summing stems (float32 WAV), named by the stems' content
+    audio/separated/<key>/         stems written by the separate stage, per separator and settings (float32 WAV)
     runs/<run_id>/                 per-run outputs: resolved config, summary.json, rejections
     datasets/<dataset_id>/         WebDataset tars, index.parquet, dataset.json
     checkpoints/<checkpoint_id>/   checkpoint.pt, config.json
@@ -59,6 +60,11 @@ class Workspace:
     @property
     def mixtures_dir(self) -> Path:
         return self.root / "audio" / "mixtures"
+
+    @property
+    def separated_dir(self) -> Path:
+        """Stems the separate stage wrote: ``<separator key>/<track>-<mixture sha256[:12]>/<source>.wav``."""
+        return self.root / "audio" / "separated"
 
     @property
     def runs_dir(self) -> Path:

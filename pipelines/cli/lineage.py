@@ -272,6 +272,10 @@ def _render_dataset_sources(payload: dict[str, Any], up: Tree, down: Tree) -> No
                        f"{stem['track_id']}: {stem['reason']}")
     elif used:
         up.add("no clean decisions (no clean run on that catalog version)")
+    for run in payload.get("runs") or []:
+        up.add(f"{'found built' if run['reused'] else 'built'} by {run['kind']} run {run['run_id']}"
+               + (f" from catalog {run['catalog_id']}" if run["catalog_id"] else "")
+               + (f", decisions of clean run {run['clean_run_id']}" if run["clean_run_id"] else ""))
     for parent in payload["derived_from"]:
         up.add(f"derived from dataset {parent['parent_dataset_id']} ({parent['reason']})")
     for child in payload["versions"]:

@@ -7,7 +7,8 @@ holders; its stored attributions say which of those tracks it draws on most.
 
 Clean's decisions sit between a track's stems and the datasets: a track shows its stems with their latest decision
 (the latest catalog version's ``stem_scores``) and, per dataset, which stems it holds; a dataset shows the catalog
-version and the clean Run whose decisions it used, and the stems those decisions dropped.
+version and the clean Run whose decisions it was built with, the stems those decisions dropped, and every Run that
+produced it (a dataset is content-addressed: another catalog version may give the same dataset again).
 
 Track metadata (title, rights holder, licence, ISRC) comes from the curated catalog and from the tracks
 tables of every ingest run in the workspace (the newest run wins), so a track a later ingest dropped is
@@ -145,6 +146,7 @@ class _Walk:
             "run": self._run_brief(record["run_id"]),
             "catalog": (run.get("inputs") or {}).get("catalog"),
             "decisions": self._decisions_used(dataset_id, run),
+            "runs": self._runs_producing(dataset_id),
             "derived_from": self.store.dataset_parents(dataset_id),
             "versions": self.store.dataset_children(dataset_id),
             **self._contents(dataset_id),
@@ -279,6 +281,21 @@ class _Walk:
         return {"catalog_id": catalog_id, "decisions": manifest.get("decisions") or inputs.get("decisions"),
                 "clean_run_id": clean_run_id, "clean_run": self._run_brief(clean_run_id) if clean_run_id else None,
                 "stems": bool((manifest.get("config") or {}).get("stems")), "dropped": dropped}
+
+    def _runs_producing(self, dataset_id: str) -> list[dict[str, Any]]:
+        """Every succeeded Run that produced the dataset, oldest first: the one that built it and those that found
+        it built (the same content from another catalog version or other decisions), each with the catalog version,
+        decisions and clean Run it read (``dataset.json`` keeps the first build's)."""
+        out = []
+        for run in self.store.list_runs():
+            if run["status"] != "succeeded" or dataset_id not in (run.get("output_ids") or {}).values():
+                continue
+            inputs, config = run.get("inputs") or {}, run.get("config") or {}
+            out.append({**{k: run.get(k) for k in ("run_id", "kind", "started_at")},
+                        "catalog_id": inputs.get("catalog"), "decisions": inputs.get("decisions"),
+                        "clean_run_id": config.get("clean_run_id"),
+                        "reused": bool((run.get("counts") or {}).get("reused"))})
+        return out
 
     def _manifest(self, dataset_id: str) -> dict[str, Any]:
         """A dataset's ``dataset.json`` (empty when its folder is gone)."""

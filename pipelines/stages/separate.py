@@ -2,10 +2,15 @@
 
 Ray actors (one per CPU by default; one per GPU, on the GPU, when the cluster has GPUs) load the separator
 once in their constructor and separate one track per call (``cleaning.separate.separate_audio``: chunked
-with overlap). Stems are written as float32 WAV to ``audio/separated/<track>/<source>.wav``, measured like
-delivered files, and added to ``catalog/audio_files.parquet`` with ``derived_from =
-"separated:<separator name>@<sha256>"``; the run's config, separator name and checksum are in the lineage
-store. A re-run skips tracks whose stems from the same separator are already in the catalog.
+with overlap). Stems are written as float32 WAV to
+``audio/separated/<separator_key>/<track>-<mixture sha256[:12]>/<source>.wav``: ``separator_key``
+(:func:`separator_key`) names the separator (name and weights sha256) and the settings that change its output, and
+the mixture's decoded-PCM sha256 names its input, so a path holds one content for good and an older catalog
+version's ``audio_files`` rows never point at audio that changed under them. A file already there is never
+rewritten: a re-run with the same separator and settings takes it as it is (measured again, not separated again).
+The stems are measured like delivered files and added to the ``audio_files`` table of a new catalog version with
+``derived_from = "separated:<separator name>@<sha256>"``; the run's config, separator name and checksum are in the
+lineage store. A re-run skips tracks that already have stems in the catalog version it reads.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from provenance.workspace import Workspace
 
 STAGE = "separate"
 DERIVED_PREFIX = "separated:"
+SEPARATION_VERSION = "1"
+"""Bump when separating computes something different from the same separator, settings and mixture (chunking,
+overlap-add, the WAV written): it is part of :func:`separator_key`, so the new stems go to new paths."""
 
 Progress = Callable[[str, int, int], None]
 
@@ -98,22 +106,47 @@ class _SeparatorActor:
 
     def separate(self, mixture_row: dict[str, Any], out_dir: str, config: SeparateConfig,
                  run_id: str) -> list[dict[str, Any]]:
+        """Separate one mixture into ``out_dir/<track>-<mixture sha256[:12]>/<source>.wav`` and return the stems'
+        AudioFile rows, measured from the audio the files hold. A stem file already there (the same separator,
+        settings and mixture wrote it) is kept as it is; when every one is there nothing is separated."""
         from cleaning.audio import read_audio, write_audio
-        from cleaning.measure import measure_audio
+        from cleaning.measure import measure_audio, measure_pcm_sha256
         from cleaning.separate import separate_audio
 
         audio, rate = read_audio(mixture_row["uri"])
-        stems = separate_audio(self.separator, audio, rate, segment_s=config.segment_s, overlap=config.overlap,
-                               shifts=config.shifts, device=self.device)
+        folder = Path(out_dir) / stems_folder_name(mixture_row["track_id"], measure_pcm_sha256(audio))
+        stems: dict[str, Any] = dict.fromkeys(self.separator.sources)  # None: the file is there, read below
+        if not all((folder / f"{source}.wav").is_file() for source in stems):
+            stems = separate_audio(self.separator, audio, rate, segment_s=config.segment_s, overlap=config.overlap,
+                                   shifts=config.shifts, device=self.device)
         derived = f"{DERIVED_PREFIX}{self.separator.name}@{self.separator.sha256}"
         rows = []
         for source, stem in sorted(stems.items()):
             role = source if source in {r.value for r in Role} else Role.OTHER.value
-            path = write_audio(Path(out_dir) / records.safe_name(mixture_row["track_id"]) / f"{source}.wav", stem, rate)
+            path = folder / f"{source}.wav"
+            if path.is_file():  # written before from the same input: immutable, an older catalog may point at it
+                stem, rate_hz = read_audio(path)
+            else:
+                path, rate_hz = write_audio(path, stem, rate), rate
             rows.append({"track_id": mixture_row["track_id"], "role": role,
                          "instrument": "" if role == source else source, "uri": str(path), "derived_from": derived,
-                         **measure_audio(stem, rate), "run_id": run_id})
+                         **measure_audio(stem, rate_hz), "run_id": run_id})
         return rows
+
+
+def separator_key(separator: str, config: SeparateConfig) -> str:
+    """The 12-hex content key of a separator and the settings that change what it writes: sha256 of the canonical
+    JSON of ``separator`` (``"<name>@<weights sha256>"``), ``segment_s``, ``overlap``, ``shifts`` and
+    ``SEPARATION_VERSION``. Names the folder ``audio/separated/<key>/`` its stems go to; ``tracks`` and the engine
+    settings are left out (they choose which tracks and where, not what a track's stems are)."""
+    return records.sha256_hex(records.canonical_json({
+        "separator": separator, "segment_s": config.segment_s, "overlap": config.overlap, "shifts": config.shifts,
+        "version": SEPARATION_VERSION}))[:12]
+
+
+def stems_folder_name(track_id: str, mixture_pcm_sha256: str) -> str:
+    """``<safe track id>-<mixture sha256[:12]>``: a track's stems folder, named by the mixture they come from."""
+    return f"{records.safe_name(track_id)}-{mixture_pcm_sha256[:12]}"
 
 
 def run_separate(workspace: Workspace, config: SeparateConfig, progress: Progress | None = None, *,
@@ -170,7 +203,7 @@ class SeparateStage(Stage):
             actors = ctx.engine.actor_pool(_SeparatorActor, config.model,
                                            count=min(config.num_actors, len(todo)) if config.num_actors else None,
                                            max_actors=len(todo))
-            out_dir = str(ctx.workspace.root / "audio" / "separated")
+            out_dir = str(ctx.workspace.separated_dir / separator_key(ctx.inputs["separator"], config))
             pending = [actors[i % len(actors)].separate.remote(row, out_dir, config, ctx.run_id)
                        for i, row in enumerate(todo)]
             for done, ref in enumerate(pending, start=1):
@@ -188,7 +221,8 @@ class SeparateStage(Stage):
             outputs["audio_files"] = str(derived.table("audio_files"))
             outputs["stems"] = str(records.write_table(records.to_table(new_rows, records.AUDIO_FILE),
                                                        ctx.run_dir / "audio_files.parquet"))
-        details = {"separator": identity.name, "separator_sha256": identity.sha256, "num_tracks": len(todo),
+        details = {"separator": identity.name, "separator_sha256": identity.sha256,
+                   "separator_key": separator_key(ctx.inputs["separator"], config), "num_tracks": len(todo),
                    "num_stems": len(new_rows), "skipped_tracks": len(wanted) - len(todo), "stems": new_rows}
         counts = {"tracks": len(todo), "stems": len(new_rows), "skipped": len(wanted) - len(todo),
                   "separator": identity.name, "separator_sha256": identity.sha256}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import soundfile as sf
 
+from cleaning.audio import read_audio
+from cleaning.measure import measure_pcm_sha256
+from pipelines.catalog import resolve_catalog
 from pipelines.stages.ingest.stage import IngestConfig, run_ingest
+from provenance.store import LineageStore
 from provenance.workspace import Workspace
 from tests.pipelines.test_ingest import LICENSES, track, write_csv
 
@@ -108,3 +113,59 @@ def test_multi_process_direct_runner_gives_the_same_catalog(tmp_path):
     result = ingest(delivery, multi, beam_options=("--direct_num_workers=2", "--direct_running_mode=multi_processing"))
     assert result.counts["tracks"]["accepted"] == 3
     assert catalog(multi) == catalog(single)
+
+
+def _mixtures(workspace: Workspace, catalog_id: str) -> dict[str, dict]:
+    """track → the built mixture row of a catalog version, checked against the audio its file holds now."""
+    rows = pq.read_table(resolve_catalog(workspace, catalog_id).table("audio_files")).to_pylist()
+    out = {}
+    for row in rows:
+        if row["role"] == "mixture":
+            assert measure_pcm_sha256(read_audio(row["uri"])[0]) == row["sha256"], f"{row['uri']} changed"
+            out[row["track_id"]] = row
+    return out
+
+
+def test_a_built_mixture_is_named_by_its_stems_and_never_overwritten(tmp_path):
+    """Issue 17: two stem sets for one track id build two mixture files; the first catalog's mixture is intact."""
+    first_delivery, second_delivery = tmp_path / "d1", tmp_path / "d2"
+    make_delivery(first_delivery, 2, seconds=1.0)
+    make_delivery(second_delivery, 2, seconds=1.0)
+    sf.write(second_delivery / "audio" / "t01-bass.flac", np.full((44100, 2), 0.1, np.float32), 44100,
+             subtype="PCM_16")  # t01 gets other stems in the second delivery; t00's are the same
+    workspace = Workspace.at(tmp_path / "w")
+    first = ingest(first_delivery, workspace).stage_result.output_ids["catalog"]
+    built = _mixtures(workspace, first)
+    assert {row["derived_from"] for row in built.values()} == {"sum_of_stems"}
+    second = ingest(second_delivery, workspace).stage_result.output_ids["catalog"]
+    assert second != first
+    rebuilt = _mixtures(workspace, second)
+    assert rebuilt["t01"]["uri"] != built["t01"]["uri"] and rebuilt["t01"]["sha256"] != built["t01"]["sha256"]
+    assert rebuilt["t00"]["uri"] == built["t00"]["uri"]  # the same stems: the same file
+    assert _mixtures(workspace, first) == built, "the first catalog's mixtures changed under it"
+
+
+def test_tables_of_another_code_version_are_never_reused(tmp_path, monkeypatch):
+    """Issue 17: a run whose catalog was lost takes an earlier run's tables only when that run has its cache key
+    (code version included); other code measures nothing again (the measurement cache) but judges anew."""
+    delivery = tmp_path / "d"
+    make_delivery(delivery, 2, seconds=1.0)
+    workspace = Workspace.at(tmp_path / "w")
+    first = ingest(delivery, workspace)
+    first_catalog = first.stage_result.output_ids["catalog"]
+    new_commit = "0.0.0+gfeedfacecafe"  # as after a commit: the runner's cache key and the Run record it
+    monkeypatch.setattr("pipelines.stage.code_version", lambda: new_commit)
+    monkeypatch.setattr("provenance.store.code_version", lambda: new_commit)
+    newer = ingest(delivery, workspace)  # the catalog is whole, but the key differs: a new Run
+    assert newer.status == "ran" and "reused_from" not in newer.counts
+    assert newer.counts["work"] == {"audio_measured": 0, "audio_from_cache": 6}  # 4 stems + 2 built mixtures
+    assert newer.stage_result.output_ids["catalog"] != first_catalog  # its own tables (its run id in the rows)
+    assert pq.read_table(workspace.catalog_table("tracks"))["run_id"].to_pylist() == [newer.run_id] * 2
+
+    shutil.rmtree(resolve_catalog(workspace, newer.stage_result.output_ids["catalog"]).root)  # lost
+    restored = ingest(delivery, workspace)  # the same code version: the lost version's own tables come back
+    assert restored.counts["reused_from"] == newer.run_id
+    assert restored.stage_result.output_ids["catalog"] == newer.stage_result.output_ids["catalog"]
+    with LineageStore(workspace.store_url) as store:
+        versions = {run["run_id"]: run["code_version"] for run in store.list_runs("ingest")}
+    assert versions[first.run_id] != new_commit and versions[restored.run_id] == new_commit

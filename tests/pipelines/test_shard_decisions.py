@@ -71,6 +71,7 @@ def story(ray_local, tmp_path_factory):
     → shard."""
     workspace = _songs_catalog(tmp_path_factory.mktemp("songs"))
     out = {"workspace": workspace, "before": run_shard(workspace, STEMS), "mix_before": run_shard(workspace, MIX)}
+    out["mix_manifest"] = (out["mix_before"].dataset_dir / "dataset.json").read_bytes()
     out["clean_drop"] = run_clean(workspace, CleanConfig(methods=[], num_cpus=2))
     out["dropped"] = run_shard(workspace, STEMS)
     out["dropped_again"] = run_shard(workspace, STEMS)
@@ -138,6 +139,37 @@ def test_without_stems_decisions_change_no_dataset(story):
     assert mix_dropped.stage_result.inputs["decisions"].startswith("decisions-")
     assert all(set(m) == {"flac", "json", "mel.npy"} and "stems" not in json.loads(m["json"])
                for m in read_samples(mix_dropped.dataset_dir).values())
+
+
+def test_a_dataset_found_again_keeps_its_manifest_and_lineage_lists_every_run(story, monkeypatch):
+    """Issue 17: the mixture-only dataset comes again from the catalog version with clean's decisions: the same id,
+    dataset.json as the first build wrote it, the second Run reports what it read, and lineage lists both Runs."""
+    first, again = story["mix_before"], story["mix_dropped"]
+    assert again.dataset_id == first.dataset_id and again.run_id != first.run_id and again.reused
+    assert (again.dataset_dir / "dataset.json").read_bytes() == story["mix_manifest"]
+    manifest = json.loads(story["mix_manifest"])
+    first_catalog, second_catalog = first.stage_result.inputs["catalog"], again.stage_result.inputs["catalog"]
+    assert first_catalog != second_catalog and manifest["catalog_id"] == first_catalog
+    assert manifest["clean_run_id"] is None
+    clean_run = story["clean_drop"].run_id
+    assert again.stage_result.details["catalog_id"] == second_catalog
+    assert again.stage_result.details["clean_run_id"] == clean_run
+    assert first.stage_result.details["catalog_id"] == first_catalog and first.stage_result.details["clean_run_id"] is None
+
+    walked = lineage(story["workspace"], first.dataset_id, kind="dataset")
+    assert [(r["run_id"], r["catalog_id"], r["clean_run_id"], r["reused"]) for r in walked["runs"]] == [
+        (first.run_id, first_catalog, None, False), (again.run_id, second_catalog, clean_run, True)]
+    from tests.pipelines.test_stage import linernotes
+
+    done = linernotes("lineage", first.dataset_id, "--json", workdir=story["workspace"].root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert [r["catalog_id"] for r in json.loads(done.stdout)["runs"]] == [first_catalog, second_catalog]
+    monkeypatch.setenv("COLUMNS", "240")  # rich wraps the tree to the terminal's width
+    shown = linernotes("lineage", first.dataset_id, workdir=story["workspace"].root)
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert f"built by shard run {first.run_id} from catalog {first_catalog}\n" in shown.stdout
+    assert (f"found built by shard run {again.run_id} from catalog {second_catalog}, decisions of clean run "
+            f"{clean_run}\n") in shown.stdout
 
 
 def test_lineage_walks_stem_decision_dataset(story):

@@ -33,7 +33,7 @@ from pipelines.stages.ingest.delivery import INGEST as STAGE
 from pipelines.stages.ingest.delivery import Delivery, file_record_id, read_delivery, read_licenses
 from pipelines.engines import EngineConfig
 from pipelines.stages.ingest.config import MEASURE_VERSION, IngestConfig
-from pipelines.stage import Resources, Stage, StageContext, StageOutput
+from pipelines.stage import Resources, Stage, StageContext, StageOutput, cache_key
 from provenance.policy import OptOutRegistry
 from provenance.records import (
     AUDIO_FILE,
@@ -139,8 +139,8 @@ class IngestStage(Stage):
     def run(self, ctx: StageContext, config: IngestConfig) -> StageOutput:
         delivery, opt_outs = ctx.prepared["delivery"], ctx.prepared["opt_outs"]
         fingerprint = run_fingerprint(delivery, config, opt_outs)
-        reusable = _find_reusable_run(ctx.store, ctx.workspace, fingerprint)
-        if reusable is not None:  # same delivery, config and opt-outs (another code version): take its tables
+        reusable = _find_reusable_run(ctx.store, ctx.workspace, cache_key(self, config, ctx.inputs))
+        if reusable is not None:  # same cache key, its catalog version lost or changed since: take its tables
             ctx.say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
             counts, outputs = _reuse_run(ctx.workspace, reusable)
         else:
@@ -331,13 +331,19 @@ def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRe
     }))
 
 
-def _find_reusable_run(store: LineageStore, workspace: Workspace, fingerprint: str) -> dict[str, Any] | None:
-    """The newest succeeded ingest run of the same delivery fingerprint whose run-folder tables and audio are all
-    still there (the catalog itself may have been overwritten since)."""
-    delivery_id = "dlv-" + fingerprint[:16]
+def _find_reusable_run(store: LineageStore, workspace: Workspace, key: str) -> dict[str, Any] | None:
+    """The newest succeeded ingest run with the cache key ``key`` whose run-folder tables and audio are all still
+    there, though the catalog version it committed is not whole (the runner would have reported it ``cached``).
+
+    Only the same cache key: the key holds the code version (package version and git commit), the stage version,
+    the config and the delivery fingerprint (which holds ``MEASURE_VERSION``). A run of other code may have judged
+    the same delivery otherwise (the rights policy, the expectations, duplicate linking are code, not measurements),
+    so its tables are never taken; the per-file measurement cache, keyed by ``MEASURE_VERSION``, is what spares
+    decoding across code versions. Taking the run's own tables (their ``run_id`` columns included) gives back the
+    very catalog version it committed, so the stages after ingest stay cached too.
+    """
     for run in reversed(store.list_runs(STAGE)):
-        same = (run.get("inputs") or {}).get("delivery") == delivery_id
-        if run["status"] != "succeeded" or not same:
+        if run["status"] != "succeeded" or run.get("cache_key") != key:
             continue
         run_dir = workspace.run_dir(run["run_id"])
         tables = [run_dir / f"{name}.parquet" for name in CATALOG_TABLES]

@@ -102,6 +102,9 @@ def route_files(track_id: str, decisions: list[Mapping[str, Any]], rows: list[Ma
 
 from pipelines.stages.ingest.config import MEASURE_VERSION  # noqa: E402  (light: the ingest config's module)
 MAX_CHANNELS = 2
+MIX_VERSION = "1"
+"""Bump when a built mixture's samples change for the same stems (how they are padded, broadcast, summed or
+written): part of the built mixture's file name (:func:`mixture_name`), so a new sum never overwrites an old one."""
 
 
 def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
@@ -292,14 +295,17 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     """Sum the stems (float32 ``(channels, samples)``; mono stems broadcast to the widest channel count) into
     a float32 WAV under ``mixtures_dir`` and return its measured AUDIO_FILE row.
 
-    Content-addressed: when the same stems (by decoded-PCM sha256) were summed before and the WAV is still
-    there, its recorded measurements are reused and nothing is decoded.
+    The WAV is named by its content key (:func:`mixture_name`: the track and its stems' decoded-PCM sha256s), so
+    another set of stems for the same track id gets another file and a file once written never changes under a
+    catalog version that points at it. When the same stems were summed before and the WAV is still there, its
+    recorded measurements are reused and nothing is decoded.
     """
     key = sha256_hex(canonical_json([MEASURE_VERSION, track_id, sorted(row["sha256"] for row in stems)]))
     note = mixtures_dir / f".{key}.json"
+    path = mixtures_dir / mixture_name(track_id, stems)
     try:
         recorded = json.loads(note.read_text())
-        if Path(recorded["uri"]).is_file():
+        if recorded["uri"] == str(path) and path.is_file():
             return {**recorded, "run_id": run_id, "_cached": True}
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         pass
@@ -311,14 +317,24 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     for audio, _ in decoded:
         mixture[:, : audio.shape[1]] += audio  # (1, n) broadcasts over channels
     mixture32 = mixture.astype(np.float32)
-    path = mixtures_dir / f"{safe_name(track_id)}-{sha256_hex(track_id)[:8]}.wav"
-    write_audio(path, mixture32, sample_rate_hz)
+    if not path.is_file():  # the same name is the same stems: a file already there holds this sum
+        write_audio(path, mixture32, sample_rate_hz)
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
            "derived_from": "sum_of_stems"}
     with _thread_controller().limit(limits=1):
         row.update(measure_all(mixture32, sample_rate_hz))
     _write_cached(mixtures_dir, f".{key}", row)
     return {**row, "run_id": run_id, "_cached": False}
+
+
+def mixture_name(track_id: str, stems: list[Mapping[str, Any]]) -> str:
+    """The file name of the mixture built from ``stems`` (AudioFile rows with their decoded-PCM ``sha256``):
+    ``<safe track id>-<16 hex>.wav``, the hex a sha256 over the track id, the sum's ``MIX_VERSION`` and the stems'
+    sha256s (sorted). The PCM of the stems and how they are summed fix the file's bytes; the track id keeps two
+    tracks that share stems apart."""
+    content = sha256_hex(canonical_json({"track_id": track_id, "mix_version": MIX_VERSION,
+                                         "stems": sorted(row["sha256"] for row in stems)}))
+    return f"{safe_name(track_id)}-{content[:16]}.wav"
 
 
 # Beam adapters ----------------------------------------------------------------------------------------

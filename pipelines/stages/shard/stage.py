@@ -25,7 +25,10 @@ Three parts, in the order they run:
 the index rows pin every segment and its flac bytes, the tar digests pin the mel and json members too
 (a changed rights holder or mel setting must not reuse an older dataset). A re-run whose plan (config,
 track metadata, planned stems and decoded-PCM sha256 of every mixture and stem) matches a committed dataset does
-no new work.
+no new work. A committed dataset folder never changes: a Run that finds its dataset already there (the same plan,
+or the same bytes from another catalog version or other decisions) keeps ``dataset.json`` as the first build wrote
+it, and names the catalog version and clean Run it read itself (its inputs, its config's ``clean_run_id`` and its
+result); ``linernotes lineage DATASET`` lists every Run that produced the dataset.
 """
 
 from __future__ import annotations
@@ -163,6 +166,12 @@ class ShardStage(Stage):
                 "opt_outs": "optouts-" + records.sha256_hex(records.canonical_json(opt_outs))[:16],
                 "plan": "plan-" + ctx.prepared["plan_sha256"][:16]}
 
+    def record(self, ctx: StageContext, config: ShardConfig) -> dict[str, Any]:
+        """The clean Run whose decisions this Run reads (None before any clean run), beside the catalog version in
+        its inputs: ``dataset.json`` names the first build's, and a dataset built again from another catalog version
+        with the same content keeps that file as it was (``linernotes lineage DATASET`` lists every Run)."""
+        return {"clean_run_id": ctx.prepared["clean_run_id"]}
+
     def outputs_valid(self, run: Mapping[str, Any]) -> bool:
         """The dataset still has its index, its manifest and every tar the manifest names."""
         return dataset_complete(Path((run.get("outputs") or {}).get("dataset", "")))
@@ -195,8 +204,11 @@ class ShardStage(Stage):
                                               ctx.run_dir / "rejections.parquet")
         track_rejections = [r for r in rejections if r["record_kind"] == "track"]
         segment_rejections = [r for r in rejections if r["record_kind"] == "segment"]
+        # this Run's sources, not dataset.json's: a dataset found again (the same content from another catalog
+        # version, other decisions) keeps the manifest of its first build, immutable like the rest of the folder
         details = {"dataset_id": manifest["dataset_id"], "dataset_dir": str(dataset_dir),
-                   "catalog_id": manifest.get("catalog_id"), "clean_run_id": manifest.get("clean_run_id"),
+                   "catalog_id": ctx.inputs["catalog"], "decisions": ctx.inputs["decisions"],
+                   "clean_run_id": ctx.prepared["clean_run_id"],
                    "num_tracks_in": plan.num_tracks_in, "num_tracks": counts["tracks"],
                    "num_segments": counts["segments"], "segments_by_split": by_split,
                    "num_shards": counts["shards"], "rejections": rejections, "reused": reused}
