@@ -11,6 +11,10 @@ UV_VERSION := 0.13.9
 UV_HOME    := .tools/uv-$(UV_VERSION)
 UV         := $(UV_HOME)/bin/uv
 WORKDIR ?= ./linernotes-work
+# `make dagster`: the Dagster UI on 127.0.0.1, its instance (SQLite) in DAGSTER_DIR, deliveries watched in INBOX
+DAGSTER_DIR  ?= .dagster
+DAGSTER_PORT ?= 3000
+INBOX        ?= ./inbox
 PYTEST_ARGS ?=
 
 export GX_ANALYTICS_ENABLED := false
@@ -23,7 +27,7 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 CHECK_LOCK = $(UV) lock --check --offline --python $(PYTHON) >/dev/null 2>&1 \
   || { echo 'uv.lock does not match pyproject.toml: run "make lock" and commit uv.lock' >&2; exit 1; }
 
-.PHONY: install lock check-lock demo test test-fast bench clean distclean
+.PHONY: install lock check-lock demo dagster test test-fast bench clean distclean
 
 install: $(STAMP)
 
@@ -48,6 +52,14 @@ lock: | $(UV)
 demo: $(STAMP)
 	$(BIN)/linernotes demo --workdir $(WORKDIR)
 
+# The assets, inbox sensor and opt-out schedule of pipelines/orchestration.py (pyproject's [tool.dagster]); the UI and
+# the daemon in one process, for one machine. LINERNOTES_SPEC picks the run spec (default infra/runs/inbox.yaml).
+dagster: $(STAMP)
+	@mkdir -p $(DAGSTER_DIR) $(INBOX)
+	@cp infra/dagster/dev.yaml $(DAGSTER_DIR)/dagster.yaml
+	DAGSTER_HOME=$(abspath $(DAGSTER_DIR)) LINERNOTES_INBOX=$(abspath $(INBOX)) \
+	  $(BIN)/dagster dev --host 127.0.0.1 --port $(DAGSTER_PORT)
+
 test: $(STAMP)
 	$(BIN)/python -m pytest tests --ignore=tests/bench $(PYTEST_ARGS)
 
@@ -58,7 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python -m pytest tests/bench -s -p no:cacheprovider $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(WORKDIR) .pytest_cache
+	rm -rf $(WORKDIR) $(DAGSTER_DIR) .pytest_cache
 	find . \( -path ./.venv -o -path ./.tools -o -path ./.git \) -prune -o -name __pycache__ -prune -exec rm -rf {} +
 
 distclean: clean

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from provenance.records import Purpose, RejectionReason
+from provenance.records import Purpose, RejectionReason, canonical_json, sha256_hex
 
 WORLDWIDE = "WORLDWIDE"
 _TRUE = {"true", "yes", "y", "1", "allowed", "allow", "permitted"}
@@ -151,6 +151,12 @@ class OptOutRegistry:
     rights_holders: frozenset[str] = frozenset()
     track_ids: frozenset[str] = frozenset()
     isrcs: frozenset[str] = frozenset()
+
+    def content_id(self) -> str:
+        """``optouts-`` + 16 hex digits of the sha256 of the normalised registry: equal ids, equal registries
+        (whatever order or spelling the opt-outs were registered in)."""
+        return "optouts-" + sha256_hex(canonical_json(
+            [sorted(self.rights_holders), sorted(self.track_ids), sorted(self.isrcs)]))[:16]
 
     def merged(self, other: "OptOutRegistry") -> "OptOutRegistry":
         return OptOutRegistry(self.rights_holders | other.rights_holders, self.track_ids | other.track_ids,

@@ -16,9 +16,11 @@ MODELS = {"beam": IngestConfig, "shard": ShardConfig, "train": TrainConfig, "cle
           "clean-evaluate": EvaluateConfig}
 
 
-@pytest.mark.parametrize("path", sorted(p for p in INFRA.rglob("*.yaml") if p.parent.name not in ("kuberay", "runs")),
-                         ids=lambda p: str(p.relative_to(INFRA)))  # kuberay/: tests/training/test_submit.py; runs/ (run
-                                                                   # specs): tests/pipelines/test_run_spec.py
+# kuberay/: tests/training/test_submit.py; runs/ (run specs): tests/pipelines/test_run_spec.py; dagster/ (instance
+# configs): tests/pipelines/test_orchestration.py
+@pytest.mark.parametrize("path", sorted(p for p in INFRA.rglob("*.yaml")
+                                        if p.parent.name not in ("kuberay", "runs", "dagster")),
+                         ids=lambda p: str(p.relative_to(INFRA)))
 def test_infra_yaml_loads(path):
     key = "beam" if path.parent.name == "beam" else path.stem.split("-")[0]
     if path.stem.startswith("clean-evaluate"):

@@ -36,6 +36,23 @@ def test_torch_and_torchaudio_are_one_exact_pair_in_pyproject_and_lock():
     assert (locked["torch"], locked["torchaudio"]) == (pins["torch"], pins["torchaudio"])
 
 
+def test_dagster_packages_are_one_release_pinned_exactly_in_pyproject_and_lock():
+    # the libraries of a Dagster release are numbered 0.(minor + 16).patch beside dagster 1.minor.patch and pin it
+    # exactly; unpinned, the resolver pairs the newest dagster with a 2021 dagster-postgres that breaks at run time
+    requirements = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    family = r"(dagster|dagster-webserver|dagster-postgres)"
+    pins = {m.group(1): m.group(2) for r in requirements if (m := re.fullmatch(family + r"==([\d.]+)", r))}
+    assert set(pins) == {"dagster", "dagster-webserver", "dagster-postgres"}, requirements
+    assert not [r for r in requirements if r.startswith("dagster") and "==" not in r]
+    major, minor, patch = pins["dagster"].split(".")
+    assert major == "1" and pins["dagster-webserver"] == pins["dagster"]
+    assert pins["dagster-postgres"] == f"0.{int(minor) + 16}.{patch}"
+    locked = _locked_versions()
+    assert {name: locked[name] for name in pins} == pins
+    # dagster's own parts move with it (dagster-pipes, dagster-shared, dagster-graphql: the same 1.x.y)
+    assert {locked[name] for name in ("dagster-pipes", "dagster-shared", "dagster-graphql")} == {pins["dagster"]}
+
+
 def test_lock_pins_every_package_exactly_with_hashes():
     lock = tomllib.loads((ROOT / "uv.lock").read_text())
     registry = [p for p in lock["package"] if "registry" in p.get("source", {})]

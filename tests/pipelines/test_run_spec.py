@@ -103,7 +103,7 @@ def test_the_example_specs_are_valid(tmp_path):
     corpus = load_spec(ROOT / "infra" / "runs" / "corpus.yaml")
     assert list(corpus.stages) == ["ingest", "clean", "shard", "train"] and corpus.delivery.name == "corpus"
     assert corpus.stages["ingest"].as_of.isoformat() == "2026-11-21"
-    for name in ("demo.yaml", "gpu-multinode.yaml"):
+    for name in ("demo.yaml", "gpu-multinode.yaml", "inbox.yaml"):
         spec = load_spec(ROOT / "infra" / "runs" / name, [f"delivery={tmp_path}"])
         assert list(spec.stages) == [s for s in RUN_CHAIN if s in spec.stages]
 

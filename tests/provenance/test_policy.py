@@ -79,6 +79,19 @@ def test_opt_out_always_wins_over_a_licence():
         assert decision.reason is RejectionReason.OPTED_OUT, change
 
 
+def test_opt_out_registry_content_id_names_the_registry_not_its_spelling_or_order():
+    rows = [{"kind": "rights_holder", "value": "Kevin MacLeod"}, {"kind": "isrc", "value": "us-s1z-99-00001"}]
+    same = [{"kind": "isrc", "value": "USS1Z9900001"}, {"kind": "rights_holder", "value": "kevin macleod"}]
+    registry = OptOutRegistry.from_rows(rows)
+    assert registry.content_id() == OptOutRegistry.from_rows(same).content_id()
+    assert registry.content_id().startswith("optouts-") and len(registry.content_id()) == len("optouts-") + 16
+    more = OptOutRegistry.from_rows([*rows, {"kind": "track_id", "value": "t9"}])
+    assert more.content_id() != registry.content_id() != OptOutRegistry().content_id()
+    # a track id and an ISRC with the same text are different opt-outs
+    assert (OptOutRegistry.from_rows([{"kind": "track_id", "value": "USS1Z9900001"}]).content_id()
+            != OptOutRegistry.from_rows([{"kind": "isrc", "value": "USS1Z9900001"}]).content_id())
+
+
 def test_opt_out_rejects_unknown_kinds():
     with pytest.raises(ValueError, match="row 1"):
         OptOutRegistry.from_rows([{"kind": "label", "value": "x"}])

@@ -54,7 +54,7 @@ from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
 __all__ = ["CATALOG_TABLES", "INGEST_STAGE", "IngestConfig", "IngestResult", "IngestStage", "check_delivery_expectations",
-           "reconcile", "run_fingerprint", "run_ingest"]
+           "opt_out_registry", "reconcile", "run_fingerprint", "run_ingest"]
 
 CATALOG_TABLES = ("licenses", "tracks", "audio_files", "rejections", "duplicates", "releases", "deals")
 """The Parquet tables every ingest run writes into its run folder and the catalog."""
@@ -122,7 +122,7 @@ class IngestStage(Stage):
         if not root:
             raise ValueError("ingest needs a delivery folder: `linernotes ingest DELIVERY`")
         delivery = read_delivery(root, default_license_id=config.license_id)
-        opt_outs = _read_opt_outs(config.opt_out_csv).merged(OptOutRegistry.from_rows(ctx.store.list_opt_outs()))
+        opt_outs = opt_out_registry(ctx.store, config)
         ctx.prepared.update(delivery=delivery, opt_outs=opt_outs)
         return {"delivery": "dlv-" + run_fingerprint(delivery, config, opt_outs)[:16]}
 
@@ -395,6 +395,17 @@ def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], r
         if c["accepted"] + c["rejected"] != c["input"]:
             raise AssertionError(f"ingest lost records in {table}: {c}")
     return counts
+
+
+def opt_out_registry(store: LineageStore, config: IngestConfig) -> OptOutRegistry:
+    """The opt-outs an ingest with ``config`` applies: the lineage store's registry (``linernotes rights opt-out``,
+    ``linernotes takedown``) merged with the config's ``opt_out_csv``.
+
+    Raises:
+        FileNotFoundError: the opt-out CSV does not exist.
+        ValueError: a row of either names an unknown kind.
+    """
+    return _read_opt_outs(config.opt_out_csv).merged(OptOutRegistry.from_rows(store.list_opt_outs()))
 
 
 def _read_opt_outs(path: str | None) -> OptOutRegistry:
