@@ -252,6 +252,8 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
             store.mark_interrupted()  # Runs whose process was killed are `interrupted`, never left `running`
             ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}), dict(options or {}),
                                lock=held)
+            if held is not lock and held.taken_over is not None:
+                ctx.say(f"took the workspace over from {held.taken_over[0].describe()}: {held.taken_over[1]}")
             inputs = stage.inputs(ctx, config)
             key = cache_key(stage, config, inputs)
             if not force and (cached := _cached_result(store, stage, key, workspace)) is not None:

@@ -152,6 +152,27 @@ def test_api_takedown_runs_once_the_workspace_is_free(store_url, tmp_path) -> No
         assert store.lock_holder(workspace_lock(workspace)) is None  # released when the stage ended
 
 
+def test_a_stage_takes_over_the_lock_of_a_killed_stage_and_interrupts_its_run(store_url, tmp_path) -> None:
+    workspace = Workspace.at(tmp_path / "work", store_url=store_url).ensure()
+    started, release = SPAWN.Queue(), SPAWN.Event()
+    child = SPAWN.Process(target=hold_stage, args=(str(workspace.root), store_url, started, release), daemon=True)
+    child.start()
+    try:
+        holder = started.get(timeout=START_S)
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(30)
+    said: list[str] = []
+    result = run_stage(HOLD, workspace, HoldConfig(value=7), status=said.append)
+    assert result.status == RAN and result.counts == {"value": 7}
+    assert said[0].startswith(f"took the workspace over from run {holder} (pid {child.pid} on ")
+    assert said[0].endswith(f": process {child.pid} is gone")
+    with LineageStore(store_url) as store:
+        killed = store.get_run(holder)
+        assert (killed["status"], killed["error"]) == ("interrupted", f"interrupted: process {child.pid} is gone")
+        assert store.lock_holder(workspace_lock(workspace)) is None
+
+
 def test_a_stage_that_runs_a_stage_passes_its_lock_on(store_url, tmp_path) -> None:
     workspace = Workspace.at(tmp_path / "work", store_url=store_url).ensure()
     outer = run_stage(HOLD, workspace, HoldConfig(value=3), options={"nested": "passed"})
