@@ -16,7 +16,16 @@ from typing import Any
 
 from pipelines.engines import Engine
 from pipelines.runspec import RunSpec
-from pipelines.stage import CACHED, Progress, Status, StageResult, get_stage, plan_stage, run_stage
+from pipelines.stage import (  # workspace_lock is still imported from here too
+    CACHED,
+    Progress,
+    Status,
+    StageResult,
+    get_stage,
+    plan_stage,
+    run_stage,
+    workspace_lock,
+)
 from provenance.store import LineageStore, new_run_id
 from provenance.workspace import Workspace
 
@@ -46,11 +55,6 @@ class _Chain:
             self.select["train_run"] = result.run_id
 
 
-def workspace_lock(workspace: Workspace) -> str:
-    """The name of a workspace's lock in the lineage store (several workspaces may share a PostgreSQL store)."""
-    return f"workspace:{workspace.root}"
-
-
 def window(spec: RunSpec, from_stage: str | None = None, until_stage: str | None = None) -> list[str]:
     """The spec's stages that this invocation runs (``--from``/``--until``, both included), in chain order.
 
@@ -74,7 +78,8 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
     """Run ``spec``: every stage in its window through :func:`pipelines.stage.run_stage`, as one whole-run Run.
 
     One run at a time per workspace: the run holds the workspace lock in the lineage store (so it holds on
-    PostgreSQL too) from before its Run is registered until it ends; a lock left by a killed process is taken over.
+    PostgreSQL too) from before its Run is registered until it ends, and passes it to each stage (which would take it
+    otherwise); a lock left by a killed process is taken over, and the Runs of its holder are marked ``interrupted``.
     Runs a killed process left ``running`` are marked ``interrupted`` first.
 
     Returns:
@@ -92,8 +97,10 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
     say = status or (lambda message: None)
     run_id = new_run_id(RUN_KIND)
     with LineageStore(workspace.store_url) as store, \
-            store.lock(workspace_lock(workspace), run_id, wait=wait, timeout_s=wait_timeout_s), \
+            store.lock(workspace_lock(workspace), run_id, wait=wait, timeout_s=wait_timeout_s) as held, \
             Engine(spec.engine) as engine:
+        if held.taken_over is not None:
+            say(f"took the workspace over from {held.taken_over[0].describe()}: {held.taken_over[1]}")
         for interrupted in store.mark_interrupted():
             say(f"run {interrupted['run_id']} ({interrupted['kind']}) was interrupted: its process is gone")
         record = {"spec": spec.values, "source": spec.source, "from": from_stage, "until": until_stage}
@@ -109,7 +116,7 @@ def run_spec(spec: RunSpec, *, from_stage: str | None = None, until_stage: str |
                 try:
                     result = run_stage(get_stage(name), workspace, spec.stages[name], engine=engine,
                                        progress=progress, status=say, select=chain.select,
-                                       parent_run_id=run.run_id, force=force)
+                                       parent_run_id=run.run_id, force=force, lock=held)
                 except Exception as err:
                     failed = [r for r in store.list_runs(name) if r.get("parent_run_id") == run.run_id]
                     chain.rows.append({"stage": name, "status": "failed",

@@ -7,7 +7,10 @@ content ids) and its **counts** (accepted, rejected by reason, …). A stage doe
 
 The **runner** (:func:`run_stage`), and only it:
 
-1. opens the lineage store and the engines (or takes the run's, when a whole run shares them);
+1. opens the lineage store and the engines (or takes the run's, when a whole run shares them), and holds the
+   workspace lock (:func:`workspace_lock`) for the stage, unless its caller holds it and passes it on (a whole run's
+   stages, a takedown's re-shard, a generation's attribution): one writer per workspace, on SQLite and PostgreSQL
+   alike; a second is refused with :class:`provenance.locks.LockHeld`, which names the holder's run id;
 2. asks the stage for its inputs, which validates them before any Run exists (a bad reference track, a missing
    catalog: a clear error and no Run);
 3. computes the stage's **cache key**: sha256 of its name and version, the code version (package version and git
@@ -29,7 +32,8 @@ from __future__ import annotations
 import importlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -39,6 +43,7 @@ from pydantic import BaseModel, ConfigDict
 from pipelines.catalog import advance_catalog, catalogs_dir
 from pipelines.engines import Engine, EngineConfig
 from provenance import records
+from provenance.locks import HeldLock
 from provenance.store import LineageStore, code_version, new_run_id
 from provenance.workspace import Workspace
 
@@ -69,7 +74,8 @@ class StageContext:
     memory (the attribute stage's decoded query audio), which ``inputs`` then names by content id; they stay out of
     the cache key. ``inputs``, ``run_id`` and ``run_dir`` are set only inside
     ``run`` (a Run exists then). ``store`` is open for the stage to register the records it creates (a Dataset, a
-    Checkpoint), never to register Runs.
+    Checkpoint), never to register Runs. ``lock`` is the workspace lock the stage runs under: a stage that runs another
+    stage passes it to :func:`run_stage` (``lock=ctx.lock``), which would otherwise refuse it as held.
     """
 
     workspace: Workspace
@@ -83,6 +89,7 @@ class StageContext:
     inputs: dict[str, str] = field(default_factory=dict)
     run_id: str = ""
     run_dir: Path | None = None
+    lock: HeldLock | None = None
 
     def say(self, message: str) -> None:
         if self.status is not None:
@@ -205,10 +212,15 @@ def config_sha256(stage: Stage, config: Any) -> str:
     return records.sha256_hex(records.canonical_json(hashed_config(stage, config)))
 
 
+def workspace_lock(workspace: Workspace) -> str:
+    """The name of a workspace's lock in the lineage store (several workspaces may share a PostgreSQL store)."""
+    return f"workspace:{workspace.root}"
+
+
 def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine | None = None,
               progress: Progress | None = None, status: Status | None = None,
               select: Mapping[str, str | None] | None = None, options: Mapping[str, Any] | None = None,
-              parent_run_id: str | None = None, force: bool = False) -> StageResult:
+              parent_run_id: str | None = None, force: bool = False, lock: HeldLock | None = None) -> StageResult:
     """Run ``stage`` with ``config`` on ``workspace`` through the contract (see the module docstring).
 
     Args:
@@ -218,33 +230,58 @@ def run_stage(stage: Stage, workspace: Workspace, config: Any, *, engine: Engine
         options: run controls outside the cache key (see :class:`StageContext`).
         parent_run_id: the whole run this stage belongs to (``linernotes run``), recorded on the Run.
         force: run even when a cached result exists.
+        lock: the workspace lock the caller holds (a whole run's, or ``ctx.lock`` of the stage that runs this one);
+            None: this call takes it, as the stage's run id, for as long as it runs (a lock whose holder's process is
+            gone is taken over), and refuses at once when another holder has it.
 
     Returns:
         The result; ``status`` is ``cached`` when an earlier Run with the same cache key still has its outputs.
 
     Raises:
+        provenance.locks.LockHeld: another holder (a ``linernotes run``, another stage) has the workspace lock; the
+            message names its run id. Nothing is registered.
+        ValueError: ``lock`` is another workspace's lock.
         Whatever the stage's ``inputs`` or ``run`` raise; a Run registered before the error is marked ``failed``.
     """
     own_engine = engine is None
     engine = engine or Engine(stage.engine_config(config))
     workspace.ensure()
+    run_id = new_run_id(stage.name)  # the lock's holder, and the Run's id when the stage runs
     try:
-        with LineageStore(workspace.store_url) as store:
+        with LineageStore(workspace.store_url) as store, _hold_workspace(store, workspace, run_id, lock) as held:
             store.mark_interrupted()  # Runs whose process was killed are `interrupted`, never left `running`
-            ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}), dict(options or {}))
+            ctx = StageContext(workspace, store, engine, progress, status, dict(select or {}), dict(options or {}),
+                               lock=held)
+            if held is not lock and held.taken_over is not None:
+                ctx.say(f"took the workspace over from {held.taken_over[0].describe()}: {held.taken_over[1]}")
             inputs = stage.inputs(ctx, config)
             key = cache_key(stage, config, inputs)
             if not force and (cached := _cached_result(store, stage, key, workspace)) is not None:
                 ctx.say(f"{stage.name}: cached (run {cached.run_id})")
                 result = cached
             else:
-                result = _run(stage, ctx, config, inputs, key, parent_run_id)
+                result = _run(stage, ctx, config, inputs, key, parent_run_id, run_id)
             if "catalog" in result.output_ids:  # a stage that commits a catalog version makes it the latest
                 advance_catalog(workspace, result.output_ids["catalog"])
             return result
     finally:
         if own_engine:
             engine.close()
+
+
+@contextmanager
+def _hold_workspace(store: LineageStore, workspace: Workspace, run_id: str,
+                    held: HeldLock | None) -> Iterator[HeldLock]:
+    """The workspace lock for one stage: ``held`` (the caller's) as it is, else taken as ``run_id`` for the block."""
+    name = workspace_lock(workspace)
+    if held is not None:
+        if held.info.name != name:
+            raise ValueError(f"run_stage got the lock {held.info.name!r}, not this workspace's {name!r}: pass the "
+                             f"lock of the workspace the stage runs on")
+        yield held
+        return
+    with store.lock(name, run_id) as taken:
+        yield taken
 
 
 @dataclass
@@ -296,10 +333,10 @@ def _why_run(store: LineageStore, stage: Stage, config: Any, inputs: Mapping[str
 
 
 def _run(stage: Stage, ctx: StageContext, config: Any, inputs: dict[str, str], key: str,
-         parent_run_id: str | None) -> StageResult:
+         parent_run_id: str | None, run_id: str) -> StageResult:
     resolved = stage.resolved_config(config)
     sha = config_sha256(stage, config)
-    ctx.inputs, ctx.run_id = inputs, new_run_id(stage.name)
+    ctx.inputs, ctx.run_id = inputs, run_id
     ctx.run_dir = ctx.workspace.run_dir(ctx.run_id)
     extras = stage.record(ctx, config)
     with ctx.store.run(stage.name, {**resolved, **extras, "config_sha256": sha}, run_id=ctx.run_id, cache_key=key,

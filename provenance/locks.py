@@ -7,36 +7,45 @@ one machine, or a PostgreSQL server shared by many.
 - **Taking** a lock is one ``INSERT``: the primary key makes the database refuse a second holder, so there is no
   check-then-insert race.
 - **Releasing** deletes the row, but only the holder's own row (holder, pid, host and ``acquired_at`` match).
-- **An abandoned lock is taken over.** A holder on this host whose process is gone (``os.kill(pid, 0)`` fails, or
-  ``/proc`` says it is a zombie) has abandoned it at once. A holder anywhere whose heartbeat is older than
-  ``stale_s`` (10 minutes by default) has abandoned it too: that is how a lock from another host is freed, and
-  how a lock survives a reused pid. The takeover is one transaction that deletes the row *as it was read* (the same
-  holder, pid, host, ``acquired_at`` and ``heartbeat_at``) and inserts the new one; of two processes taking over
-  the same lock, the second deletes nothing and finds the lock held again.
+- **An abandoned lock is taken over.** A holder on this host whose process is gone has abandoned it at once: the row
+  records the holder's pid, the kernel's boot id and the process's start tick, and the holder is gone when the boot
+  id changed, the pid does not run (or is a zombie), or the process at that pid started at another tick (the pid
+  was reused; :func:`provenance.process.why_gone`). A holder anywhere whose heartbeat is older than ``stale_s``
+  (10 minutes by default) has abandoned it too: that is how a lock from another host is freed. The takeover is one
+  transaction that deletes the row *as it was read* (every column) and inserts the new one; of two processes taking
+  over the same lock, the second deletes nothing and finds the lock held again. The caller's ``on_takeover`` runs in
+  that transaction (the lineage store marks the abandoned holder's Runs ``interrupted`` there).
 - **The heartbeat**: while a lock is held, a daemon thread refreshes ``heartbeat_at`` every ``heartbeat_s``
   (30 s by default), so a live holder is never stale. :meth:`HeldLock.heartbeat` refreshes it by hand.
 
-Limits: the pid check assumes this host's hostname names one pid namespace (two containers with the same hostname
-and separate pid namespaces see each other's holders as alive or dead by accident; the heartbeat still frees a
-dead one after ``stale_s``). A holder stopped (SIGSTOP) or blocked longer than ``stale_s`` loses its lock; it
-finds out when its heartbeat or its release touches no row, and the release logs a warning. Clocks of different
-hosts are compared for staleness, so they must agree to well within ``stale_s``.
+Limits: a holder on another host is judged by its heartbeat alone, so it is freed ``stale_s`` after it died, and the
+clocks of different hosts must agree to well within ``stale_s``. Two containers with one hostname on two kernels
+differ in boot id, so each sees the other's holders as gone: they must not share a lineage store under one hostname.
+On one kernel with separate pid namespaces, the other's holder passes here only if a process of this namespace has
+its pid *and* started at the same clock tick (10 ms), which a reused pid almost never does. Where ``/proc`` is absent
+(macOS) only the pid is checked, and a reused pid keeps a dead holder's lock until its heartbeat is stale; a row
+written by a version that recorded no boot id or start tick is checked by its pid alone. A holder stopped (SIGSTOP)
+or blocked longer than ``stale_s`` loses its lock, and its Runs are marked ``interrupted``; it finds out when its
+heartbeat or its release touches no row, and the release logs a warning (a Run it finishes afterwards still records
+its own end).
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
 
 import sqlalchemy as sa
+
+from provenance.process import ProcessIdentity, process_alive, this_process, why_gone
+
+__all__ = ["HEARTBEAT_S", "LOCK_STALE_S", "HeldLock", "LockHeld", "LockInfo", "Takeover", "acquire_lock", "hold_lock",
+           "lock_metadata", "locks", "process_alive", "read_lock"]
 
 LOCK_STALE_S = 600.0  # a heartbeat older than this frees the lock, wherever its holder runs
 HEARTBEAT_S = 30.0  # how often a held lock's heartbeat is refreshed
@@ -54,12 +63,21 @@ locks = sa.Table(
     sa.Column("hostname", sa.String(255), nullable=False),
     sa.Column("acquired_at", sa.String(32), nullable=False),  # UTC, the store's format
     sa.Column("heartbeat_at", sa.String(32), nullable=False),
+    # the holder's process beyond its pid (provenance.process), so a reused pid is not taken for the holder
+    sa.Column("boot_id", sa.String(36)),
+    sa.Column("process_start_ticks", sa.BigInteger),
 )
+#: Columns added to ``locks`` after its first release: a store made before them gains them on first open.
+ADDED_LOCK_COLUMNS = ("boot_id", "process_start_ticks")
 
 
 @dataclass(frozen=True)
 class LockInfo:
-    """One row of the ``locks`` table: who holds the lock ``name``, from which process, since when (UTC)."""
+    """One row of the ``locks`` table: who holds the lock ``name``, from which process, since when (UTC).
+
+    ``boot_id`` and ``process_start_ticks`` identify the holder's process beyond its pid (see
+    :class:`provenance.process.ProcessIdentity`); None in a row written where ``/proc`` is absent, or by an earlier
+    version."""
 
     name: str
     holder: str
@@ -67,9 +85,20 @@ class LockInfo:
     hostname: str
     acquired_at: str
     heartbeat_at: str
+    boot_id: str | None = None
+    process_start_ticks: int | None = None
+
+    @property
+    def process(self) -> ProcessIdentity:
+        return ProcessIdentity(self.pid, self.hostname, self.boot_id, self.process_start_ticks)
 
     def describe(self) -> str:
         return f"run {self.holder} (pid {self.pid} on {self.hostname} since {self.acquired_at})"
+
+
+#: ``on_takeover(connection, abandoned, why)``: called in the takeover's transaction with the row taken over and why
+#: it was abandoned (``"process 123 is gone"``, ``"no heartbeat for 612 s"``).
+Takeover = Callable[[sa.Connection, LockInfo, str], None]
 
 
 class LockHeld(RuntimeError):
@@ -93,8 +122,11 @@ class LockHeld(RuntimeError):
 class HeldLock:
     """A lock this process holds (what :func:`hold_lock` yields)."""
 
-    def __init__(self, engine: sa.Engine, info: LockInfo) -> None:
+    def __init__(self, engine: sa.Engine, info: LockInfo,
+                 taken_over: tuple[LockInfo, str] | None = None) -> None:
         self.engine, self.info = engine, info
+        #: the abandoned holder this lock was taken over from, and why it was abandoned; None when it was free
+        self.taken_over = taken_over
 
     def heartbeat(self) -> bool:
         """Refresh ``heartbeat_at``; False when the lock is no longer this holder's (it was taken over)."""
@@ -118,7 +150,7 @@ class HeldLock:
 @contextmanager
 def hold_lock(engine: sa.Engine, name: str, holder: str, *, wait: bool = False, timeout_s: float | None = None,
               poll_s: float = 0.5, stale_s: float = LOCK_STALE_S,
-              heartbeat_s: float = HEARTBEAT_S) -> Iterator[HeldLock]:
+              heartbeat_s: float = HEARTBEAT_S, on_takeover: Takeover | None = None) -> Iterator[HeldLock]:
     """Hold the lock ``name`` for the ``with`` block, as ``holder`` (a run id); released on exit, also on an error.
 
     Args:
@@ -127,12 +159,14 @@ def hold_lock(engine: sa.Engine, name: str, holder: str, *, wait: bool = False, 
             (None: no limit). False: refuse at once when it is held.
         stale_s: a heartbeat older than this many seconds marks the lock abandoned.
         heartbeat_s: seconds between the background heartbeats while held.
+        on_takeover: called in the takeover's transaction when the lock is taken from an abandoned holder.
 
     Raises:
         LockHeld: the lock is held by a live holder (after ``timeout_s`` when waiting); the message names its run id,
             pid, host and since when.
     """
-    held = acquire_lock(engine, name, holder, wait=wait, timeout_s=timeout_s, poll_s=poll_s, stale_s=stale_s)
+    held = acquire_lock(engine, name, holder, wait=wait, timeout_s=timeout_s, poll_s=poll_s, stale_s=stale_s,
+                        on_takeover=on_takeover)
     stop = threading.Event()
     beat = threading.Thread(target=_beat, args=(held, stop, heartbeat_s), name=f"lock-heartbeat-{name}", daemon=True)
     beat.start()
@@ -145,7 +179,8 @@ def hold_lock(engine: sa.Engine, name: str, holder: str, *, wait: bool = False, 
 
 
 def acquire_lock(engine: sa.Engine, name: str, holder: str, *, wait: bool = False, timeout_s: float | None = None,
-                 poll_s: float = 0.5, stale_s: float = LOCK_STALE_S) -> HeldLock:
+                 poll_s: float = 0.5, stale_s: float = LOCK_STALE_S,
+                 on_takeover: Takeover | None = None) -> HeldLock:
     """Take the lock ``name`` (see :func:`hold_lock`); the caller releases it with :meth:`HeldLock.release`.
 
     Raises:
@@ -153,9 +188,9 @@ def acquire_lock(engine: sa.Engine, name: str, holder: str, *, wait: bool = Fals
     """
     started = time.monotonic()
     while True:
-        info, current = _try_take(engine, name, holder, stale_s)
-        if info is not None:
-            return HeldLock(engine, info)
+        held, current = _try_take(engine, name, holder, stale_s, on_takeover)
+        if held is not None:
+            return held
         waited_s = time.monotonic() - started
         if not wait:
             raise LockHeld(current)
@@ -168,45 +203,30 @@ def read_lock(engine: sa.Engine, name: str) -> LockInfo | None:
     """Who holds the lock ``name`` now, or None when it is free."""
     with engine.connect() as c:
         row = c.execute(sa.select(locks).where(locks.c.name == name)).first()
-    return None if row is None else LockInfo(**row._mapping)
+    if row is None:
+        return None
+    return LockInfo(**{f.name: row._mapping[f.name] for f in fields(LockInfo) if f.name in row._mapping})
 
 
-def process_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs on this host: ``os.kill(pid, 0)`` succeeds (or is refused, which means it exists)
-    and, where ``/proc`` exists, it is not a zombie (a killed process its parent has not reaped yet)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
-
-
-def _try_take(engine: sa.Engine, name: str, holder: str, stale_s: float,
-              attempts: int = 10) -> tuple[LockInfo | None, LockInfo | None]:
+def _try_take(engine: sa.Engine, name: str, holder: str, stale_s: float, on_takeover: Takeover | None,
+              attempts: int = 10) -> tuple[HeldLock | None, LockInfo | None]:
     """One attempt at the lock: ``(ours, None)`` when taken, ``(None, holder)`` when a live holder has it."""
     current = None
+    me = this_process()
     for _ in range(attempts):
         now = _stamp()
-        mine = LockInfo(name, holder, os.getpid(), socket.gethostname(), now, now)
+        mine = LockInfo(name, holder, me.pid, me.hostname, now, now, me.boot_id, me.process_start_ticks)
         if _insert(engine, mine):
-            return mine, None
+            return HeldLock(engine, mine), None
         current = read_lock(engine, name)
         if current is None:  # released between our insert and our read
             continue
-        if not _abandoned(current, stale_s):
+        why = _abandoned(current, stale_s)
+        if why is None:
             return None, current
-        if _replace(engine, current, mine):
-            log.warning("lock %r taken over from %s: %s", name, current.describe(),
-                        "its process is gone" if _dead_here(current) else f"no heartbeat for {stale_s:.0f} s")
-            return mine, None
+        if _replace(engine, current, mine, why, on_takeover):
+            log.warning("lock %r taken over from %s: %s", name, current.describe(), why)
+            return HeldLock(engine, mine, (current, why)), None
     return None, current  # the lock changed hands under us every time: report the last holder seen
 
 
@@ -219,27 +239,32 @@ def _insert(engine: sa.Engine, info: LockInfo) -> bool:
     return True
 
 
-def _replace(engine: sa.Engine, old: LockInfo, new: LockInfo) -> bool:
-    """Delete ``old`` exactly as read and insert ``new``, in one transaction; False when ``old`` is no longer there
-    (another process took it over first, or its holder released it or sent a heartbeat)."""
-    as_read = sa.and_(*(locks.c[k] == v for k, v in vars(old).items()))
+def _replace(engine: sa.Engine, old: LockInfo, new: LockInfo, why: str, on_takeover: Takeover | None) -> bool:
+    """Delete ``old`` exactly as read and insert ``new``, and call ``on_takeover``, in one transaction; False when
+    ``old`` is no longer there (another process took it over first, or its holder released it or sent a
+    heartbeat)."""
+    as_read = sa.and_(*(locks.c[k] == v for k, v in vars(old).items()))  # == None is IS NULL
     try:
         with engine.begin() as c:
             if c.execute(locks.delete().where(as_read)).rowcount != 1:
                 return False
             c.execute(locks.insert().values(**vars(new)))
+            if on_takeover is not None:
+                on_takeover(c, old, why)
     except sa.exc.IntegrityError:
         return False
     return True
 
 
-def _abandoned(info: LockInfo, stale_s: float) -> bool:
+def _abandoned(info: LockInfo, stale_s: float) -> str | None:
+    """Why the holder ``info`` has abandoned the lock (its process is gone, or its heartbeat is stale); None while it
+    holds it."""
+    gone = why_gone(info.process)
+    if gone is not None:
+        return gone
     heartbeat = dt.datetime.strptime(info.heartbeat_at, _STAMP).replace(tzinfo=dt.UTC)
-    return _dead_here(info) or (dt.datetime.now(dt.UTC) - heartbeat).total_seconds() > stale_s
-
-
-def _dead_here(info: LockInfo) -> bool:
-    return info.hostname == socket.gethostname() and not process_alive(info.pid)
+    age_s = (dt.datetime.now(dt.UTC) - heartbeat).total_seconds()
+    return f"no heartbeat for {age_s:.0f} s" if age_s > stale_s else None
 
 
 def _beat(held: HeldLock, stop: threading.Event, interval_s: float) -> None:

@@ -1,8 +1,8 @@
 """The lineage store's schema: its tables (SQLAlchemy Core), and creating them and migrating an older store.
 
 :class:`provenance.store.LineageStore` reads and writes these tables; :func:`create_schema` makes a new store's
-tables (the lock table of :mod:`provenance.locks` included) and adds the ``runs`` columns that a store made by an
-earlier version lacks.
+tables (the lock table of :mod:`provenance.locks` included) and adds the ``runs`` and ``locks`` columns that a store
+made by an earlier version lacks (every added column is nullable, so the rows already there stay valid).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import time
 
 import sqlalchemy as sa
 
-from provenance.locks import lock_metadata
+from provenance.locks import ADDED_LOCK_COLUMNS, lock_metadata, locks
 
 
 metadata = sa.MetaData()
@@ -37,9 +37,13 @@ runs = sa.Table(
     # the process that runs it, so a Run whose process was killed is found and marked ``interrupted``
     sa.Column("pid", sa.Integer),
     sa.Column("hostname", sa.String(255)),
+    # ... and beyond its pid (provenance.process), so a Run is not taken for alive when its pid was reused
+    sa.Column("boot_id", sa.String(36)),
+    sa.Column("process_start_ticks", sa.BigInteger),
 )
 # Columns added to ``runs`` after its first release: a store made before them gains them on first open.
-_ADDED_RUN_COLUMNS = ("cache_key", "inputs", "output_ids", "parent_run_id", "pid", "hostname")
+_ADDED_RUN_COLUMNS = ("cache_key", "inputs", "output_ids", "parent_run_id", "pid", "hostname", "boot_id",
+                      "process_start_ticks")
 
 datasets = sa.Table(
     "datasets", metadata,
@@ -132,7 +136,8 @@ def create_schema(engine: sa.Engine, attempts: int = 5) -> None:
         try:
             metadata.create_all(engine)
             lock_metadata.create_all(engine)
-            _add_missing_run_columns(engine)
+            _add_missing_columns(engine, runs, _ADDED_RUN_COLUMNS)
+            _add_missing_columns(engine, locks, ADDED_LOCK_COLUMNS)
             return
         except (sa.exc.IntegrityError, sa.exc.ProgrammingError, sa.exc.OperationalError):
             if attempt == attempts - 1:
@@ -140,15 +145,15 @@ def create_schema(engine: sa.Engine, attempts: int = 5) -> None:
             time.sleep(0.05 * (attempt + 1))
 
 
-def _add_missing_run_columns(engine: sa.Engine) -> None:
-    """Add the run columns a store made by an earlier version lacks (ALTER TABLE … ADD COLUMN, nullable)."""
-    present = {c["name"] for c in sa.inspect(engine).get_columns("runs")}
-    missing = [name for name in _ADDED_RUN_COLUMNS if name not in present]
+def _add_missing_columns(engine: sa.Engine, table: sa.Table, added: tuple[str, ...]) -> None:
+    """Add the columns ``added`` to ``table`` that a store made by an earlier version lacks (ALTER TABLE … ADD COLUMN;
+    each is nullable)."""
+    present = {c["name"] for c in sa.inspect(engine).get_columns(table.name)}
+    missing = [name for name in added if name not in present]
     if not missing:
         return
     preparer = engine.dialect.identifier_preparer
     with engine.begin() as c:
         for name in missing:
-            column = runs.c[name]
-            kind = column.type.compile(dialect=engine.dialect)
-            c.execute(sa.text(f"ALTER TABLE runs ADD COLUMN {preparer.quote(name)} {kind}"))
+            kind = table.c[name].type.compile(dialect=engine.dialect)
+            c.execute(sa.text(f"ALTER TABLE {preparer.quote(table.name)} ADD COLUMN {preparer.quote(name)} {kind}"))

@@ -3,7 +3,9 @@
 SQLite by default (a file in the workspace), any SQLAlchemy URL otherwise (PostgreSQL). Bulk tables stay
 in Parquet; the store holds the records that link them and the paths of the Parquet files each run wrote.
 It also holds the workspace lock (:meth:`LineageStore.lock`, :mod:`provenance.locks`), and knows which process runs
-each Run, so a Run whose process was killed is marked ``interrupted`` (:meth:`LineageStore.mark_interrupted`).
+each Run (pid, host, boot id, start tick: :mod:`provenance.process`), so a Run whose process was killed is marked
+``interrupted`` (:meth:`LineageStore.mark_interrupted`), and so are the Runs of a lock holder whose lock is taken
+over.
 
 The tables, and creating and migrating them, live in :mod:`provenance.schema`; they are re-exported here.
 """
@@ -13,9 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
-import os
+import logging
 import secrets
-import socket
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
@@ -26,7 +27,8 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from provenance.locks import HEARTBEAT_S, LOCK_STALE_S, HeldLock, LockInfo, hold_lock, process_alive, read_lock
+from provenance.locks import HEARTBEAT_S, LOCK_STALE_S, HeldLock, LockInfo, hold_lock, read_lock
+from provenance.process import ProcessIdentity, this_process, why_gone
 from provenance.records import canonical_json, sha256_hex
 from provenance.schema import (  # the tables and OPT_OUT_KINDS are still imported from here too
     OPT_OUT_KINDS,
@@ -42,6 +44,7 @@ from provenance.schema import (  # the tables and OPT_OUT_KINDS are still import
 )
 from provenance.schema import metadata as metadata
 
+log = logging.getLogger(__name__)
 
 @functools.cache
 def code_version() -> str:
@@ -113,12 +116,13 @@ class LineageStore:
         Prefer :meth:`run`, which cannot leave the run ``running``."""
         run_id = run_id or new_run_id(kind)
         config_json = canonical_json(config)
+        me = this_process()
         with self._begin() as c:
             c.execute(runs.insert().values(
                 run_id=run_id, kind=kind, spec_sha256=spec_sha256 or sha256_hex(config_json), config=config_json,
                 code_version=code_version(), status="running", started_at=utc_now(), cache_key=cache_key,
-                inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id, pid=os.getpid(),
-                hostname=socket.gethostname(),
+                inputs=canonical_json(dict(inputs or {})), parent_run_id=parent_run_id, pid=me.pid,
+                hostname=me.hostname, boot_id=me.boot_id, process_start_ticks=me.process_start_ticks,
             ))
         return run_id
 
@@ -152,23 +156,30 @@ class LineageStore:
 
     def mark_interrupted(self) -> list[dict[str, Any]]:
         """Mark ``interrupted`` every ``running`` Run of this host whose process is gone (killed, crashed), with
-        ``finished_at`` now and the error ``"interrupted: process P is gone"``; returns those Runs, oldest first.
+        ``finished_at`` now and the error ``"interrupted: process P is gone"`` (and what gave it away when the pid is
+        in use again: another boot id or start tick, see :func:`provenance.process.why_gone`); returns those Runs,
+        oldest first.
 
         The stage runner calls it at start, so no Run stays ``running`` after its process died. Runs of another host
-        (their process cannot be checked from here) and Runs recorded before pids were (no ``pid``) are left alone.
-        Each Run is updated only while still ``running``, so a Run that finishes meanwhile keeps its result.
+        (their process cannot be checked from here: a takeover of their lock marks them, :meth:`lock`) and Runs
+        recorded before pids were (no ``pid``) are left alone. A Run recorded before boot ids and start ticks were is
+        checked by its pid alone. Each Run is updated only while still ``running``, so a Run that finishes meanwhile
+        keeps its result.
         """
-        query = (sa.select(runs.c.run_id, runs.c.pid).where(
-            (runs.c.status == "running") & (runs.c.hostname == socket.gethostname()) & runs.c.pid.is_not(None))
-            .order_by(runs.c.started_at))
+        r = runs.c
+        query = (sa.select(r.run_id, r.pid, r.hostname, r.boot_id, r.process_start_ticks)
+                 .where((r.status == "running") & (r.hostname == this_process().hostname) & r.pid.is_not(None))
+                 .order_by(r.started_at))
         with self.engine.connect() as c:
-            gone = [(run_id, pid) for run_id, pid in c.execute(query) if not process_alive(pid)]
+            gone = [(row.run_id, why) for row in c.execute(query)
+                    if (why := why_gone(ProcessIdentity(row.pid, row.hostname, row.boot_id,
+                                                         row.process_start_ticks))) is not None]
         marked = []
-        for run_id, pid in gone:
+        for run_id, why in gone:
             with self._begin() as c:
-                updated = c.execute(runs.update().where((runs.c.run_id == run_id) & (runs.c.status == "running"))
+                updated = c.execute(runs.update().where((r.run_id == run_id) & (r.status == "running"))
                                     .values(status="interrupted", finished_at=utc_now(),
-                                            error=f"interrupted: process {pid} is gone")).rowcount
+                                            error=f"interrupted: {why}")).rowcount
             if updated:
                 marked.append(self.get_run(run_id))
         return marked
@@ -199,8 +210,12 @@ class LineageStore:
              heartbeat_s: float = HEARTBEAT_S) -> AbstractContextManager[HeldLock]:
         """Hold the lock ``name`` (``"workspace"`` keeps two runs off one workspace) as ``holder`` (a run id) for a
         ``with`` block: taken atomically, released on exit (also on an error), its heartbeat refreshed by a
-        background thread meanwhile. A lock whose holder's process is gone (this host), or whose heartbeat is older
-        than ``stale_s`` (any host), is taken over. See :mod:`provenance.locks` for how, and its limits.
+        background thread meanwhile. A lock whose holder's process is gone (this host: pid, boot id and start tick),
+        or whose heartbeat is older than ``stale_s`` (any host), is taken over; in the same transaction the
+        abandoned holder's Run and its ``running`` descendants (``parent_run_id``) are marked ``interrupted`` with
+        why (``"interrupted: process P is gone"``, ``"interrupted: lock taken over: no heartbeat for N s"``), which
+        :meth:`mark_interrupted` cannot do for a process of another host. See :mod:`provenance.locks` for how, and
+        its limits.
 
         Args:
             wait: poll every ``poll_s`` seconds until the lock is free, at most ``timeout_s`` seconds (None: no limit);
@@ -210,7 +225,7 @@ class LineageStore:
             LockHeld: a live holder has the lock; the message names its run id, pid, host and since when.
         """
         return hold_lock(self.engine, name, holder, wait=wait, timeout_s=timeout_s, poll_s=poll_s, stale_s=stale_s,
-                         heartbeat_s=heartbeat_s)
+                         heartbeat_s=heartbeat_s, on_takeover=_interrupt_abandoned)
 
     def lock_holder(self, name: str) -> LockInfo | None:
         """Who holds the lock ``name`` now (None: free). A holder whose process is gone still shows until the next
@@ -421,6 +436,31 @@ class RunRecord:
     outputs: dict[str, Any] = field(default_factory=dict)
     output_ids: dict[str, str] = field(default_factory=dict)
     status: str = "succeeded"
+
+
+def _interrupt_abandoned(connection: sa.Connection, abandoned: LockInfo, why: str) -> list[str]:
+    """Mark ``interrupted`` the ``running`` Runs of a lock holder that abandoned its lock: the holder's Run and its
+    descendants (``parent_run_id``, any depth), on ``connection`` (the takeover's transaction). The error says why:
+    ``"interrupted: process P is gone"`` when its process is known gone, else ``"interrupted: lock taken over: no
+    heartbeat for N s"``. Returns the ids marked, sorted."""
+    tree, frontier = {abandoned.holder}, {abandoned.holder}
+    while frontier:
+        children = {row[0] for chunk in _chunks(sorted(frontier)) for row in connection.execute(
+            sa.select(runs.c.run_id).where(runs.c.parent_run_id.in_(chunk)))}
+        frontier = children - tree
+        tree |= frontier
+    error = f"interrupted: {why}" if why.startswith("process ") else f"interrupted: lock taken over: {why}"
+    marked = []
+    for chunk in _chunks(sorted(tree)):
+        running = (runs.c.run_id.in_(chunk)) & (runs.c.status == "running")
+        ids = [row[0] for row in connection.execute(sa.select(runs.c.run_id).where(running))]
+        connection.execute(runs.update().where(running).values(status="interrupted", finished_at=utc_now(),
+                                                                error=error))
+        marked.extend(ids)
+    if marked:
+        log.warning("lock %r taken over from %s: marked %s %s", abandoned.name, abandoned.describe(),
+                    ", ".join(sorted(marked)), error)
+    return sorted(marked)
 
 
 def _chunks(values: list[str], size: int = 500) -> Iterator[list[str]]:

@@ -3,8 +3,13 @@
 Reads are open; every write (``POST``) needs ``Authorization: Bearer <token>`` with the server's token
 (``$LINERNOTES_API_TOKEN``, or ``create_app(token=...)``). A server started without a token refuses every
 write with 403. Errors are JSON ``{"detail": ...}``: 401 missing or wrong token, 403 writes disabled,
-404 unknown id, 409 missing input (no dataset yet), 413 upload too large, 422 malformed request or
-undecodable audio. The OpenAPI spec is at ``/openapi.json``, interactive docs at ``/docs``.
+404 unknown id, 409 missing input (no dataset yet) or a workspace another run holds, 413 upload too large, 422
+malformed request or undecodable audio.
+
+The endpoints that run a stage (``POST /attribute``, ``POST /takedown``) take the workspace lock for it, as every stage
+does (:func:`pipelines.stage.run_stage`): while a ``linernotes run`` or another stage holds the workspace they answer
+409 at once, ``{"detail": "the workspace:… is in use by run RUN_ID (…)", "holder": {"run_id", "pid", "hostname",
+"since"}}``. The OpenAPI spec is at ``/openapi.json``, interactive docs at ``/docs``.
 
 A query with nothing to attribute (a silent upload, or scores that cannot be shared) is an answer, not an error:
 200 with no segments, tracks or rights holders and ``no_attribution: {reason, detail}`` (``POST /attribute`` and the
@@ -30,12 +35,13 @@ import secrets
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, UploadFile, status
+from fastapi import APIRouter, Depends, FastAPI, File, Form, HTTPException, Query, Request, UploadFile, status
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
+from provenance.locks import LockHeld
 from provenance.store import LineageStore, code_version
 from provenance.workspace import Workspace
 
@@ -78,7 +84,16 @@ def create_app(workspace: Workspace, token: str | None = None,
     app.mount("/files/generations", StaticFiles(directory=workspace.generations_dir, check_dir=False),
               name="generation-files")
     app.include_router(_write_routes(workspace, max_upload_bytes), dependencies=[Depends(_token_check(token))])
+    app.add_exception_handler(LockHeld, _workspace_held)
     return app
+
+
+def _workspace_held(request: Request, err: LockHeld) -> JSONResponse:
+    """409 for a stage refused the workspace lock, naming the run that holds it."""
+    info = err.info
+    return JSONResponse({"detail": str(err), "holder": {"run_id": info.holder, "pid": info.pid,
+                                                        "hostname": info.hostname, "since": info.acquired_at}},
+                        status_code=status.HTTP_409_CONFLICT)
 
 
 def _token_check(token: str | None) -> Any:

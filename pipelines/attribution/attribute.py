@@ -207,7 +207,7 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
                   progress: Callable[[str, int, int], None] | None = None, method: str = "embedding",
                   checkpoint_id: str | None = None, text: str = "", index_config: Any = None,
                   unlearning: Any = None, *, engine: Any = None, parent_run_id: str | None = None,
-                  force: bool = False) -> AttributeJobResult:
+                  force: bool = False, lock: Any = None) -> AttributeJobResult:
     """Attribute audio (float32 ``(channels, samples)``) with ``method`` through the stage runner; store the result
     under ``query_id``.
 
@@ -221,17 +221,20 @@ def run_attribute(workspace: Workspace, audio: np.ndarray, sample_rate_hz: int, 
         text: the query's prompt (``""``: unknown), the condition of the white-box methods' losses.
         index_config: a ``pipelines.attribution.stage.IndexConfig`` (default ``IndexConfig()``).
         unlearning: ``pipelines.attribution.methods.UnlearningSettings`` (default settings).
+        parent_run_id, lock: the Run this attribution belongs to and the workspace lock it holds (see
+            :func:`pipelines.stage.run_stage`).
 
     Raises:
         ValueError: unknown method; a checkpoint of another dataset.
         MissingInputError: no dataset or checkpoint.
+        provenance.locks.LockHeld: another run holds the workspace.
     """
     config = attribute_config(method=method, top_k=top_k, prompt=text, index_config=index_config,
                               unlearning=unlearning)
     result = run_stage(ATTRIBUTE, workspace, config, engine=engine, progress=progress, force=force,
                        select={"dataset": dataset_id, "checkpoint": checkpoint_id},
                        options={"query_audio": (audio, sample_rate_hz), "query_id": query_id},
-                       parent_run_id=parent_run_id)
+                       parent_run_id=parent_run_id, lock=lock)
     return AttributeJobResult.from_stage(result)
 
 

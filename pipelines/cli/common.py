@@ -2,7 +2,9 @@
 
 Every command module imports this one and nothing imports the command modules but ``pipelines.cli`` (no circle).
 With ``--json`` a command prints exactly one JSON object on stdout (what it did: counts, ids, paths) and sends
-progress to stderr. On bad arguments or missing inputs it exits 2 with a one-line reason.
+progress to stderr. On bad arguments or missing inputs it exits 2 with a one-line reason; when another run holds the
+workspace (a command that writes it takes the workspace lock), 75 (EX_TEMPFAIL: try again later) with a line naming
+the holder's run id.
 """
 
 from __future__ import annotations
@@ -43,16 +45,27 @@ class CliError(Exception):
     """An error the user can fix; printed as one line, exit code 2."""
 
 
+EXIT_LOCKED = 75  # EX_TEMPFAIL (sysexits.h): another run holds the workspace; try again later
+
+
 @contextmanager
 def errors() -> Iterator[None]:
     """Turn the errors a user can act on into a one-line message and exit status 2: a CliError, a missing file or
     input (FileNotFoundError), and every ValueError, which the config (ConfigError), delivery (DeliveryError),
-    audio (AudioDecodeError) and rights errors are, so none of their modules is imported here."""
+    audio (AudioDecodeError) and rights errors are, so none of their modules is imported here. A workspace held by
+    another run (``provenance.locks.LockHeld``) exits 75 with the line naming the holder."""
     try:
         yield
     except (CliError, FileNotFoundError, ValueError) as err:
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from err
+    except RuntimeError as err:
+        from provenance.locks import LockHeld  # already imported when it is one
+
+        if not isinstance(err, LockHeld):
+            raise
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_LOCKED) from err
     except KeyboardInterrupt as err:
         err_console.print("[bold red]interrupted[/]")
         raise typer.Exit(130) from err

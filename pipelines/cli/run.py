@@ -54,15 +54,10 @@ def run_command(
             emit(plan_spec(loaded, from_stage=from_stage, until_stage=until_stage, force=force), json_mode,
                  lambda p: render_plan(p, out_console.print))
             return
-        from provenance.locks import LockHeld
-
-        try:
+        try:  # another run holding the workspace exits 75 (errors())
             with progress_bar(json_mode) as progress:
                 payload = run_spec(loaded, from_stage=from_stage, until_stage=until_stage, force=force, wait=wait,
                                    wait_timeout_s=wait_timeout_s, progress=progress, status=say)
-        except LockHeld as err:  # exit 75 (EX_TEMPFAIL): try again later
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(75) from err
         except RunFailed as err:
             if json_mode:
                 print(json.dumps(err.payload, default=str))

@@ -120,7 +120,7 @@ class GenerateStage(Stage):
                                 attribute_config(top_k=config.top_k, prompt=config.prompt), engine=ctx.engine,
                                 progress=ctx.progress, status=ctx.status, select={"dataset": ctx.inputs["dataset"]},
                                 options={"query_audio": (written, sample_rate_hz), "query_id": generation_id},
-                                parent_run_id=ctx.run_id)
+                                parent_run_id=ctx.run_id, lock=ctx.lock)
         details = {"generation_id": generation_id, "checkpoint_id": checkpoint["checkpoint_id"],
                    "sampler": result.sampler, "duration_s": config.duration_s, "attribution": attribution.to_json()}
         return StageOutput(outputs={"wav": str(wav), "record": str(record_path)},

@@ -178,7 +178,7 @@ def _rebuild(ctx: StageContext, datasets: list[dict[str, Any]], why: str) -> lis
         ctx.say(f"re-sharding without the recordings (replaces {', '.join(parents)})")
         shard = ShardResult.from_stage(run_stage(get_stage("shard"), ctx.workspace, config, engine=ctx.engine,
                                                  progress=ctx.progress, status=ctx.status,
-                                                 parent_run_id=ctx.run_id))
+                                                 parent_run_id=ctx.run_id, lock=ctx.lock))
         for parent in parents:
             if shard.dataset_id != parent:
                 ctx.store.add_dataset_parent(shard.dataset_id, parent, ctx.run_id, why)

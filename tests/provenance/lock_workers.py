@@ -1,5 +1,6 @@
 """What the child processes of tests/provenance/test_locks.py run (importable, for ``multiprocessing``'s spawn): hold
-the workspace lock, append to a file under it, or sleep in a Run until the test kills them."""
+the workspace lock, append to a file under it, or sleep in a Run (holding the lock or not) until the test kills
+them."""
 
 from __future__ import annotations
 
@@ -47,3 +48,15 @@ def run_until_killed(store_url: str, started: Any) -> None:
         started.put(run.run_id)
         time.sleep(FOREVER_S)
 
+
+
+def run_holding_lock_until_killed(store_url: str, name: str, started: Any) -> None:
+    """As a whole run does: take the lock as a Run's id, open that Run and a child Run under it, put both ids on
+    ``started``, and sleep until killed."""
+    from provenance.store import new_run_id
+
+    run_id = new_run_id("run")
+    with LineageStore(store_url) as store, store.lock(name, run_id), store.run("run", {}, run_id=run_id), \
+            store.run("ingest", {}, parent_run_id=run_id) as child:
+        started.put((run_id, child.run_id))
+        time.sleep(FOREVER_S)
