@@ -56,7 +56,7 @@ def _instructions(path: Path) -> list[tuple[str, str]]:
 
 def _image() -> str:
     """The image the Dockerfile builds, from its build command (`docker build ... -t IMAGE:TAG`)."""
-    return re.search(r"docker build .* -t (\S+):", DOCKERFILE.read_text()).group(1)
+    return re.search(r"^#.*\s-t (\S+):", DOCKERFILE.read_text(), re.M).group(1)
 
 
 def _documents(name: str) -> list[dict]:
@@ -109,6 +109,11 @@ def test_the_dockerfile_installs_from_the_lock_with_the_makefiles_uv_as_a_non_ro
     users = [args for op, args in steps if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert int(users[-1].split(":")[0]) >= 1000
+    from provenance.store import GIT_COMMIT_ENV
+
+    final = steps[max(i for i, (op, _) in enumerate(steps) if op == "FROM"):]  # the image's own stage
+    assert "GIT_COMMIT" in [args.split("=")[0] for op, args in final if op == "ARG"]
+    assert f"{GIT_COMMIT_ENV}=${{GIT_COMMIT}}" in [word for op, args in final if op == "ENV" for word in args.split()]
     entrypoint = json.loads(next(args for op, args in steps if op == "ENTRYPOINT"))
     assert entrypoint == ["linernotes"] and "linernotes" in tomllib.loads(
         (ROOT / "pyproject.toml").read_text())["project"]["scripts"]

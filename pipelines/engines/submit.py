@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -124,7 +125,7 @@ def submit_train(address: str, config: Any, workdir: str, *, dataset_id: str | N
         RuntimeError: ``wait`` and the job failed or was stopped (the message ends with its logs' tail).
     """
     entrypoint = train_entrypoint(config, workdir, dataset_id, command)
-    runtime_env = _runtime_env(env_vars)
+    runtime_env = _runtime_env(env_vars, working_dir)
     if working_dir:
         runtime_env.update({"working_dir": str(Path(working_dir).resolve()), "excludes": WORKING_DIR_EXCLUDES})
     job = _Job(address, token, status, poll_s)
@@ -169,7 +170,7 @@ def submit_run(address: str, spec_yaml: str, spec_sha256: str, *, code_dir: str 
         RuntimeError: ``wait`` and the job failed or was stopped (the failed stage and its error, else the logs'
             tail), or it ran a spec whose sha256 is not ``spec_sha256``.
     """
-    runtime_env = _runtime_env(env_vars)
+    runtime_env = _runtime_env(env_vars, code_dir)
     if code_dir:
         runtime_env.update({"py_modules": [str(Path(code_dir).resolve() / name) for name in PACKAGES],
                             "excludes": WORKING_DIR_EXCLUDES})
@@ -190,8 +191,16 @@ def submit_run(address: str, spec_yaml: str, spec_sha256: str, *, code_dir: str 
     return result
 
 
-def _runtime_env(env_vars: dict[str, str] | None) -> dict[str, Any]:
-    return {"env_vars": {"RAY_DEDUP_LOGS": "0", "GX_ANALYTICS_ENABLED": "false", **(env_vars or {})}}
+def _runtime_env(env_vars: dict[str, str] | None, code_dir: str | None = None) -> dict[str, Any]:
+    """The job's environment variables; with shipped code, its checkout's commit (``LINERNOTES_GIT_COMMIT``), so the
+    stages' cache keys name that code although the uploaded copy is no git checkout."""
+    shipped = {}
+    if code_dir:
+        done = subprocess.run(["git", "-C", str(code_dir), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if done.returncode == 0 and done.stdout.strip():
+            shipped = {"LINERNOTES_GIT_COMMIT": done.stdout.strip()}
+    return {"env_vars": {"RAY_DEDUP_LOGS": "0", "GX_ANALYTICS_ENABLED": "false", **shipped, **(env_vars or {})}}
 
 
 class _Job:

@@ -198,6 +198,11 @@ def test_submit_runs_a_whole_spec_on_both_nodes_of_a_ray_cluster(tmp_path):
     with LineageStore(f"sqlite:///{tmp_path / 'cluster-work' / 'lineage.sqlite'}") as store:
         children = [r for r in store.list_runs() if r.get("parent_run_id") == run["run_id"]]
     assert sorted(r["kind"] for r in children) == ["ingest", "shard", "train"]
+    with LineageStore(f"sqlite:///{tmp_path / 'local-work' / 'lineage.sqlite'}") as store:
+        here = {r["code_version"] for r in store.list_runs() if r["kind"] != "run"}
+    # the job ran this checkout, shipped by --working-dir (not the nodes' installed linernotes), and its cache keys
+    # name this checkout's commit although the shipped copy is no git checkout
+    assert {r["code_version"] for r in children} == here and len(here) == 1 and "+g" in here.pop()
 
     # where the stages' Ray work ran: both nodes, read from Ray's state API
     worker = next(node_id for node_id, n in nodes.items() if "worker_node" in (n.resources_total or {}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -120,3 +121,44 @@ def test_a_bad_spec_or_option_is_one_line_before_the_cluster_is_contacted(tmp_pa
     # a good spec gets as far as the (absent) cluster: the one line names it
     reached = _submit(str(spec), cwd=tmp_path)
     assert reached.returncode == 2 and "cannot reach the Ray Jobs API" in reached.stderr, reached.stderr[-2000:]
+
+
+def test_a_waited_run_prints_the_job_the_run_id_and_the_stage_table(tmp_path, capsys):
+    from pipelines.cli.run import _render_submitted_run
+
+    stages = [{"stage": "ingest", "status": "ran", "run_id": "ingest-1", "output_ids": {"catalog": "cat-1"},
+               "counts": {"accepted": 3}},
+              {"stage": "shard", "status": "cached", "run_id": "shard-1", "output_ids": {"dataset": "ds-1"},
+               "counts": {"segments": 18}}]
+    payload = {"job_id": "raysubmit_abc", "status": "SUCCEEDED", "address": "http://head:8265",
+               "spec_sha256": "f" * 64, "run_id": "run-1",
+               "result": {"run_id": "run-1", "status": "succeeded", "stages": stages}}
+    _render_submitted_run(payload)
+    lines = capsys.readouterr().out.splitlines()
+    assert "job raysubmit_abc SUCCEEDED at http://head:8265" in lines[0]
+    assert any("run run-1 (succeeded)" in line for line in lines)
+    for row in stages:
+        assert any(row["stage"] in line and row["status"] in line and row["run_id"] in line for line in lines), row
+    _render_submitted_run({**payload, "status": "PENDING", "result": None, "run_id": None})
+    assert "ray job logs --follow --address http://head:8265 raysubmit_abc" in capsys.readouterr().out
+
+
+def test_shipped_code_keeps_its_commit_in_the_cache_keys(tmp_path):
+    """Packages uploaded to a Ray job (or installed in an image) are no git checkout: ``code_version`` takes the
+    commit from ``LINERNOTES_GIT_COMMIT``, which ``submit --working-dir`` sets to the shipped checkout's."""
+    from pipelines.engines.submit import _runtime_env
+    from provenance.store import GIT_COMMIT_ENV, code_version
+
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                            text=True, check=True).stdout.strip()
+    assert _runtime_env(None, str(ROOT))["env_vars"][GIT_COMMIT_ENV] == commit
+    assert GIT_COMMIT_ENV not in _runtime_env(None)["env_vars"]
+    assert code_version().endswith(f"+g{commit}")  # a checkout: git says
+    shutil.copytree(ROOT / "provenance", tmp_path / "provenance")  # a copy outside any checkout, as Ray unpacks it
+    probe = [sys.executable, "-c", "from provenance.store import code_version; print(code_version())"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env.pop(GIT_COMMIT_ENV, None)
+    bare = subprocess.run(probe, capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout.strip()
+    shipped = subprocess.run(probe, capture_output=True, text=True, env={**env, GIT_COMMIT_ENV: commit}, cwd=tmp_path,
+                             check=True).stdout.strip()
+    assert "+g" not in bare and shipped == f"{bare}+g{commit}" == code_version()
