@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipelines.config import ConfigError, parse_overrides
-from pipelines.engines import EngineConfig
+from pipelines.engines import EngineConfig, read_beam_options_file
 from provenance import records
 from provenance.workspace import DEFAULT_WORKDIR
 
@@ -38,6 +38,12 @@ RUN_CHAIN = ("ingest", "separate", "clean", "shard", "train", "index", "generate
 WORKDIR_ENV = "LINERNOTES_WORKDIR"
 #: stage config keys that a command line hands to the engine; a run spec sets them once, under ``engine:``
 ENGINE_OWNED = frozenset({"address", "num_cpus", "beam_options"})
+#: stage config keys that may name a local file or folder (``embedder``: ``KIND:PATH``); :func:`pin_spec` makes a
+#: relative one absolute, so a Ray job, whose working directory is elsewhere, reads the same file
+PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "ingest": ("opt_out_csv",), "clean": ("embedder",), "train": ("storage_path", "text_encoder_path"),
+    "index": ("embedder",), "generate": ("context_path", "vocoder"), "evaluate": ("embedder", "vocoder"),
+}
 
 
 class PurposeSpec(BaseModel):
@@ -133,6 +139,60 @@ def parse_spec(raw: Any, *, base_dir: Path, source: str = "<dict>", overrides: I
         "engine": top.engine.model_dump(mode="json"),
     }
     return RunSpec(source, delivery, root, top.purpose, configs, top.engine, resolved)
+
+
+def pin_spec(spec: RunSpec, workspace: str | None = None) -> dict[str, Any]:
+    """``spec`` as a Ray job on a cluster must run it, every value explicit (``linernotes submit SPEC``).
+
+    Each stage's config with its defaults filled (``as_of`` included: today, here), the delivery and the workspace
+    as absolute paths, a relative local path in a stage config (:data:`PATH_KEYS`) made absolute, the engine's
+    ``beam_options_file`` read into ``beam_options`` (the same flags, in the same order), and no stage key the
+    engine owns. :func:`parse_spec` of the result gives the same stage configs as ``spec``; its ``sha256`` is what
+    the job's whole-run Run records.
+
+    Args:
+        spec: a validated spec (:func:`load_spec`).
+        workspace: the workspace as the cluster's nodes see it; default ``spec.workspace``. Either way it must be
+            shared storage that every node mounts at that path (the driver writes the lineage store and the
+            catalog, the Ray workers write shards and checkpoints, the next stage reads them).
+
+    Raises:
+        ConfigError: ``engine.ray_address`` names a cluster: a job joins the cluster it runs on.
+    """
+    engine = spec.engine
+    if engine.ray_address not in (None, "auto"):
+        raise ConfigError(f"run spec {spec.source}: engine.ray_address: {engine.ray_address!r}, but a submitted run "
+                          "joins the cluster it runs on; drop it (--set engine.ray_address=null)")
+    from pipelines.stage import get_stage
+
+    stages = {}
+    for name, config in spec.stages.items():
+        owned = set(get_stage(name).engine_keys) & ENGINE_OWNED
+        values = {k: v for k, v in config.model_dump(mode="json").items() if k not in owned}
+        for key in PATH_KEYS.get(name, ()):
+            if isinstance(values.get(key), str):
+                values[key] = _absolute(values[key], kind_prefix=key == "embedder")
+        stages[name] = values
+    file_options = read_beam_options_file(engine.beam_options_file) if engine.beam_options_file else []
+    return {
+        "delivery": str(spec.delivery) if spec.delivery else None,
+        "workspace": workspace or str(spec.workspace),
+        "purpose": spec.purpose.model_dump(mode="json"),
+        "stages": stages,
+        "engine": {**engine.model_dump(mode="json"), "beam_options_file": None,
+                   "beam_options": [*file_options, *engine.beam_options]},
+    }
+
+
+def _absolute(value: str, kind_prefix: bool = False) -> str:
+    """``value`` with a relative path that exists here made absolute; a URI (``s3://``), a name or an absolute path
+    as it is. ``kind_prefix``: the path follows ``KIND:`` (``clap:models/clap``)."""
+    kind, sep, path = value.partition(":") if kind_prefix else ("", "", value)
+    if not sep and kind_prefix:
+        return value
+    if not path or "://" in path or Path(path).is_absolute() or not Path(path).exists():
+        return value
+    return f"{kind}{sep}{Path(path).resolve()}"
 
 
 def _with_overrides(values: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

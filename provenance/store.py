@@ -46,9 +46,15 @@ from provenance.schema import metadata as metadata
 
 log = logging.getLogger(__name__)
 
+#: the commit of code that is not a git checkout, for :func:`code_version`
+GIT_COMMIT_ENV = "LINERNOTES_GIT_COMMIT"
+
+
 @functools.cache
 def code_version() -> str:
-    """The installed package's version, plus ``+g<commit>`` (12 hex digits) when the code is a git checkout.
+    """The installed package's version, plus ``+g<commit>`` (12 hex digits) when the code is a git checkout, else
+    the commit ``$LINERNOTES_GIT_COMMIT`` names (code that is no checkout: an image built with ``--build-arg
+    GIT_COMMIT``, the packages ``linernotes submit --working-dir`` ships to a Ray job).
 
     Part of every stage's cache key, so a new commit re-runs what it may compute differently. A checkout with
     uncommitted changes still reports its last commit: the key names code, not edits.
@@ -63,6 +69,7 @@ def code_version() -> str:
                                 text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         commit = ""
+    commit = commit or os.environ.get(GIT_COMMIT_ENV, "").strip()[:12]
     return f"{version}+g{commit}" if commit else version
 
 

@@ -2,11 +2,14 @@
 
 - **Ray** (separate, clean, shard, index, and train's Ray Train workers): a local Ray started in this process
   with an explicit CPU count, no dashboard and a modest object store, or a cluster by address
-  (``ray://HEAD:10001``, ``auto``, or ``$RAY_ADDRESS`` inside a Ray Job). A Ray that is already initialized (a notebook, a test's session Ray, a Ray
-  Job's driver) is used as it is and never shut down here.
-- **Beam** (ingest): the DirectRunner by default; another runner (Flink, Spark, Dataflow) and its pipeline options
-  from a runner options file (``infra/beam/<runner>.yaml``, a ``beam_options`` list) or a list of flags.
-  ``apache_beam`` is imported only when a pipeline is built.
+  (``ray://HEAD:10001``, ``auto``, or ``$RAY_ADDRESS`` inside a Ray Job). A Ray that is already initialized (a
+  notebook, a test's session Ray, a Ray Job's driver) is used as it is and never shut down here. On a cluster no
+  stage pins work to the driver's node: tasks, actors and Ray Train's workers ask only for CPUs or GPUs (no node
+  affinity, no node resources), Ray Data chooses its own placement, and Ray places them over the cluster's nodes
+  (``linernotes submit SPEC``, tests/e2e/test_submit_cluster.py).
+- **Beam** (ingest): the DirectRunner by default, inside this process (a Ray job's driver on a cluster); another
+  runner (Flink, Spark, Dataflow) and its pipeline options from a runner options file (``infra/beam/<runner>.yaml``,
+  a ``beam_options`` list) or a list of flags. ``apache_beam`` is imported only when a pipeline is built.
 
 Engine settings are not stage settings: they live in :class:`EngineConfig` and never enter a stage's cache key
 (the same data sharded on a laptop or a cluster is the same dataset).

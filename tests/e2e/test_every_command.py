@@ -164,6 +164,7 @@ BAD_ARGUMENTS = {
     "shard": (["shard", "--segment-s", "-1"], "segment_s"),
     "train": (["train", "--set", "stepz=3"], "stepz"),
     "submit": (["submit", "--address", "http://127.0.0.1:9", "--set", "stepz=3"], "stepz"),
+    "submit SPEC": (["submit", "/no/such/spec.yaml", "--address", "http://127.0.0.1:9"], "does not exist"),
     "generate": (["generate", "--prompt", "x", "--duration-s", "0"], "--duration-s"),
     "attribute": (["attribute", "/no/such.wav"], "no audio file"),
     "index": (["index", "--set", "projection_dim=3"], "projection_dim"),
