@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import secrets
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
