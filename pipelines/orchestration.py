@@ -254,6 +254,7 @@ def inbox_sensor(assets: dg.AssetsDefinition) -> dg.SensorDefinition:
     """The sensor ``delivery_inbox`` (see the module docstring)."""
 
     @dg.sensor(name="delivery_inbox", target=assets, minimum_interval_seconds=30,
+               default_status=dg.DefaultSensorStatus.RUNNING,  # curating starts with the daemon, no command
                description=f"Curates each delivery of the inbox once its {READY_MARKER} marker is there.")
     def delivery_inbox(context: SensorEvaluationContext, inbox: DeliveryInbox) -> dg.SensorResult:
         requested = set(json.loads(context.cursor)) if context.cursor else set()
@@ -276,6 +277,7 @@ def opt_out_schedule(spec_path: Path, assets: dg.AssetsDefinition) -> dg.Schedul
     """The schedule ``opt_out_recuration`` (see the module docstring)."""
 
     @dg.schedule(name="opt_out_recuration", cron_schedule="0 3 * * *", execution_timezone="UTC", target=assets,
+                 default_status=dg.DefaultScheduleStatus.RUNNING,
                  description="Re-curates, once a day, the deliveries holding recordings an opt-out registered since "
                              "their last curation names.")
     def opt_out_recuration(context: ScheduleEvaluationContext,
