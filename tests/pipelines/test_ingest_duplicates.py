@@ -92,6 +92,30 @@ def test_recall_and_precision_on_planted_copies(catalog, tmp_path):
         f"{copy}/mixture" for copy, _ in found}
 
 
+def test_within_a_delivery_the_index_links_what_the_pairwise_method_linked(catalog):
+    """The method before the index (every track against every kept one before it, by id) as the reference: on the
+    first delivery (112 recordings, 12 planted copies) the index gives the same duplicate rows."""
+    from cleaning.fingerprint import fingerprint_similarity
+
+    first, _, _ = catalog
+    rows = {row["track_id"]: row for row in first}
+    prints = {t: np.frombuffer(base64.b64decode(row["_fingerprint"]), dtype="<u4") for t, row in rows.items()}
+    kept, expected = [], {}
+    for track_id in sorted(rows):
+        for earlier in kept:
+            if rows[earlier]["sha256"] == rows[track_id]["sha256"]:
+                expected[track_id] = (earlier, "exact")
+                break
+            if fingerprint_similarity(prints[earlier], prints[track_id]) >= 0.8:
+                expected[track_id] = (earlier, "near")
+                break
+        else:
+            kept.append(track_id)
+    _, _, _, duplicates = link_duplicates([{"track_id": t} for t in rows], first, 0.8, "run-1", delivery_id="first")
+    assert {d["track_id"]: (d["duplicate_of"], d["kind"]) for d in duplicates} == expected
+    assert len(expected) == len(first) - 100
+
+
 def test_same_track_again_is_not_a_duplicate_and_replace_keeps_one_copy(tmp_path):
     """A track id delivered again (a corrected delivery) is that track, not a duplicate of it; with ``replace`` the
     first copy (by id) of an earlier recording is accepted and a second copy in the same delivery is rejected as a
@@ -115,6 +139,20 @@ def test_same_track_again_is_not_a_duplicate_and_replace_keeps_one_copy(tmp_path
     assert [r["record_id"] for r in rejections if r["record_kind"] == "track"] == ["y"]
     with pytest.raises(ValueError, match="on_duplicate"):
         link_duplicates(tracks, rows, 0.8, "run-1", on_duplicate="keep")
+
+
+def test_many_copies_in_one_delivery_all_link_to_the_first_by_id():
+    """Each later copy has its earlier (rejected) copies among its best candidates; it is still linked to the one
+    kept track, the first by id, as the pairwise method did."""
+    a, b = recording(3001, duration_s=6.0), recording(3002, duration_s=6.0)
+    copies = [(a, RATE), (a, RATE)] + [planted_copy(a, kind) for kind in ("gain", "resample_32k", "shift", "gain")]
+    rows = [mixture_row("a", a, RATE), mixture_row("b", b, RATE)] + [
+        mixture_row(f"copy{k}", audio, rate) for k, (audio, rate) in enumerate(copies)]
+    kept, _, _, duplicates = link_duplicates([{"track_id": r["track_id"]} for r in rows], rows, 0.8, "run-1",
+                                             delivery_id="d")
+    assert [t["track_id"] for t in kept] == ["a", "b"]
+    assert {d["track_id"]: d["duplicate_of"] for d in duplicates} == {f"copy{k}": "a" for k in range(6)}
+    assert [d["kind"] for d in duplicates] == ["exact", "exact", "near", "near", "near", "near"]  # copy5 = copy2's PCM
 
 
 # the whole stage on two deliveries ---------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
     similarity ≥ ``threshold`` (``near``).
 
     Tracks are taken in id order. Within the delivery, a track that duplicates an earlier-by-id track still kept
-    is rejected ``duplicate_recording`` (the first kept one in id order it duplicates is named). Otherwise it is
+    is rejected ``duplicate_recording``, naming the first such track by id among those of the same PCM and the
+    ``MAX_CANDIDATES`` kept ones the index ranks first. Otherwise it is
     compared with the recordings of ``earlier`` deliveries: an exact match first, else the candidate with the
     highest similarity (ties: the latest delivery), never one of the same track id (that track delivered again);
     with ``on_duplicate`` ``reject`` it is rejected naming that track and its delivery, with ``replace`` it is kept
@@ -60,6 +61,7 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
         ValueError: ``on_duplicate`` is neither ``reject`` nor ``replace``.
     """
     from cleaning.fingerprint import fingerprint_similarity
+    from cleaning.fingerprint_index import MAX_CANDIDATES
 
     if on_duplicate not in ("reject", "replace"):
         raise ValueError(f"on_duplicate must be 'reject' or 'replace', got {on_duplicate!r}")
@@ -76,8 +78,9 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
     duplicates: list[dict[str, Any]] = []
     for j, track_id in enumerate(ids):
         match = None
-        same_pcm = {i for i in by_hash[hashes[j]] if i < j}
-        for i in sorted((within.get(j, set()) | same_pcm) & kept):  # the first kept track by id that it duplicates
+        same_pcm = {i for i in by_hash[hashes[j]] if i < j} & kept
+        near = [i for i in within.get(j, []) if i in kept][:MAX_CANDIDATES]  # the most votes first
+        for i in sorted(same_pcm | set(near)):  # the first kept track by id that it duplicates
             if hashes[i] == hashes[j]:
                 match = _Match(ids[i], "exact", 1.0, delivery_id)
                 break
@@ -121,9 +124,10 @@ def recordings_to_index(tracks: list[dict[str, Any]], audio_files: list[dict[str
             for row in audio_files if row["role"] == Role.MIXTURE and row["track_id"] in kept]
 
 
-def _within_candidates(prints: list[np.ndarray]) -> dict[int, set[int]]:
+def _within_candidates(prints: list[np.ndarray]) -> dict[int, list[int]]:
     """Recording ``j`` → the recordings ``i < j`` of the same delivery that share at least ``MIN_VOTES``
-    sub-fingerprints with it at one offset (every one of them: which are still kept is decided in order)."""
+    sub-fingerprints with it at one offset, the most votes first (all of them: which are still kept is decided in
+    order, and the best ``MAX_CANDIDATES`` kept ones are scored)."""
     from cleaning.fingerprint_index import build_postings, match_postings, max_shift_frames, top_candidates, vote
 
     postings = build_postings(prints)
@@ -132,9 +136,9 @@ def _within_candidates(prints: list[np.ndarray]) -> dict[int, set[int]]:
     earlier = index_tracks < query_tracks
     found = top_candidates(vote(query_tracks[earlier], index_tracks[earlier], shifts[earlier], shift),
                            max_candidates=len(prints))
-    out: dict[int, set[int]] = {}
+    out: dict[int, list[int]] = {}
     for j, i in zip(found.query_tracks.tolist(), found.index_tracks.tolist()):
-        out.setdefault(j, set()).add(i)
+        out.setdefault(j, []).append(i)
     return out
 
 
