@@ -46,8 +46,8 @@ class Postings:
 
     Attributes:
         keys: uint32 ``(n,)``, the sub-fingerprints (never 0: silent frames are not indexed).
-        tracks: int64 ``(n,)``, the recording's number (its position in the sequence the postings were built from).
-        offsets: int64 ``(n,)``, the frame (11.6 ms hop) the sub-fingerprint is at.
+        tracks: int32 ``(n,)``, the recording's number (its position in the sequence the postings were built from).
+        offsets: int32 ``(n,)``, the frame (11.6 ms hop) the sub-fingerprint is at.
     """
 
     keys: np.ndarray
@@ -86,14 +86,15 @@ def build_postings(fingerprints: Sequence[np.ndarray], max_postings: int | None 
         max_postings: drop the sub-fingerprints with more postings than this (``MAX_POSTINGS``); None keeps all.
 
     Returns:
-        Postings sorted by (key, track, offset); ``8 + 8 + 4`` bytes per non-silent frame in memory.
+        Postings sorted by (key, track, offset): 12 bytes per non-silent frame in memory (≈ 1 KB per second of
+        audio).
     """
     sizes = np.array([len(p) for p in fingerprints], dtype=np.int64)
     if not len(fingerprints) or sizes.sum() == 0:
         return _empty_postings()
     keys = np.concatenate([np.asarray(p, dtype=np.uint32) for p in fingerprints])
-    tracks = np.repeat(np.arange(len(fingerprints), dtype=np.int64), sizes)
-    offsets = np.arange(keys.shape[0], dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    tracks = np.repeat(np.arange(len(fingerprints), dtype=np.int32), sizes)
+    offsets = (np.arange(keys.shape[0], dtype=np.int64) - np.repeat(np.cumsum(sizes) - sizes, sizes)).astype(np.int32)
     voiced = keys != 0
     keys, tracks, offsets = keys[voiced], tracks[voiced], offsets[voiced]
     order = np.lexsort((offsets, tracks, keys))
@@ -118,7 +119,8 @@ def match_postings(query: Postings, index: Postings, max_shift_frames: int) -> t
     ``max_shift_frames`` + 1.
 
     Returns:
-        (query tracks, index tracks, offset differences ``index offset − query offset``), int64 ``(pairs,)`` each.
+        (query tracks, index tracks, offset differences ``index offset − query offset``), int32 ``(pairs,)`` each
+        (int64 when the postings' are).
     """
     if not len(query) or not len(index):
         empty = np.zeros(0, dtype=np.int64)
@@ -199,4 +201,4 @@ def max_shift_frames(max_shift_s: float = DEFAULT_MAX_SHIFT_S) -> int:
 
 
 def _empty_postings() -> Postings:
-    return Postings(np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+    return Postings(np.zeros(0, dtype=np.uint32), np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32))

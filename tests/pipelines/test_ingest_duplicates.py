@@ -86,6 +86,14 @@ def test_recall_and_precision_on_planted_copies(catalog, tmp_path):
     for (copy, original), row in found.items():
         assert row["duplicate_of_delivery_id"] == "first" and row["action"] == "rejected"
         assert copy not in kept_ids and (original in kept_ids)
+    # blocks bound memory; they change nothing
+    from pipelines.stages.ingest.duplicates import _decode_print, _earlier_matches
+
+    ids = [row["track_id"] for row in sorted(second, key=lambda r: r["track_id"])]
+    rows = {row["track_id"]: row for row in second}
+    args = (ids, [_decode_print(rows[t]["_fingerprint"]) for t in ids], [rows[t]["sha256"] for t in ids],
+            index.earlier("second"), 0.8)
+    assert _earlier_matches(*args, query_block=7, verify_block=3) == _earlier_matches(*args)
     details = {r["record_id"]: r["detail"] for r in rejections_2 if r["record_kind"] == "track"}
     assert all("of the earlier delivery first" in detail for detail in details.values())
     assert {r["record_id"] for r in rejections + rejections_2 if r["record_kind"] == "audio_file"} == {

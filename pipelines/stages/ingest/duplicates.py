@@ -143,14 +143,15 @@ def _within_candidates(prints: list[np.ndarray]) -> dict[int, list[int]]:
 
 
 def _earlier_matches(ids: list[str], prints: list[np.ndarray], hashes: list[str], earlier: Sequence[Segment],
-                     threshold: float, block: int = 256) -> dict[int, _Match]:
+                     threshold: float, query_block: int = 1024, verify_block: int = 256) -> dict[int, _Match]:
     """Recording ``j`` (of track ``ids[j]``) → its match among the earlier deliveries' recordings, if any: the same
     PCM (the latest delivery's), else the candidate with the highest fingerprint similarity ≥ ``threshold`` (ties:
     the latest). A recording of the same track id is not a duplicate: it is that track delivered again (a
     corrected delivery, an update), not another record of its recording.
 
-    The delivery is queried ``block`` recordings at a time, so that only one block's candidates' fingerprints are
-    in memory; each segment's postings are read a row group at a time.
+    Memory stays bounded whatever the catalog: each segment's postings are read a row group at a time, the delivery
+    queries them ``query_block`` recordings at a time (each block reads the segments once), and the candidates'
+    fingerprints are read and scored ``verify_block`` recordings at a time.
     """
     from cleaning.fingerprint import fingerprint_similarity
     from cleaning.fingerprint_index import MAX_CANDIDATES, build_postings, max_shift_frames, top_candidates
@@ -166,34 +167,36 @@ def _earlier_matches(ids: list[str], prints: list[np.ndarray], hashes: list[str]
             for j in (j for j in by_hash.get(sha, ()) if ids[j] != track_id):
                 matches[j] = _Match(track_id, "exact", 1.0, segment.delivery_id, segment.sequence)
     shift = max_shift_frames()
-    for first in range(0, len(prints), block):
-        rows = [j for j in range(first, min(first + block, len(prints))) if j not in matches]
+    by_sequence = {segment.sequence: segment for segment in earlier}
+    for first in range(0, len(prints), query_block):
+        rows = [j for j in range(first, min(first + query_block, len(prints))) if j not in matches]
         if not rows:
             continue
         query = build_postings([prints[j] for j in rows], max_postings=None)
-        found: dict[int, list[tuple[int, int, Segment, int]]] = {}  # query → (votes, sequence, segment, row)
+        found: dict[int, list[tuple[int, int, int]]] = {}  # recording → (votes, segment sequence, segment row)
         for segment in earlier:
             top = top_candidates(segment.query(query, shift))
             for q, i, votes in zip(top.query_tracks.tolist(), top.index_tracks.tolist(), top.votes.tolist()):
-                found.setdefault(rows[q], []).append((votes, segment.sequence, segment, i))
-        chosen = {j: sorted(c, key=lambda c_: (-c_[0], -c_[1]))[:MAX_CANDIDATES] for j, c in found.items()}
-        needed: dict[int, set[int]] = {}
-        for candidates in chosen.values():
-            for _, _, segment, i in candidates:
-                needed.setdefault(segment.sequence, set()).add(i)
-        by_sequence = {segment.sequence: segment for segment in earlier}
-        read = {seq: by_sequence[seq].read_fingerprints(ix) for seq, ix in needed.items()}
-        for j, candidates in chosen.items():
-            best = None
-            for _, seq, segment, i in candidates:
-                track_id, earlier_print = read[seq][i]
-                if track_id == ids[j]:
-                    continue
-                similarity = fingerprint_similarity(earlier_print, prints[j])
-                if similarity >= threshold and (best is None or (similarity, seq) > (best.similarity, best.sequence)):
-                    best = _Match(track_id, "near", similarity, segment.delivery_id, seq)
-            if best is not None:
-                matches[j] = best
+                found.setdefault(rows[q], []).append((votes, segment.sequence, i))
+        chosen = sorted((j, sorted(c, key=lambda c_: (-c_[0], -c_[1]))[:MAX_CANDIDATES]) for j, c in found.items())
+        for part in range(0, len(chosen), verify_block):
+            needed: dict[int, set[int]] = {}
+            for _, candidates in chosen[part:part + verify_block]:
+                for _, seq, i in candidates:
+                    needed.setdefault(seq, set()).add(i)
+            read = {seq: by_sequence[seq].read_fingerprints(ix) for seq, ix in needed.items()}
+            for j, candidates in chosen[part:part + verify_block]:
+                best = None
+                for _, seq, i in candidates:
+                    track_id, earlier_print = read[seq][i]
+                    if track_id == ids[j]:
+                        continue
+                    similarity = fingerprint_similarity(earlier_print, prints[j])
+                    if similarity >= threshold and (best is None or (similarity, seq) > (best.similarity,
+                                                                                          best.sequence)):
+                        best = _Match(track_id, "near", similarity, by_sequence[seq].delivery_id, seq)
+                if best is not None:
+                    matches[j] = best
     return matches
 
 

@@ -136,8 +136,7 @@ class Segment:
             if low == high:
                 continue
             table = parquet.read_row_group(group)
-            index = Postings(table["key"].to_numpy(), table["track"].to_numpy().astype(np.int64),
-                             table["offset"].to_numpy().astype(np.int64))
+            index = Postings(table["key"].to_numpy(), table["track"].to_numpy(), table["offset"].to_numpy())
             part = Postings(query.keys[low:high], query.tracks[low:high], query.offsets[low:high])
             found.append(match_postings(part, index, max_shift_frames))
         if not found:
@@ -221,8 +220,8 @@ class RecordingIndex:
         tracks_name, postings_name = f"tracks-{tag}.parquet", f"postings-{tag}.parquet"
         pq.write_table(tracks, folder / tracks_name, row_group_size=256, compression="zstd")
         pq.write_table(pa.table({"key": pa.array(postings.keys, pa.uint32()),
-                                 "track": pa.array(postings.tracks.astype(np.int32)),
-                                 "offset": pa.array(postings.offsets.astype(np.int32))}, schema=POSTINGS_SCHEMA),
+                                 "track": pa.array(postings.tracks), "offset": pa.array(postings.offsets)},
+                                schema=POSTINGS_SCHEMA),
                        folder / postings_name, row_group_size=ROW_GROUP_ROWS, compression="zstd")
         info = {"index_version": INDEX_VERSION, "delivery_id": delivery_id, "sequence": sequence,
                 "content_id": content_id, "run_ids": run_ids + [run_id], "recordings": len(ordered),
