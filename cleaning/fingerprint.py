@@ -159,9 +159,9 @@ def find_near_duplicates(fingerprints: Mapping[str, np.ndarray], threshold: floa
     """All pairs of recordings whose ``fingerprint_similarity`` is at least ``threshold``.
 
     Pairwise: ``K·(K−1)/2`` comparisons for ``K`` fingerprints, each an FFT over both lengths (a few ms for
-    two 3-minute recordings), which suits one catalog delivery (hundreds of files). For a whole catalog,
-    index the sub-fingerprints (Haitsma & Kalker's lookup table, or LSH over bit bands) to find candidate
-    pairs and score only those with this function.
+    two 3-minute recordings), which suits a few hundred files. For a whole catalog, find candidate pairs in
+    the sub-fingerprint index (``cleaning.fingerprint_index``, Haitsma & Kalker's lookup table) and score only
+    those with ``fingerprint_similarity``, as ingest does (``pipelines.stages.ingest.duplicates``).
 
     Args:
         fingerprints: id → uint32 ``(frames,)`` from ``fingerprint``.

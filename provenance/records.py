@@ -19,7 +19,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 class Role(enum.StrEnum):
@@ -154,11 +154,14 @@ AUDIO_FILE = _schema(
 
 DUPLICATE = _schema(
     [
-        pa.field("track_id", pa.string(), nullable=False),  # the later track, rejected as duplicate_recording
+        pa.field("track_id", pa.string(), nullable=False),  # the later track (rejected duplicate_recording, or
+        # accepted in place of an earlier delivery's with on_duplicate: replace)
         pa.field("duplicate_of", pa.string(), nullable=False),  # the track it duplicates, kept
         pa.field("kind", pa.string(), nullable=False),  # "exact" (same decoded PCM) | "near" (fingerprint)
         pa.field("similarity", pa.float64()),  # 1 − bit error rate of the fingerprints; 1.0 for exact
         pa.field("run_id", pa.string()),
+        pa.field("duplicate_of_delivery_id", pa.string()),  # the delivery of duplicate_of (this one's, or earlier)
+        pa.field("action", pa.string()),  # "rejected" | "replaced" (accepted: on_duplicate is replace)
     ],
     "Duplicate",
 )

@@ -15,6 +15,8 @@ Layout (all under ``root``)::
     checkpoints/<checkpoint_id>/   checkpoint.pt, config.json
     generations/<generation_id>/   generated WAV, generation.json, report.html + report_files/
     indexes/<dataset_id>/          attribution indexes (embedding vectors, FAISS)
+    recordings/<n>-<delivery_id>/  the recording index: every accepted mixture's sha256 and fingerprint, and the
+                                   sub-fingerprint postings, per delivery (pipelines/stages/ingest/recordings.py)
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ class Workspace:
     @property
     def indexes_dir(self) -> Path:
         return self.root / "indexes"
+
+    @property
+    def recordings_dir(self) -> Path:
+        return self.root / "recordings"
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id

@@ -74,6 +74,11 @@ def render_ingest(payload: dict[str, Any]) -> None:
         table.add_row(name, str(c["input"]), str(c["accepted"]), str(c["rejected"]), reasons)
     out_console.print(table)
     out_console.print(f"mixtures built from stems: {payload['counts']['mixtures_built']}")
+    index = payload["counts"].get("recording_index")
+    if index:
+        linked = ", ".join(f"{n} {action}" for action, n in index["duplicates_of_earlier"].items()) or "none"
+        out_console.print(f"duplicates of {index['earlier_recordings']} recordings of {index['earlier_deliveries']} "
+                          f"earlier deliveries: {linked}")
     out_console.print(f"catalog: {Path(payload['outputs']['tracks']).parent}")
 
 

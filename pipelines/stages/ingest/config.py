@@ -7,7 +7,7 @@ no stage (``linernotes stages``, ``--help``) and by the Beam workers.
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,6 +41,11 @@ class IngestConfig(BaseModel):
             residual (10·log10 ‖m − Σs‖²/‖m‖²); real bleed measures about −31 dB on MUSDB18.
         near_duplicate_threshold: fingerprint similarity (1 − bit error rate) above which two mixtures are
             the same recording (Haitsma & Kalker 2002).
+        on_duplicate: what to do with a recording that duplicates one an earlier delivery in the workspace brought
+            (found through the workspace's recording index, ``pipelines.stages.ingest.recordings``): ``reject``
+            it (``duplicate_recording``, the earlier delivery's track in the detail), or ``replace``: accept it,
+            linked to the earlier one in ``duplicates.parquet`` (``action`` = ``replaced``). Duplicates within
+            one delivery are always rejected, the first track by id kept.
         beam_options: extra Beam pipeline options, e.g. ``["--direct_num_workers=2",
             "--direct_running_mode=multi_processing"]`` or a Flink/Spark/Dataflow runner's options
             (``infra/beam/``). An engine setting: the stage hands it to the engine
@@ -57,6 +62,7 @@ class IngestConfig(BaseModel):
     stem_length_tolerance_samples: int = Field(default=0, ge=0)
     max_stem_residual_db: float = -15.0
     near_duplicate_threshold: float = Field(default=NEAR_DUPLICATE_THRESHOLD, gt=0.5, le=1.0)
+    on_duplicate: Literal["reject", "replace"] = "reject"
     beam_options: tuple[str, ...] = ()
 
     def run_purpose(self) -> RunPurpose:

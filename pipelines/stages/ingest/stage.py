@@ -7,6 +7,8 @@ stage hands to the engine, ``pipelines.engines``)::
     files.csv ──▶ key by track_id ───────────────────────────────────────────────┴▶ co-group ─▶ route files
         ─▶ reshuffle ─▶ decode + measure each file ─▶ co-group with decisions ─▶ finalize track
            (build the mixture from the stems when none was delivered; a track without usable audio is rejected)
+        ─▶ on the driver: link duplicate recordings, within the delivery and with every earlier delivery's through
+           the workspace's recording index (``pipelines.stages.ingest.duplicates``, ``…recordings``)
 
 The per-record steps are pure functions in ``pipelines.stages.ingest.steps``, the Beam adapters and the graph are in
 ``pipelines.stages.ingest.beam`` and the config in ``pipelines.stages.ingest.config``; this module holds the stage and
@@ -33,6 +35,7 @@ from pipelines.stages.ingest.delivery import INGEST as STAGE
 from pipelines.stages.ingest.delivery import Delivery, file_record_id, read_delivery, read_licenses
 from pipelines.engines import EngineConfig
 from pipelines.stages.ingest.config import MEASURE_VERSION, IngestConfig
+from pipelines.stages.ingest.recordings import RecordingIndex
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, cache_key
 from provenance.policy import OptOutRegistry
 from provenance.records import (
@@ -110,7 +113,7 @@ class IngestStage(Stage):
     config_model = IngestConfig
     resources = Resources(engine="beam", cpus=1.0)
     engine_keys = ("beam_options",)
-    reads = ("delivery", "opt_outs")
+    reads = ("delivery", "opt_outs", "recordings")
     writes = CATALOG_TABLES + ("data_docs",)
 
     def engine_config(self, config: IngestConfig) -> EngineConfig:
@@ -124,31 +127,41 @@ class IngestStage(Stage):
         delivery = read_delivery(root, default_license_id=config.license_id)
         opt_outs = opt_out_registry(ctx.store, config)
         ctx.prepared.update(delivery=delivery, opt_outs=opt_outs)
-        return {"delivery": "dlv-" + run_fingerprint(delivery, config, opt_outs)[:16]}
+        # what the earlier deliveries in the workspace hold: a new (or grown) one can make a track here a duplicate
+        recordings = RecordingIndex(ctx.workspace.recordings_dir).content_id(delivery.delivery_id)
+        return {"delivery": "dlv-" + run_fingerprint(delivery, config, opt_outs)[:16], "recordings": recordings}
 
     def record(self, ctx: StageContext, config: IngestConfig) -> dict[str, Any]:
         delivery = ctx.prepared["delivery"]
         return {"delivery": str(delivery.root), "delivery_id": delivery.delivery_id}
 
     def outputs_valid(self, run: Mapping[str, Any]) -> bool:
-        """The catalog's audio (delivered files and built mixtures) is still there."""
-        path = (run.get("outputs") or {}).get("audio_files")
+        """The catalog's audio (delivered files and built mixtures) is still there, and the workspace's recording
+        index holds exactly the run's mixtures (later deliveries are compared with them)."""
+        outputs = run.get("outputs") or {}
+        path = outputs.get("audio_files")
         uris = pq.read_table(path, columns=["uri"])["uri"].to_pylist() if path else []
-        return all(Path(uri).is_file() for uri in uris if uri)
+        if not all(Path(uri).is_file() for uri in uris if uri):
+            return False
+        return _indexed(Path(path).parents[2] if path else None, run)
 
     def run(self, ctx: StageContext, config: IngestConfig) -> StageOutput:
         delivery, opt_outs = ctx.prepared["delivery"], ctx.prepared["opt_outs"]
         fingerprint = run_fingerprint(delivery, config, opt_outs)
+        # the cache key holds the inputs, so the earlier deliveries' recordings too
         reusable = _find_reusable_run(ctx.store, ctx.workspace, cache_key(self, config, ctx.inputs))
+        recordings = None
         if reusable is not None:  # same cache key, its catalog version lost or changed since: take its tables
             ctx.say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
             counts, outputs = _reuse_run(ctx.workspace, reusable)
         else:
-            counts, outputs = _ingest(ctx, config, delivery, opt_outs)
+            counts, outputs, recordings = _ingest(ctx, config, delivery, opt_outs)
         version = commit_catalog(ctx.workspace, {name: Path(outputs[name]) for name in CATALOG_TABLES},
                                  parent=None, stage=STAGE, run_id=ctx.run_id)
         outputs.update({name: str(version.table(name)) for name in CATALOG_TABLES})
         ctx.say(f"catalog version {version.catalog_id}")
+        if recordings is not None:  # the accepted mixtures are the delivery's in the index, for later deliveries
+            RecordingIndex(ctx.workspace.recordings_dir).put(delivery.delivery_id, ctx.run_id, recordings)
         return StageOutput(outputs=outputs, counts=counts, output_ids={"catalog": version.catalog_id},
                            details={"delivery_id": delivery.delivery_id, "fingerprint": fingerprint,
                                     "catalog_id": version.catalog_id})
@@ -158,10 +171,15 @@ INGEST_STAGE = IngestStage()
 
 
 def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
-            opt_outs: OptOutRegistry) -> tuple[dict[str, Any], dict[str, str]]:
-    """Check, decode and measure the delivery (Beam), link duplicates, write and check the curated catalog."""
+            opt_outs: OptOutRegistry) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
+    """Check, decode and measure the delivery (Beam), link duplicates (within it and with the earlier deliveries'
+    recordings), write and check the curated catalog.
+
+    Returns:
+        (counts, outputs, the accepted mixtures as ``recordings.Recording`` for the recording index).
+    """
     from pipelines.stages.ingest.beam import build_pipeline
-    from pipelines.stages.ingest.steps import link_duplicates
+    from pipelines.stages.ingest.duplicates import link_duplicates, recordings_to_index
 
     say, workspace, run_id, run_dir = ctx.say, ctx.workspace, ctx.run_id, ctx.run_dir
     say("checking the delivery tables (Great Expectations)")
@@ -182,10 +200,13 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
         audio_files = _read_jsonl(staging, "audio_files")
         rejections = license_rejections + _read_jsonl(staging, "rejections")
     decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
-    say("linking duplicate recordings")
+    earlier = RecordingIndex(workspace.recordings_dir).earlier(delivery.delivery_id)
+    say(f"linking duplicate recordings (within the delivery and with {len(earlier)} earlier deliveries)")
     tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
-        tracks, audio_files, config.near_duplicate_threshold, run_id)
+        tracks, audio_files, config.near_duplicate_threshold, run_id, delivery_id=delivery.delivery_id,
+        earlier=earlier, on_duplicate=config.on_duplicate)
     rejections += duplicate_rejections
+    recordings = recordings_to_index(tracks, audio_files)
     for row in audio_files:
         row.pop("_fingerprint", None)
         row.pop("_record_id", None)
@@ -210,6 +231,12 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
     # files and built mixtures that were decoded and measured by this run, or taken from the cache
     counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
     counts["duplicates"] = dict(sorted(Counter(d["kind"] for d in duplicates).items()))
+    counts["recording_index"] = {
+        "earlier_deliveries": len(earlier),
+        "earlier_recordings": sum(int(s.info.get("recordings", 0)) for s in earlier),
+        "duplicates_of_earlier": dict(sorted(Counter(d["action"] for d in duplicates
+                                                     if d["duplicate_of_delivery_id"] != delivery.delivery_id).items())),
+    }
     if delivered.format == "ddex":
         counts["ddex"] = {"releases": len(delivered.releases), "deals": len(delivered.deals),
                           "deals_granting_ai_training": sum(d["grants_ai_training"] for d in delivered.deals)}
@@ -223,7 +250,7 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
                                      | set(curated_report.table_errors))},
     }
     outputs["data_docs"] = str(curated_report.data_docs_index)
-    return counts, outputs
+    return counts, outputs, recordings
 
 
 def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
@@ -333,17 +360,18 @@ def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRe
 
 def _find_reusable_run(store: LineageStore, workspace: Workspace, key: str) -> dict[str, Any] | None:
     """The newest succeeded ingest run with the cache key ``key`` whose run-folder tables and audio are all still
-    there, though the catalog version it committed is not whole (the runner would have reported it ``cached``).
+    there, though the catalog version it committed is not whole (the runner would have reported it ``cached``), and
+    whose tracks the recording index still holds.
 
     Only the same cache key: the key holds the code version (package version and git commit), the stage version,
-    the config and the delivery fingerprint (which holds ``MEASURE_VERSION``). A run of other code may have judged
-    the same delivery otherwise (the rights policy, the expectations, duplicate linking are code, not measurements),
-    so its tables are never taken; the per-file measurement cache, keyed by ``MEASURE_VERSION``, is what spares
-    decoding across code versions. Taking the run's own tables (their ``run_id`` columns included) gives back the
-    very catalog version it committed, so the stages after ingest stay cached too.
+    the config, the delivery fingerprint (which holds ``MEASURE_VERSION``) and the earlier deliveries' recordings.
+    A run of other code may have judged the same delivery otherwise (the rights policy, the expectations, duplicate
+    linking are code, not measurements), so its tables are never taken; the per-file measurement cache, keyed by
+    ``MEASURE_VERSION``, is what spares decoding across code versions. Taking the run's own tables (their ``run_id``
+    columns included) gives back the very catalog version it committed, so the stages after ingest stay cached too.
     """
     for run in reversed(store.list_runs(STAGE)):
-        if run["status"] != "succeeded" or run.get("cache_key") != key:
+        if run["status"] != "succeeded" or run.get("cache_key") != key or not _indexed(workspace.root, run):
             continue
         run_dir = workspace.run_dir(run["run_id"])
         tables = [run_dir / f"{name}.parquet" for name in CATALOG_TABLES]
@@ -362,6 +390,21 @@ def _reuse_run(workspace: Workspace, previous: Mapping[str, Any]) -> tuple[dict[
     counts = {**previous["counts"], "work": {"audio_measured": 0, "audio_from_cache": 0},
               "reused_from": previous["run_id"]}
     return counts, outputs
+
+
+def _indexed(root: Path | None, run: Mapping[str, Any]) -> bool:
+    """Whether the recording index of the workspace at ``root`` holds exactly the mixtures an ingest ``run``
+    accepted (its ``audio_files`` output), so that what later deliveries are compared with is what this run
+    found. A run from before the index (no ``recordings`` among its inputs) counts as held."""
+    if "recordings" not in (run.get("inputs") or {}):
+        return True
+    delivery_id = (run.get("config") or {}).get("delivery_id")
+    path = (run.get("outputs") or {}).get("audio_files")
+    if root is None or not delivery_id or not path or not Path(path).is_file():
+        return False
+    rows = pq.read_table(path, columns=["track_id", "role", "sha256"]).to_pylist()
+    mixtures = {row["track_id"]: row["sha256"] for row in rows if row["role"] == "mixture"}
+    return RecordingIndex(Workspace(root).recordings_dir).holds(delivery_id, mixtures)
 
 
 def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], rejections: list[dict],

@@ -2,8 +2,9 @@
 
 ``decide_tracks`` (dedupe, fields, rights policy) → ``route_files`` (unknown or rejected tracks, roles, safe
 paths) → ``measure_file`` (decode, measure, cached per file) → ``finalize_track`` (stem agreement and
-residual, the mixture built from stems) → ``link_duplicates`` (exact and near duplicate recordings, on the
-driver). Each takes records and returns records or Rejections; none knows about Beam.
+residual, the mixture built from stems); then, on the driver, ``pipelines.stages.ingest.duplicates.link_duplicates``
+(exact and near duplicate recordings, within the delivery and with the earlier deliveries'). Each takes records and
+returns records or Rejections; none knows about Beam.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 from threadpoolctl import ThreadpoolController
 
 from cleaning.audio import CONTAINER_BY_SUFFIX, AudioDecodeError, detect_container, read_audio, write_audio
-from cleaning.fingerprint import fingerprint, fingerprint_similarity
+from cleaning.fingerprint import fingerprint
 from cleaning.measure import Levels, measure_audio, measure_levels
 from cleaning.quality import check_stem_formats, measure_stem_residual_db, measure_true_peak_dbtp
 from pipelines.stages.ingest.delivery import INGEST, check_file_row, file_record_id, parse_track
@@ -335,52 +336,3 @@ def mixture_name(track_id: str, stems: list[Mapping[str, Any]]) -> str:
     content = sha256_hex(canonical_json({"track_id": track_id, "mix_version": MIX_VERSION,
                                          "stems": sorted(row["sha256"] for row in stems)}))
     return f"{safe_name(track_id)}-{content[:16]}.wav"
-
-
-# Beam adapters ----------------------------------------------------------------------------------------
-
-def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, Any]], threshold: float, run_id: str
-                    ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
-    """Find tracks whose mixture duplicates an earlier track's (by track id order): the same decoded PCM
-    (``exact``) or a fingerprint similarity ≥ ``threshold`` (``near``: another gain, sample rate or encoding).
-
-    The earlier track is kept; the later one is rejected ``duplicate_recording`` with the link in its
-    detail, its delivered files ``track_rejected``, and a ``records.DUPLICATE`` row says which it duplicates.
-
-    Returns:
-        (kept tracks, kept audio files, new rejections, duplicate rows).
-    """
-    mixtures = {row["track_id"]: row for row in audio_files if row["role"] == Role.MIXTURE}
-    prints = {t: np.frombuffer(base64.b64decode(row["_fingerprint"]), dtype="<u4")
-              for t, row in mixtures.items() if row.get("_fingerprint")}
-    kept: list[str] = []
-    duplicates: list[dict[str, Any]] = []
-    for track_id in sorted(mixtures):
-        match = None
-        for earlier in kept:
-            if mixtures[earlier]["sha256"] == mixtures[track_id]["sha256"]:
-                match = (earlier, "exact", 1.0)
-                break
-            if track_id in prints and earlier in prints:
-                similarity = fingerprint_similarity(prints[earlier], prints[track_id])
-                if similarity >= threshold:
-                    match = (earlier, "near", similarity)
-                    break
-        if match is None:
-            kept.append(track_id)
-        else:
-            duplicates.append({"track_id": track_id, "duplicate_of": match[0], "kind": match[1],
-                               "similarity": float(match[2]), "run_id": run_id})
-    dropped = {d["track_id"]: d for d in duplicates}
-    rejections = []
-    for dup in duplicates:
-        rejections.append(rejection("track", dup["track_id"], STAGE, RejectionReason.DUPLICATE_RECORDING,
-                                    f"{dup['kind']} duplicate of track {dup['duplicate_of']} "
-                                    f"(fingerprint similarity {dup['similarity']:.3f})", run_id))
-    for row in audio_files:
-        if row["track_id"] in dropped and row.get("_record_id"):
-            rejections.append(rejection("audio_file", row["_record_id"], STAGE, RejectionReason.TRACK_REJECTED,
-                                        f"its track was rejected: duplicate_recording of "
-                                        f"{dropped[row['track_id']]['duplicate_of']}", run_id))
-    return ([t for t in tracks if t["track_id"] not in dropped],
-            [f for f in audio_files if f["track_id"] not in dropped], rejections, duplicates)
