@@ -371,11 +371,12 @@ def _find_reusable_run(store: LineageStore, workspace: Workspace, key: str) -> d
     columns included) gives back the very catalog version it committed, so the stages after ingest stay cached too.
     """
     for run in reversed(store.list_runs(STAGE)):
-        if run["status"] != "succeeded" or run.get("cache_key") != key or not _indexed(workspace.root, run):
+        if run["status"] != "succeeded" or run.get("cache_key") != key:
             continue
         run_dir = workspace.run_dir(run["run_id"])
         tables = [run_dir / f"{name}.parquet" for name in CATALOG_TABLES]
-        if not all(path.is_file() for path in tables):
+        if not all(path.is_file() for path in tables) or not _indexed(workspace.root, run,
+                                                                       run_dir / "audio_files.parquet"):
             continue
         uris = pq.read_table(run_dir / "audio_files.parquet", columns=["uri"])["uri"].to_pylist()
         if all(Path(uri).is_file() for uri in uris):
@@ -392,14 +393,15 @@ def _reuse_run(workspace: Workspace, previous: Mapping[str, Any]) -> tuple[dict[
     return counts, outputs
 
 
-def _indexed(root: Path | None, run: Mapping[str, Any]) -> bool:
+def _indexed(root: Path | None, run: Mapping[str, Any], audio_files: Path | None = None) -> bool:
     """Whether the recording index of the workspace at ``root`` holds exactly the mixtures an ingest ``run``
-    accepted (its ``audio_files`` output), so that what later deliveries are compared with is what this run
-    found. A run from before the index (no ``recordings`` among its inputs) counts as held."""
+    accepted (its ``audio_files`` output, or the table at ``audio_files``: the run folder's copy, which outlives a
+    lost catalog version), so that what later deliveries are compared with is what this run found. A run from
+    before the index (no ``recordings`` among its inputs) counts as held."""
     if "recordings" not in (run.get("inputs") or {}):
         return True
     delivery_id = (run.get("config") or {}).get("delivery_id")
-    path = (run.get("outputs") or {}).get("audio_files")
+    path = audio_files or (run.get("outputs") or {}).get("audio_files")
     if root is None or not delivery_id or not path or not Path(path).is_file():
         return False
     rows = pq.read_table(path, columns=["track_id", "role", "sha256"]).to_pylist()
