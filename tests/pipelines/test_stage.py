@@ -154,6 +154,7 @@ def test_cache_key_names_config_and_inputs_but_not_the_engine():
 
 
 def test_beam_runner_options_are_engine_settings_outside_ingests_cache_key(tmp_path):
+    from pipelines.config import load_config
     from pipelines.stages.ingest.delivery import read_delivery
     from pipelines.engines import Engine
     from pipelines.stages.ingest.stage import IngestConfig, run_fingerprint
@@ -162,10 +163,15 @@ def test_beam_runner_options_are_engine_settings_outside_ingests_cache_key(tmp_p
     ingest = get_stage("ingest")
     direct = IngestConfig(as_of="2026-11-21")
     flink = direct.model_copy(update={"beam_options": ("--runner=FlinkRunner", "--flink_master=localhost:8081")})
+    # `linernotes ingest --config infra/beam/portable.yaml`: the options file's flags become the config's
+    portable = load_config(IngestConfig, Path(__file__).resolve().parents[2] / "infra" / "beam" / "portable.yaml",
+                           as_of="2026-11-21")
+    assert portable.beam_options[0] == "--runner=PortableRunner"
     delivery = read_delivery(tiny_delivery(tmp_path / "d"))
-    # the input id (the delivery fingerprint) and the cache key are the same on either runner
-    assert run_fingerprint(delivery, direct, OptOutRegistry()) == run_fingerprint(delivery, flink, OptOutRegistry())
-    assert cache_key(ingest, direct, {"delivery": "dlv-1"}) == cache_key(ingest, flink, {"delivery": "dlv-1"})
+    # the input id (the delivery fingerprint) and the cache key are the same on any runner
+    for other in (flink, portable):
+        assert run_fingerprint(delivery, direct, OptOutRegistry()) == run_fingerprint(delivery, other, OptOutRegistry())
+        assert cache_key(ingest, direct, {"delivery": "dlv-1"}) == cache_key(ingest, other, {"delivery": "dlv-1"})
     assert cache_key(ingest, direct, {"delivery": "dlv-1"}) != cache_key(
         ingest, direct.model_copy(update={"territory": "GB"}), {"delivery": "dlv-1"})
     # the runner options reach the engine, which builds the pipeline options from them
