@@ -8,8 +8,9 @@
   affinity, no node resources), Ray Data chooses its own placement, and Ray places them over the cluster's nodes
   (``linernotes submit SPEC``, tests/e2e/test_submit_cluster.py).
 - **Beam** (ingest): the DirectRunner by default, inside this process (a Ray job's driver on a cluster); another
-  runner (Flink, Spark, Dataflow) and its pipeline options from a runner options file (``infra/beam/<runner>.yaml``,
-  a ``beam_options`` list) or a list of flags. ``apache_beam`` is imported only when a pipeline is built.
+  runner (Portable, Flink, Spark, Dataflow) and its pipeline options from a runner options file
+  (``infra/beam/<runner>.yaml``, a ``beam_options`` list) or a list of flags; ``infra/beam/README.md`` says what
+  its workers read and write. ``apache_beam`` is imported only when a pipeline is built.
 
 Engine settings are not stage settings: they live in :class:`EngineConfig` and never enter a stage's cache key
 (the same data sharded on a laptop or a cluster is the same dataset).
@@ -47,7 +48,8 @@ class EngineConfig(BaseModel):
     object_store_memory_bytes: int = Field(DEFAULT_OBJECT_STORE_MEMORY_BYTES, gt=0,
                                            description="Object store of a local Ray, in bytes.")
     beam_runner: str = Field("DirectRunner", min_length=1, description="Beam runner of ingest (DirectRunner, "
-                             "FlinkRunner, SparkRunner, DataflowRunner); a --runner= in the options wins.")
+                             "PortableRunner, FlinkRunner, SparkRunner, DataflowRunner); a --runner= in the options "
+                             "wins.")
     beam_options_file: str | None = Field(None, description="YAML file whose beam_options list holds Beam pipeline "
                                           "options, e.g. infra/beam/flink.yaml; read before beam_options.")
     beam_options: tuple[str, ...] = Field((), description="Beam pipeline options (--flag=value), e.g. "
