@@ -50,7 +50,10 @@ from provenance.workspace import Workspace
 
 SPEC_ENV = "LINERNOTES_SPEC"
 INBOX_ENV = "LINERNOTES_INBOX"
-DEFAULT_SPEC = Path(__file__).resolve().parents[1] / "infra" / "runs" / "inbox.yaml"
+# the checkout's spec; an installed package (an image: `uv sync --no-editable`) has no infra/ beside it, so there the
+# working directory's (the image's WORKDIR /app holds infra/), unless $LINERNOTES_SPEC names one
+_PACKAGED_SPEC = Path(__file__).resolve().parents[1] / "infra" / "runs" / "inbox.yaml"
+DEFAULT_SPEC = _PACKAGED_SPEC if _PACKAGED_SPEC.is_file() else Path("infra") / "runs" / "inbox.yaml"
 DEFAULT_INBOX = "./inbox"
 READY_MARKER = "_READY"
 DELIVERIES = dg.DynamicPartitionsDefinition(name="deliveries")

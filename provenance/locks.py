@@ -112,7 +112,7 @@ class LockHeld(RuntimeError):
     def __init__(self, info: LockInfo, waited_s: float | None = None) -> None:
         self.info, self.waited_s = info, waited_s
         if waited_s is None:
-            message = f"the {info.name} is in use by {info.describe()}: wait with --wait, or stop it"
+            message = f"the {info.name} is in use by {info.describe()}: try again when it has finished (`linernotes run --wait` waits for it), or stop it"
         else:
             message = (f"the {info.name} is still in use by {info.describe()} after waiting {waited_s:.1f} s: "
                        f"wait longer, or stop it")

@@ -232,31 +232,34 @@ def test_a_copy_of_an_earlier_deliverys_recording_is_linked_and_rejected(deliver
     file_rejections = [(r["record_id"], r["reason"]) for r in _table(two, "rejections") if r["record_kind"] == "audio_file"]
     assert file_rejections == [("a-remaster/mixture/:audio/a-remaster.ogg", "track_rejected")]
 
-    # the first delivery, run for non-commercial training, now also accepts n: the index grows, and the second
-    # delivery's input `recordings` changes with it (its result would: n-reissue is a copy of n)
-    run_ingest(first, workspace, IngestConfig(as_of=AS_OF, purpose="non-commercial"))
+    # the first delivery, run for non-commercial training, also accepts n: that is the non-commercial index, a
+    # commercial run never rejects a recording as a copy of one only a non-commercial catalog holds
+    non_commercial = IngestConfig(as_of=AS_OF, purpose="non-commercial")
+    run_ingest(first, workspace, non_commercial)
     with LineageStore(workspace.store_url) as store, Engine() as engine:
         plan_second = plan_stage(INGEST_STAGE, workspace, commercial, store=store, engine=engine,
                                  select={"delivery": str(second)})
         plan_first = plan_stage(INGEST_STAGE, workspace, commercial, store=store, engine=engine,
                                 select={"delivery": str(first)})
     was = two.to_json()["inputs"]
-    assert plan_second.status == "run" and plan_second.inputs["delivery"] == was["delivery"]
-    assert plan_second.inputs["recordings"] != was["recordings"]  # only what the earlier delivery holds changed
+    assert plan_second.status == "cached" and plan_second.inputs == was  # the commercial index did not change
+    assert plan_first.status == "cached"  # nor was the first delivery's commercial segment replaced
     assert plan_first.inputs["recordings"] == "rec-none"  # a later delivery is never an input of an earlier one
-    again = run_ingest(second, workspace, commercial)
-    assert again.status == "ran"
+
+    # for non-commercial training, n-reissue is a copy of n, which the first delivery's non-commercial run accepted
+    again = run_ingest(second, workspace, non_commercial)
+    assert again.status == "ran" and again.to_json()["inputs"]["recordings"] != was["recordings"]
     assert sorted(t["track_id"] for t in _table(again, "tracks")) == ["c"]
     links = {d["track_id"]: (d["duplicate_of"], d["duplicate_of_delivery_id"]) for d in _table(again, "duplicates")}
     assert links == {"a-remaster": ("a", one.delivery_id), "n-reissue": ("n", one.delivery_id)}
-    segments = RecordingIndex(workspace.recordings_dir).segments()
-    # each delivery's segment holds what its latest run accepted
-    assert [(s.delivery_id, s.info["recordings"]) for s in segments] == [(one.delivery_id, 3),
-                                                                        (two.delivery_id, 1)]
-    # the commercial run of the first delivery is no longer what the index holds for it: it runs again (it is
-    # still first: the second delivery stays out of its comparisons) and the index follows it
-    assert run_ingest(first, workspace, commercial).status == "ran"
-    assert [s.info["recordings"] for s in RecordingIndex(workspace.recordings_dir).segments()] == [2, 1]
+    # one index per purpose and territory; each delivery's segment holds what its latest run for it accepted
+    indexes = {path.name: [(s.delivery_id, s.info["recordings"]) for s in RecordingIndex(path).segments()]
+               for path in sorted(workspace.recordings_dir.iterdir())}
+    assert indexes == {"commercial-Worldwide": [(one.delivery_id, 2), (two.delivery_id, 2)],
+                       "non-commercial-Worldwide": [(one.delivery_id, 3), (two.delivery_id, 1)]}
+    # runs for the two purposes on one workspace keep each other's cache
+    assert run_ingest(first, workspace, commercial).status == "cached"
+    assert run_ingest(second, workspace, non_commercial).status == "cached"
 
 
 def test_on_duplicate_replace_accepts_the_copy_and_links_it(deliveries, tmp_path):

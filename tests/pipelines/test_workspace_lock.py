@@ -113,7 +113,7 @@ def test_single_stage_commands_refuse_a_held_workspace_naming_the_holder(held, s
         assert refused.stdout == ""
         lines = [line for line in refused.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("error: the workspace:"), refused.stderr
-        assert f"is in use by run {holder} (pid " in lines[0] and "wait with --wait, or stop it" in lines[0]
+        assert f"is in use by run {holder} (pid " in lines[0] and "try again when it has finished (`linernotes run --wait` waits for it)" in lines[0]
 
     shown = linernotes("runs", "--workdir", str(workspace.root), "--json", store_url=store_url)  # reads: no lock
     assert shown.returncode == 0, shown.stderr[-2000:]

@@ -65,7 +65,7 @@ def test_second_holder_is_refused_with_the_first_named_or_waits_for_it(store, st
             pytest.fail("two holders at once")
     message = str(refused.value)
     assert message.startswith(f"the workspace is in use by run run-a (pid {child.pid} on {socket.gethostname()} "
-                              f"since {refused.value.info.acquired_at}): wait with --wait, or stop it")
+                              f"since {refused.value.info.acquired_at}): try again when it has finished (`linernotes run --wait` waits for it), or stop it")
     assert refused.value.info.holder == "run-a" and refused.value.waited_s is None
 
     started = time.monotonic()

@@ -2,7 +2,8 @@
 it are found (exact by the sha256 of the decoded PCM, near by the Haitsma–Kalker sub-fingerprint index of
 ``cleaning.fingerprint_index``).
 
-Layout, under ``Workspace.recordings_dir``::
+Layout, under ``Workspace.recordings_dir / <purpose>-<territory>`` (one index per rights judgement:
+``pipelines.stages.ingest.stage.recording_index``)::
 
     <sequence:06d>-<delivery_id>/   one segment per delivery, numbered in the order deliveries were first indexed
         segment.json               delivery_id, sequence, run_ids, counts, content id, the two files below
@@ -183,9 +184,10 @@ class RecordingIndex:
         segment = self.segment_of(delivery_id)
         if segment is None:
             return not mixtures
-        if not segment.tracks_path.is_file():
+        try:  # a concurrent put (no lock: a --dry-run plan) may remove the files between the check and the read
+            return dict(segment.read_hashes()) == dict(mixtures)
+        except FileNotFoundError:
             return False
-        return dict(segment.read_hashes()) == dict(mixtures)
 
     def put(self, delivery_id: str, run_id: str, recordings: Sequence[Recording]) -> Segment:
         """Make ``recordings`` (what a run of the delivery accepted) its segment's content: a new segment, numbered

@@ -21,6 +21,7 @@ is read on a table-level problem, and writes the catalog Parquet tables atomical
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -128,7 +129,7 @@ class IngestStage(Stage):
         opt_outs = opt_out_registry(ctx.store, config)
         ctx.prepared.update(delivery=delivery, opt_outs=opt_outs)
         # what the earlier deliveries in the workspace hold: a new (or grown) one can make a track here a duplicate
-        recordings = RecordingIndex(ctx.workspace.recordings_dir).content_id(delivery.delivery_id)
+        recordings = recording_index(ctx.workspace.root, config).content_id(delivery.delivery_id)
         return {"delivery": "dlv-" + run_fingerprint(delivery, config, opt_outs)[:16], "recordings": recordings}
 
     def record(self, ctx: StageContext, config: IngestConfig) -> dict[str, Any]:
@@ -161,7 +162,7 @@ class IngestStage(Stage):
         outputs.update({name: str(version.table(name)) for name in CATALOG_TABLES})
         ctx.say(f"catalog version {version.catalog_id}")
         if recordings is not None:  # the accepted mixtures are the delivery's in the index, for later deliveries
-            RecordingIndex(ctx.workspace.recordings_dir).put(delivery.delivery_id, ctx.run_id, recordings)
+            recording_index(ctx.workspace.root, config).put(delivery.delivery_id, ctx.run_id, recordings)
         return StageOutput(outputs=outputs, counts=counts, output_ids={"catalog": version.catalog_id},
                            details={"delivery_id": delivery.delivery_id, "fingerprint": fingerprint,
                                     "catalog_id": version.catalog_id})
@@ -200,7 +201,7 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
         audio_files = _read_jsonl(staging, "audio_files")
         rejections = license_rejections + _read_jsonl(staging, "rejections")
     decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
-    earlier = RecordingIndex(workspace.recordings_dir).earlier(delivery.delivery_id)
+    earlier = recording_index(workspace.root, config).earlier(delivery.delivery_id)
     say(f"linking duplicate recordings (within the delivery and with {len(earlier)} earlier deliveries)")
     tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
         tracks, audio_files, config.near_duplicate_threshold, run_id, delivery_id=delivery.delivery_id,
@@ -406,7 +407,20 @@ def _indexed(root: Path | None, run: Mapping[str, Any], audio_files: Path | None
         return False
     rows = pq.read_table(path, columns=["track_id", "role", "sha256"]).to_pylist()
     mixtures = {row["track_id"]: row["sha256"] for row in rows if row["role"] == "mixture"}
-    return RecordingIndex(Workspace(root).recordings_dir).holds(delivery_id, mixtures)
+    return recording_index(root, run.get("config") or {}).holds(delivery_id, mixtures)
+
+
+def recording_index(root: Path, config: IngestConfig | Mapping[str, Any]) -> RecordingIndex:
+    """The recording index of the workspace at ``root`` for the rights judgement of ``config`` (an IngestConfig or
+    a Run's recorded config): one index per purpose and territory, ``recordings/<purpose>-<territory>/``, since
+    what a delivery contributes is what a run for that purpose accepted. A commercial run never rejects a recording
+    as a duplicate of one only a non-commercial catalog holds, and runs for two purposes on one workspace do not
+    replace each other's segments (nor invalidate each other's cache). ``as_of`` is not part of it: a later date
+    must still meet the deliveries indexed before."""
+    get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+    purpose = str(getattr(get("purpose", "commercial"), "value", get("purpose", "commercial")))
+    territory = re.sub(r"[^A-Za-z0-9]+", "_", str(get("territory", "Worldwide")))
+    return RecordingIndex(Workspace(root).recordings_dir / f"{purpose}-{territory}")
 
 
 def reconcile(delivery: Delivery, tracks: list[dict], audio_files: list[dict], rejections: list[dict],
