@@ -17,10 +17,8 @@ from fractions import Fraction
 
 import numpy as np
 import scipy.fft
-import scipy.signal
-import torch
 
-from cleaning.kernels import band_energies, decimate, windowed_frames
+from cleaning.kernels import band_energies, decimate, pack_sub_fingerprints, windowed_frames
 from cleaning.measure import measure_pcm_sha256
 
 FINGERPRINT_SAMPLE_RATE_HZ = 5512.5  # Haitsma & Kalker's rate: 44.1 kHz / 8
@@ -52,9 +50,10 @@ def fingerprint(audio: np.ndarray, sample_rate_hz: int, *, mono: np.ndarray | No
     ``SILENCE_FLOOR_DBFS`` are 0, meaning "no information": ``fingerprint_similarity`` skips them, so shared
     digital silence or leading silence of different lengths neither makes nor breaks a match.
 
-    The FFTs are torch's (MKL on x86) and use torch's intra-op threads: ingest calls this under one OpenMP
-    thread (``threadpoolctl``), where it costs ≈ 9 CPU ms per 30 s of 44.1 kHz audio; on two threads the
-    wall time falls but the CPU time nearly doubles.
+    The FFTs are ``scipy.fft``'s (pocketfft, float32, one thread): about 14 CPU ms per 30 s of 44.1 kHz audio,
+    a quarter more than torch's MKL FFT, but no ~3 s torch import in every process that fingerprints (a
+    one-track ingest). The energies are differenced and the bits packed in one compiled pass
+    (``cleaning.kernels.pack_sub_fingerprints``).
 
     Args:
         audio: float32 ``(channels, samples)``, any memory layout.
@@ -84,24 +83,16 @@ def fingerprint(audio: np.ndarray, sample_rate_hz: int, *, mono: np.ndarray | No
     energies = np.empty((num_frames, NUM_BANDS), dtype=np.float64)  # band energies E[n, m]
     mean_square = np.empty(num_frames)  # windowed Σ (w·x)² per frame, for the silence floor
     chunk = min(_FRAMES_PER_CHUNK, num_frames)
-    windowed = torch.empty((chunk, FRAME_SAMPLES), dtype=torch.float32)
-    spectrum = torch.empty((chunk, FRAME_SAMPLES // 2 + 1), dtype=torch.complex64)
-    windowed_np, spectrum_np = windowed.numpy(), spectrum.numpy()  # the same memory, for the kernels
+    windowed = np.empty((chunk, FRAME_SAMPLES), dtype=np.float32)
     for first in range(0, num_frames, _FRAMES_PER_CHUNK):  # chunks keep the windowed frames in cache
         count = min(_FRAMES_PER_CHUNK, num_frames - first)
-        windowed_frames(mono, window, first, HOP_SAMPLES, windowed_np[:count], mean_square)
-        # float32 FFT (torch's, MKL's on x86: a third cheaper than pocketfft's here); rounding can flip only
-        # bits whose differences are near zero, as a codec does
-        torch.fft.rfft(windowed[:count], dim=1, out=spectrum[:count])
-        band_energies(spectrum_np[:count], band_edges, first, energies)
+        windowed_frames(mono, window, first, HOP_SAMPLES, windowed[:count], mean_square)
+        # float32 FFT; rounding can flip only bits whose differences are near zero, as a codec does
+        spectrum = scipy.fft.rfft(windowed[:count], axis=1, workers=1)
+        band_energies(spectrum, band_edges, first, energies)
     mean_square /= float(np.sum(window.astype(np.float64) ** 2))
-    difference = energies[:, :-1] - energies[:, 1:]  # (frames, 32): E[m] − E[m+1]
-    bits = (difference[1:] - difference[:-1]) > 0  # (frames − 1, 32)
-    weights = np.left_shift(np.uint32(1), np.arange(NUM_BANDS - 1, dtype=np.uint32))
-    packed = (bits.astype(np.uint32) * weights[None]).sum(axis=1, dtype=np.uint32)
-    floor = 10.0 ** (SILENCE_FLOOR_DBFS / 10.0)
-    packed[(mean_square[1:] < floor) | (mean_square[:-1] < floor)] = 0
-    return packed
+    packed = np.empty(num_frames - 1, dtype=np.uint32)
+    return pack_sub_fingerprints(energies, mean_square, 10.0 ** (SILENCE_FLOOR_DBFS / 10.0), packed)
 
 
 def fingerprint_similarity(a: np.ndarray, b: np.ndarray, max_shift_s: float = DEFAULT_MAX_SHIFT_S,
@@ -256,6 +247,8 @@ def _fingerprint_rate(audio: np.ndarray, sample_rate_hz: int, mono: np.ndarray |
     taps = _antialias_filter(sample_rate_hz, up)
     if up == 1:  # 44.1 kHz, 88.2 kHz, 22.05 kHz: a plain decimation, as one matrix product per block
         return _decimate(mono, taps, down)
+    import scipy.signal  # only for rates that are not 5512.5 Hz times a whole number: its import costs ~1 s
+
     return scipy.signal.resample_poly(mono, up, down, window=taps).astype(np.float32, copy=False)
 
 
@@ -278,8 +271,14 @@ def _decimate(signal: np.ndarray, taps: np.ndarray, down: int) -> np.ndarray:
 
 @functools.cache
 def _hann() -> np.ndarray:
-    """float32 periodic Hann window of ``FRAME_SAMPLES``."""
-    return scipy.signal.get_window("hann", FRAME_SAMPLES).astype(np.float32)
+    """float32 periodic Hann window of ``FRAME_SAMPLES``: ``scipy.signal.get_window("hann", FRAME_SAMPLES)``,
+    computed as scipy does (``general_cosine`` over ``FRAME_SAMPLES + 1`` points, the last dropped) so that the
+    values are the same to the bit, without importing ``scipy.signal`` (tests/cleaning/test_fingerprint.py checks)."""
+    phase = np.linspace(-np.pi, np.pi, FRAME_SAMPLES + 1)
+    window = np.zeros(FRAME_SAMPLES + 1)
+    window += 0.5 * np.cos(0 * phase)
+    window += 0.5 * np.cos(1 * phase)
+    return window[:-1].astype(np.float32)
 
 
 @functools.cache
@@ -300,7 +299,29 @@ def _antialias_filter(sample_rate_hz: int, up: int) -> np.ndarray:
     transition, gain ``up`` (the zero-stuffing's loss), at least one tap per phase."""
     rate = sample_rate_hz * up
     cutoff = (BAND_HIGH_HZ + _ANTIALIAS_STOP_HZ) / 2.0
-    num_taps, beta = scipy.signal.kaiserord(60.0, (_ANTIALIAS_STOP_HZ - BAND_HIGH_HZ) / (rate / 2.0))
+    num_taps, beta = _kaiserord(60.0, (_ANTIALIAS_STOP_HZ - BAND_HIGH_HZ) / (rate / 2.0))
     num_taps = max(num_taps, 2 * up + 1) | 1
-    taps = scipy.signal.firwin(num_taps, cutoff, window=("kaiser", beta), fs=rate) * up
+    taps = _firwin_kaiser(num_taps, cutoff / (rate / 2.0), beta) * up
     return taps.astype(np.float32)
+
+
+def _kaiserord(ripple_db: float, width: float) -> tuple[int, float]:
+    """``scipy.signal.kaiserord`` (Kaiser's formulas, Oppenheim & Schafer §7.6): taps and β for ``ripple_db`` of
+    attenuation over a transition of ``width`` (a fraction of Nyquist)."""
+    a = abs(ripple_db)
+    beta = 0.1102 * (a - 8.7) if a > 50 else (0.5842 * (a - 21) ** 0.4 + 0.07886 * (a - 21) if a > 21 else 0.0)
+    return int(np.ceil((a - 7.95) / 2.285 / (np.pi * width) + 1)), beta
+
+
+def _firwin_kaiser(num_taps: int, cutoff: float, beta: float) -> np.ndarray:
+    """``scipy.signal.firwin(num_taps, cutoff, window=("kaiser", beta))`` for a low-pass (``cutoff`` a fraction of
+    Nyquist), computed as scipy does: the ideal low-pass's sinc, times the symmetric Kaiser window, scaled to unit
+    gain at 0 Hz. Without importing ``scipy.signal``; ``scipy.special.i0`` as scipy's window uses."""
+    import scipy.special
+
+    m = np.arange(0, num_taps) - 0.5 * (num_taps - 1)
+    h = cutoff * np.sinc(cutoff * m)
+    n = np.arange(0, num_taps)
+    alpha = (num_taps - 1) / 2.0
+    h = h * (scipy.special.i0(beta * np.sqrt(1 - ((n - alpha) / alpha) ** 2.0)) / scipy.special.i0(beta))
+    return h / np.sum(h)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["band_energies", "decimate", "scan_levels", "true_peak", "windowed_frames"]
+__all__ = ["band_energies", "decimate", "pack_sub_fingerprints", "scan_levels", "true_peak", "windowed_frames"]
 
 TRUE_PEAK_TAPS_PER_PHASE = 12  # BS.1770-4 Annex 2: 48 taps, 4 phases
 
@@ -355,4 +355,24 @@ def band_energies(spectrum, band_edges, first_frame, out):
                 v = band[b]
                 acc += v.real * v.real + v.imag * v.imag
             out[first_frame + i, m] = acc
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def pack_sub_fingerprints(energies, mean_square, floor, out):
+    """Haitsma & Kalker's sub-fingerprints from band energies: bit ``m`` of ``out[n]`` is
+    ``(E[n+1,m] − E[n+1,m+1]) − (E[n,m] − E[n,m+1]) > 0`` (float64, in that order: the numpy expression it
+    replaces gives the same bits), and ``out[n]`` is 0 when frame ``n`` or ``n + 1`` has ``mean_square`` below
+    ``floor``. ``energies`` float64 ``(frames, bands)``, ``mean_square`` float64 ``(frames,)``, ``out`` uint32
+    ``(frames − 1,)``; at most 33 bands (32 bits)."""
+    bits = energies.shape[1] - 1
+    for n in range(out.shape[0]):
+        if mean_square[n + 1] < floor or mean_square[n] < floor:
+            out[n] = 0
+            continue
+        value = np.uint32(0)
+        for m in range(bits):
+            if (energies[n + 1, m] - energies[n + 1, m + 1]) - (energies[n, m] - energies[n, m + 1]) > 0:
+                value |= np.uint32(1) << np.uint32(m)
+        out[n] = value
     return out

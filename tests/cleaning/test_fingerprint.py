@@ -152,3 +152,58 @@ def test_compiled_decimation_equals_resample_poly(length):
     reference = scipy.signal.resample_poly(signal, 1, 8, window=taps)
     assert ours.shape == reference.shape == (-(-length // 8),)
     np.testing.assert_allclose(ours, reference, atol=1e-5)
+
+
+def test_packed_sub_fingerprints_are_the_bits_of_haitsma_and_kalker_definition():
+    """The compiled packing (cleaning.kernels.pack_sub_fingerprints) against the definition written in numpy: bit m
+    of frame n is the sign of (E[n+1,m] − E[n+1,m+1]) − (E[n,m] − E[n,m+1]); frames beside a silent one are 0.
+    Energies are drawn so that equal neighbours (a difference of exactly 0: bit clear) occur too."""
+    from cleaning.kernels import pack_sub_fingerprints
+
+    rng = np.random.default_rng(7)
+    energies = rng.integers(0, 4, size=(500, 33)).astype(np.float64) * rng.choice([1e-3, 1.0, 1e3], size=(500, 1))
+    mean_square = rng.choice([1e-9, 1.0], p=[0.1, 0.9], size=500)
+    floor = 1e-7
+    difference = energies[:, :-1] - energies[:, 1:]
+    bits = (difference[1:] - difference[:-1]) > 0
+    expected = (bits.astype(np.uint64) << np.arange(32, dtype=np.uint64)).sum(axis=1).astype(np.uint32)
+    expected[(mean_square[1:] < floor) | (mean_square[:-1] < floor)] = 0
+    got = pack_sub_fingerprints(energies, mean_square, floor, np.empty(499, dtype=np.uint32))
+    assert got.dtype == np.uint32
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < np.count_nonzero(got == 0) < 499 and np.any(got >= 1 << 31)  # silence and the top bit both occur
+
+
+def test_fingerprint_at_44_1_khz_imports_neither_torch_nor_scipy_signal():
+    """Ingest fingerprints every mixture in every worker: importing torch (~3 s) or scipy.signal (~1 s) there would
+    add seconds to each process, a one-track ingest's included."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np; from cleaning.fingerprint import fingerprint; "
+            "fingerprint(np.zeros((2, 44100), np.float32), 44100); "
+            "print('torch' in sys.modules, 'scipy.signal' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.stdout.strip() == "False False"
+
+
+@pytest.mark.parametrize("rate", [8000, 11025, 22050, 32000, 44100, 48000, 96000, 192000])
+def test_filter_design_without_scipy_signal_is_scipys_to_the_bit(rate):
+    """The Hann window and the anti-alias low-pass are computed as scipy.signal computes them (so fingerprints
+    are unchanged), without importing it: equal to the bit to get_window, kaiserord and firwin."""
+    from fractions import Fraction
+
+    import scipy.signal
+
+    from cleaning import fingerprint as fp
+
+    assert np.array_equal(fp._hann(), scipy.signal.get_window("hann", FRAME_SAMPLES).astype(np.float32))
+    up = (Fraction(FINGERPRINT_SAMPLE_RATE_HZ).limit_denominator(1000) / rate).numerator
+    width = (fp._ANTIALIAS_STOP_HZ - fp.BAND_HIGH_HZ) / (rate * up / 2.0)
+    num_taps, beta = scipy.signal.kaiserord(60.0, width)
+    assert fp._kaiserord(60.0, width) == (num_taps, beta)
+    num_taps = max(num_taps, 2 * up + 1) | 1
+    expected = scipy.signal.firwin(num_taps, (fp.BAND_HIGH_HZ + fp._ANTIALIAS_STOP_HZ) / 2.0,
+                                   window=("kaiser", beta), fs=rate * up) * up
+    assert np.array_equal(fp._antialias_filter.__wrapped__(rate, up), expected.astype(np.float32))

@@ -40,15 +40,15 @@ class _Measure(beam.DoFn):
     """``measure_file`` per ``(track_id, task)``; ``setup`` compiles (or loads from numba's cache) the
     measurement kernels once per worker, so no file pays for it."""
 
-    def __init__(self, run_id: str, cache_dir: Path | None) -> None:
-        self.run_id, self.cache_dir = run_id, cache_dir
+    def __init__(self, run_id: str, cache_dir: Path | None, fingerprints_dir: Path | None) -> None:
+        self.run_id, self.cache_dir, self.fingerprints_dir = run_id, cache_dir, fingerprints_dir
 
     def setup(self) -> None:
         warm_kernels()
 
     def process(self, element: tuple[str, Mapping[str, Any]]):  # noqa: ANN201 (Beam signature)
         track_id, task = element
-        yield track_id, measure_file(track_id, task, self.run_id, self.cache_dir)
+        yield track_id, measure_file(track_id, task, self.run_id, self.cache_dir, self.fingerprints_dir)
 
 
 def _decide(element, **kw):
@@ -74,8 +74,12 @@ def _to_json_line(row: Mapping[str, Any]) -> str:
 def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mapping[str, Mapping[str, Any]],
                    config: IngestConfig, opt_outs: OptOutRegistry, mixtures_dir: Path, staging: Path,
                    run_id: str, measure_cache_dir: Path | None = None,
-                   prerejected: Mapping[str, str] | None = None) -> None:
+                   prerejected: Mapping[str, str] | None = None, fingerprints_dir: Path | None = None) -> None:
     """Wire the ingest graph into ``pipeline``; outputs go to JSON-lines files under ``staging``.
+
+    ``fingerprints_dir``: where the mixtures' fingerprints are written (``steps.write_fingerprint``; shared storage
+    on a distributed runner, like ``mixtures_dir``), so that the rows the pipeline moves carry a path, not the
+    fingerprint.
 
     ``prerejected`` ({track id: reason}) names tracks rejected before the pipeline (by the expectation
     checks), so that their files are rejected ``track_rejected`` with that reason.
@@ -110,14 +114,15 @@ def build_pipeline(pipeline: beam.Pipeline, delivery: Delivery, licenses: Mappin
     measured = (
         routed.measure
         | "Spread" >> beam.Reshuffle()
-        | "Measure" >> beam.ParDo(_Measure(run_id, measure_cache_dir))
+        | "Measure" >> beam.ParDo(_Measure(run_id, measure_cache_dir, fingerprints_dir))
     )
     final = (
         {"decision": decided.decision, "measured": measured}
         | "JoinMeasured" >> beam.CoGroupByKey()
         | "Finalize" >> beam.ParDo(_Tagged(_finalize, "track", mixtures_dir=mixtures_dir, run_id=run_id,
                                            stem_length_tolerance_samples=config.stem_length_tolerance_samples,
-                                           max_stem_residual_db=config.max_stem_residual_db))
+                                           max_stem_residual_db=config.max_stem_residual_db,
+                                           fingerprints_dir=fingerprints_dir))
         .with_outputs("audio_file", "rejection", main="track")
     )
     rejections = (decided.rejection, routed.rejection, final.rejection) | "AllRejections" >> beam.Flatten()

@@ -3,23 +3,33 @@ the driver, after the Beam pipeline has measured and fingerprinted every mixture
 
 Exact duplicates share the sha256 of their decoded PCM; near duplicates (another gain, sample rate, encoding or
 start) have a fingerprint similarity ≥ the threshold (``cleaning.fingerprint.fingerprint_similarity``). Candidates
-come from the sub-fingerprint index (``cleaning.fingerprint_index``): the delivery's own postings, built in memory,
-and each earlier delivery's segment of the recording index (``pipelines.stages.ingest.recordings``), read a row
+come from the sub-fingerprint index (``cleaning.fingerprint_index``): the delivery's own postings, built a batch of
+tracks at a time (the earlier batches' spilled to disk), and each earlier delivery's segment of the recording index (``pipelines.stages.ingest.recordings``), read a row
 group at a time. Only candidates are scored, so the cost per track does not grow with the catalog.
 """
 
 from __future__ import annotations
 
-import base64
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pipelines.stages.ingest.delivery import INGEST as STAGE
 from pipelines.stages.ingest.recordings import Recording, Segment
+from pipelines.stages.ingest.steps import load_fingerprint
 from provenance.records import RejectionReason, Role, rejection
+
+if TYPE_CHECKING:
+    from cleaning.fingerprint_index import Postings
+
+BATCH_FRAMES = 2_000_000
+"""Sub-fingerprints (11.6 ms frames) of the mixtures ``link_duplicates`` holds at once: 16 bytes each with their
+postings, ≈ 32 MB, about 6.5 hours of audio (2,300 ten-second tracks, 78 five-minute ones). A longer mixture is a
+batch of its own."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +42,8 @@ class _Match:
 
 
 def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, Any]], threshold: float, run_id: str,
-                    *, delivery_id: str = "", earlier: Sequence[Segment] = (), on_duplicate: str = "reject"
+                    *, delivery_id: str = "", earlier: Sequence[Segment] = (), on_duplicate: str = "reject",
+                    spill_dir: Path | None = None, batch_frames: int = BATCH_FRAMES
                     ) -> tuple[list[dict], list[dict], list[dict], list[dict]]:
     """Find tracks whose mixture duplicates another's: the same decoded PCM (``exact``) or a fingerprint
     similarity ≥ ``threshold`` (``near``).
@@ -46,58 +57,78 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
     and only linked. A rejected track's delivered files are rejected ``track_rejected``, and a
     ``records.DUPLICATE`` row says which track (of which delivery) it duplicates and what was done.
 
+    Memory does not grow with the delivery's audio: the tracks are taken in batches of about ``batch_frames``
+    sub-fingerprints, their fingerprints read (``steps.load_fingerprint``) and their postings built for that batch only; each batch queries
+    its own postings and those of the batches before it, which are spilled to ``spill_dir`` (memory-mapped ``.npy``
+    files; kept in memory without one) and read back one batch at a time. Sub-fingerprints with more than
+    ``MAX_POSTINGS`` postings in one batch are stop words.
+
     Args:
-        tracks: accepted TRACK rows; audio_files: their AUDIO_FILE rows, mixtures with ``_fingerprint`` (base64 of
-            little-endian uint32 sub-fingerprints) and ``_record_id`` (delivered files).
+        tracks: accepted TRACK rows; audio_files: their AUDIO_FILE rows, mixtures with ``_fingerprint_file`` (or
+            ``_fingerprint``, base64 of little-endian uint32 sub-fingerprints) and ``_record_id`` (delivered files).
         threshold: smallest fingerprint similarity of a near duplicate.
         delivery_id: this delivery's id (in the duplicate rows of within-delivery duplicates).
         earlier: the recording index's segments of the deliveries before this one.
         on_duplicate: ``reject`` or ``replace`` (duplicates of earlier deliveries only).
+        spill_dir: an empty folder for the earlier batches' postings (removed by the caller).
+        batch_frames: sub-fingerprints per batch (≥ 1; ``BATCH_FRAMES``).
 
     Returns:
         (kept tracks, kept audio files, new rejections, duplicate rows).
 
     Raises:
-        ValueError: ``on_duplicate`` is neither ``reject`` nor ``replace``.
+        ValueError: ``on_duplicate`` is neither ``reject`` nor ``replace``, or ``batch_frames`` < 1.
+        FileNotFoundError: a mixture's fingerprint file is gone.
     """
     from cleaning.fingerprint import fingerprint_similarity
-    from cleaning.fingerprint_index import MAX_CANDIDATES
+    from cleaning.fingerprint_index import MAX_CANDIDATES, build_postings
 
     if on_duplicate not in ("reject", "replace"):
         raise ValueError(f"on_duplicate must be 'reject' or 'replace', got {on_duplicate!r}")
+    if batch_frames < 1:
+        raise ValueError(f"batch_frames must be ≥ 1, got {batch_frames}")
     mixtures = {row["track_id"]: row for row in audio_files if row["role"] == Role.MIXTURE}
     ids = sorted(mixtures)
-    prints = [_decode_print(mixtures[t].get("_fingerprint") or "") for t in ids]
     hashes = [mixtures[t]["sha256"] for t in ids]
     by_hash: dict[str, list[int]] = {}
     for j, sha in enumerate(hashes):
         by_hash.setdefault(sha, []).append(j)
-    within = _within_candidates(prints)
-    across = _earlier_matches(ids, prints, hashes, earlier, threshold)
     kept: set[int] = set()
     duplicates: list[dict[str, Any]] = []
-    for j, track_id in enumerate(ids):
-        match = None
-        same_pcm = {i for i in by_hash[hashes[j]] if i < j} & kept
-        near = [i for i in within.get(j, []) if i in kept][:MAX_CANDIDATES]  # the most votes first
-        for i in sorted(same_pcm | set(near)):  # the first kept track by id that it duplicates
-            if hashes[i] == hashes[j]:
-                match = _Match(ids[i], "exact", 1.0, delivery_id)
-                break
-            similarity = fingerprint_similarity(prints[i], prints[j])
-            if similarity >= threshold:
-                match = _Match(ids[i], "near", similarity, delivery_id)
-                break
-        action = "rejected"
-        if match is None:
-            match = across.get(j)
-            action = "replaced" if match is not None and on_duplicate == "replace" else action
-        if match is None or action == "replaced":
-            kept.add(j)
-        if match is not None:
-            duplicates.append({"track_id": track_id, "duplicate_of": match.duplicate_of, "kind": match.kind,
-                               "similarity": float(match.similarity), "run_id": run_id,
-                               "duplicate_of_delivery_id": match.delivery_id, "action": action})
+    spilled: list[_Spilled] = []  # the postings of the batches before, track numbers global (j)
+    batches = _batches([_num_frames(mixtures[t]) for t in ids], batch_frames)
+    for number, block in enumerate(batches):
+        first = block[0]
+        prints = {j: load_fingerprint(mixtures[ids[j]]) for j in block}
+        postings = _renumbered(build_postings([prints[j] for j in block]), first)
+        within = _within_candidates(postings, spilled)
+        across = _earlier_matches([ids[j] for j in block], [prints[j] for j in block], [hashes[j] for j in block],
+                                  earlier, threshold)
+        for j in block:
+            match = None
+            same_pcm = {i for i in by_hash[hashes[j]] if i < j} & kept
+            near = [i for i in within.get(j, []) if i in kept][:MAX_CANDIDATES]  # the most votes first
+            for i in sorted(same_pcm | set(near)):  # the first kept track by id that it duplicates
+                if hashes[i] == hashes[j]:
+                    match = _Match(ids[i], "exact", 1.0, delivery_id)
+                    break
+                candidate = prints[i] if i in prints else load_fingerprint(mixtures[ids[i]])
+                similarity = fingerprint_similarity(candidate, prints[j])
+                if similarity >= threshold:
+                    match = _Match(ids[i], "near", similarity, delivery_id)
+                    break
+            action = "rejected"
+            if match is None:
+                match = across.get(j - first)
+                action = "replaced" if match is not None and on_duplicate == "replace" else action
+            if match is None or action == "replaced":
+                kept.add(j)
+            if match is not None:
+                duplicates.append({"track_id": ids[j], "duplicate_of": match.duplicate_of, "kind": match.kind,
+                                   "similarity": float(match.similarity), "run_id": run_id,
+                                   "duplicate_of_delivery_id": match.delivery_id, "action": action})
+        if number + 1 < len(batches):
+            spilled.append(_spill(postings, spill_dir, number))
     dropped = {d["track_id"]: d for d in duplicates if d["action"] == "rejected"}
     rejections = []
     for dup in duplicates:
@@ -118,26 +149,85 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
 
 
 def recordings_to_index(tracks: list[dict[str, Any]], audio_files: list[dict[str, Any]]) -> list[Recording]:
-    """The kept tracks' mixtures, as the recording index stores them (call before ``_fingerprint`` is dropped)."""
+    """The kept tracks' mixtures, as the recording index stores them (call before ``_fingerprint_file`` or
+    ``_fingerprint`` is dropped): each Recording names its fingerprint's file, or holds it when the row did."""
     kept = {t["track_id"] for t in tracks}
-    return [Recording(row["track_id"], row["sha256"], _decode_print(row.get("_fingerprint") or ""))
+    return [Recording(row["track_id"], row["sha256"], row.get("_fingerprint_file") or load_fingerprint(row))
             for row in audio_files if row["role"] == Role.MIXTURE and row["track_id"] in kept]
 
 
-def _within_candidates(prints: list[np.ndarray]) -> dict[int, list[int]]:
-    """Recording ``j`` → the recordings ``i < j`` of the same delivery that share at least ``MIN_VOTES``
-    sub-fingerprints with it at one offset, the most votes first (all of them: which are still kept is decided in
-    order, and the best ``MAX_CANDIDATES`` kept ones are scored)."""
-    from cleaning.fingerprint_index import build_postings, match_postings, max_shift_frames, top_candidates, vote
+def _num_frames(row: dict[str, Any]) -> int:
+    """A measured mixture row's number of sub-fingerprints, without reading them."""
+    path = row.get("_fingerprint_file")
+    if path:
+        return os.path.getsize(path) // 4
+    return len(row.get("_fingerprint") or "") * 3 // 16
 
-    postings = build_postings(prints)
+
+def _batches(sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of ``range(len(sizes))`` whose sizes sum to at most ``budget`` (a larger one alone)."""
+    batches: list[list[int]] = []
+    total = budget + 1
+    for j, size in enumerate(sizes):
+        if total + size > budget:
+            batches.append([])
+            total = 0
+        batches[-1].append(j)
+        total += size
+    return batches
+
+
+@dataclass(frozen=True)
+class _Spilled:
+    """One earlier batch's postings: on disk (``.npy`` files read memory-mapped) or in memory."""
+
+    paths: tuple[Path, Path, Path] | None
+    postings: Postings | None = None
+
+    def load(self) -> Postings:
+        from cleaning.fingerprint_index import Postings
+
+        if self.postings is not None:
+            return self.postings
+        return Postings(*(np.load(path, mmap_mode="r") for path in self.paths))
+
+
+def _spill(postings: Postings, spill_dir: Path | None, number: int) -> _Spilled:
+    if spill_dir is None:
+        return _Spilled(None, postings)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    paths = tuple(spill_dir / f"batch-{number:05d}-{name}.npy" for name in ("keys", "tracks", "offsets"))
+    for path, column in zip(paths, (postings.keys, postings.tracks, postings.offsets)):
+        np.save(path, column)
+    return _Spilled(paths)
+
+
+def _renumbered(postings: Postings, first: int) -> Postings:
+    """``postings`` of a batch whose recording 0 is recording ``first`` of the delivery."""
+    from cleaning.fingerprint_index import Postings
+
+    return Postings(postings.keys, postings.tracks + np.int32(first), postings.offsets)
+
+
+def _within_candidates(postings: Postings, spilled: Sequence[_Spilled]) -> dict[int, list[int]]:
+    """Recording ``j`` of this batch → the recordings ``i < j`` of the same delivery (this batch's and the earlier
+    batches') that share at least ``MIN_VOTES`` sub-fingerprints with it at one offset, the most votes first (all
+    of them: which are still kept is decided in order, and the best ``MAX_CANDIDATES`` kept ones are scored).
+    Every recording is in one batch, so the votes of a pair come whole from one of them."""
+    from cleaning.fingerprint_index import match_postings, max_shift_frames, top_candidates, vote
+
     shift = max_shift_frames()
-    query_tracks, index_tracks, shifts = match_postings(postings, postings, shift)
-    earlier = index_tracks < query_tracks
-    found = top_candidates(vote(query_tracks[earlier], index_tracks[earlier], shifts[earlier], shift),
-                           max_candidates=len(prints))
+    found: list[tuple[int, int, int]] = []  # (j, −votes, i)
+    for index in [postings, *spilled]:
+        index = index if index is postings else index.load()
+        query_tracks, index_tracks, shifts = match_postings(postings, index, shift)
+        earlier = index_tracks < query_tracks
+        top = top_candidates(vote(query_tracks[earlier], index_tracks[earlier], shifts[earlier], shift),
+                             max_candidates=1 << 30)
+        found.extend(zip(top.query_tracks.tolist(), (-top.votes).tolist(), top.index_tracks.tolist()))
+        del index
     out: dict[int, list[int]] = {}
-    for j, i in zip(found.query_tracks.tolist(), found.index_tracks.tolist()):
+    for j, _, i in sorted(found):
         out.setdefault(j, []).append(i)
     return out
 
@@ -201,4 +291,4 @@ def _earlier_matches(ids: list[str], prints: list[np.ndarray], hashes: list[str]
 
 
 def _decode_print(encoded: str) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(encoded), dtype="<u4").astype(np.uint32)
+    return load_fingerprint({"_fingerprint": encoded})

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 SEGMENT_FILE = "segment.json"
 INDEX_VERSION = "1"  # bump when what a segment holds or how it is laid out changes
 ROW_GROUP_ROWS = 32_768  # postings per row group: 384 KB raw, the unit a query reads
+BATCH_FRAMES = 2_000_000  # sub-fingerprints (with their postings ≈ 32 MB) a segment is written with at a time
 _FOLDER = re.compile(r"^(\d{6})-(.+)$")
 
 TRACKS_SCHEMA = pa.schema([
@@ -63,11 +65,23 @@ POSTINGS_SCHEMA = pa.schema([
 @dataclass(frozen=True)
 class Recording:
     """One accepted mixture to index: its track, the sha256 of its decoded PCM and its fingerprint (uint32
-    ``(frames,)``, ``cleaning.fingerprint.fingerprint``)."""
+    ``(frames,)``, ``cleaning.fingerprint.fingerprint``), or the path of the file holding it (raw little-endian
+    uint32, ``pipelines.stages.ingest.steps.write_fingerprint``), read only when the segment is written."""
 
     track_id: str
     sha256: str
-    fingerprint: np.ndarray
+    fingerprint: np.ndarray | str | os.PathLike[str]
+
+    def load(self) -> np.ndarray:
+        """The fingerprint, uint32 ``(frames,)`` (read from its file when the Recording names one)."""
+        if isinstance(self.fingerprint, np.ndarray):
+            return self.fingerprint.astype(np.uint32, copy=False)
+        return np.fromfile(self.fingerprint, dtype="<u4").astype(np.uint32)
+
+    def num_frames(self) -> int:
+        if isinstance(self.fingerprint, np.ndarray):
+            return int(self.fingerprint.shape[0])
+        return os.path.getsize(self.fingerprint) // 4
 
 
 @dataclass(frozen=True)
@@ -193,21 +207,19 @@ class RecordingIndex:
         """Make ``recordings`` (what a run of the delivery accepted) its segment's content: a new segment, numbered
         after every other, when the delivery has none.
 
+        Memory does not grow with the delivery: the fingerprints are read ``BATCH_FRAMES`` sub-fingerprints at a
+        time, written to the tracks file a row group at a time, and their postings spilled as sorted runs beside
+        the segment; the postings file is then written one key range at a time (each range's postings gathered
+        from every run, sorted, stop words dropped), so it is sorted by key as one sort would leave it.
+
         Returns:
             The segment as written (the existing one when it already held exactly these recordings).
         """
-        from cleaning.fingerprint_index import build_postings
-
         existing = self.segment_of(delivery_id)
-        rows: dict[str, dict[str, Any]] = {}
-        for rec in recordings:
-            prints = np.asarray(rec.fingerprint, dtype=np.uint32)
-            rows[rec.track_id] = {"track_id": rec.track_id, "sha256": rec.sha256, "num_frames": int(prints.shape[0]),
-                                  "fingerprint": prints.astype("<u4").tobytes()}
-        ordered = [rows[track_id] for track_id in sorted(rows)]
-        tracks = records.to_table(ordered, TRACKS_SCHEMA)
-        content_id = records.sha256_hex(records.canonical_json(
-            [INDEX_VERSION, [[r["track_id"], r["sha256"], records.sha256_hex(r["fingerprint"])] for r in ordered]]))[:16]
+        ordered = sorted({rec.track_id: rec for rec in recordings}.values(), key=lambda rec: rec.track_id)
+        summary = [[rec.track_id, rec.sha256, records.sha256_hex(rec.load().astype("<u4").tobytes())]
+                   for rec in ordered]
+        content_id = records.sha256_hex(records.canonical_json([INDEX_VERSION, summary]))[:16]
         run_ids = list(existing.info.get("run_ids", [])) if existing is not None else []
         if existing is not None and existing.content_id == content_id:
             return existing
@@ -217,22 +229,98 @@ class RecordingIndex:
         else:
             sequence, folder = existing.sequence, existing.root
         folder.mkdir(parents=True, exist_ok=True)
-        postings = build_postings([np.frombuffer(r["fingerprint"], dtype="<u4") for r in ordered])
         tag = f"{content_id}-{uuid.uuid4().hex[:6]}"
         tracks_name, postings_name = f"tracks-{tag}.parquet", f"postings-{tag}.parquet"
-        pq.write_table(tracks, folder / tracks_name, row_group_size=256, compression="zstd")
-        pq.write_table(pa.table({"key": pa.array(postings.keys, pa.uint32()),
-                                 "track": pa.array(postings.tracks), "offset": pa.array(postings.offsets)},
-                                schema=POSTINGS_SCHEMA),
-                       folder / postings_name, row_group_size=ROW_GROUP_ROWS, compression="zstd")
+        spill = folder / f".spill-{tag}"
+        try:
+            runs = self._write_tracks(ordered, folder / tracks_name, spill)
+            num_postings = _write_postings(runs, folder / postings_name)
+        finally:
+            shutil.rmtree(spill, ignore_errors=True)
         info = {"index_version": INDEX_VERSION, "delivery_id": delivery_id, "sequence": sequence,
                 "content_id": content_id, "run_ids": run_ids + [run_id], "recordings": len(ordered),
-                "postings": postings_name, "tracks": tracks_name, "num_postings": len(postings)}
+                "postings": postings_name, "tracks": tracks_name, "num_postings": num_postings}
         records.write_json(info, folder / SEGMENT_FILE)
         for old in folder.glob("*.parquet"):
             if old.name not in (tracks_name, postings_name):
                 old.unlink()
         return Segment(folder, info)
+
+    @staticmethod
+    def _write_tracks(ordered: Sequence[Recording], path: Path, spill: Path) -> list[tuple[Path, Path, Path]]:
+        """Write the tracks file (row groups of 256) a batch at a time; spill each batch's postings (all of them,
+        sorted, track numbers the row numbers) as ``.npy`` files under ``spill``. Returns the runs' paths."""
+        from cleaning.fingerprint_index import build_postings
+
+        spill.mkdir(parents=True, exist_ok=True)
+        runs: list[tuple[Path, Path, Path]] = []
+        with pq.ParquetWriter(path, TRACKS_SCHEMA, compression="zstd") as writer:
+            first = 0
+            for batch in _frame_batches(ordered, BATCH_FRAMES):
+                prints = [rec.load() for rec in batch]
+                writer.write_table(records.to_table(
+                    [{"track_id": rec.track_id, "sha256": rec.sha256, "num_frames": int(p.shape[0]),
+                      "fingerprint": p.astype("<u4").tobytes()} for rec, p in zip(batch, prints)], TRACKS_SCHEMA),
+                    row_group_size=256)
+                postings = build_postings(prints, max_postings=None)
+                paths = tuple(spill / f"run-{len(runs):05d}-{name}.npy" for name in ("keys", "tracks", "offsets"))
+                for target, column in zip(paths, (postings.keys, postings.tracks + np.int32(first), postings.offsets)):
+                    np.save(target, column)
+                runs.append(paths)
+                first += len(batch)
+            if not ordered:
+                writer.write_table(records.to_table([], TRACKS_SCHEMA))
+        return runs
+
+
+def _frame_batches(ordered: Sequence[Recording], budget: int) -> list[list[Recording]]:
+    """Consecutive runs of ``ordered`` of at most ``budget`` sub-fingerprints (a longer recording alone)."""
+    batches: list[list[Recording]] = []
+    total = budget + 1
+    for rec in ordered:
+        size = rec.num_frames()
+        if total + size > budget:
+            batches.append([])
+            total = 0
+        batches[-1].append(rec)
+        total += size
+    return batches
+
+
+def _write_postings(runs: Sequence[tuple[Path, Path, Path]], path: Path) -> int:
+    """Merge the sorted runs into one postings file sorted by (key, track, offset), stop words dropped, one key range
+    of about ``BATCH_FRAMES`` postings at a time. Returns the number of postings written."""
+    from cleaning.fingerprint_index import MAX_POSTINGS, Postings, drop_frequent
+
+    total = sum(int(np.load(keys, mmap_mode="r").shape[0]) for keys, _, _ in runs)
+    parts = 1 << max(0, int(np.ceil(np.log2(max(total, 1) / BATCH_FRAMES))))
+    bounds = [int(b) for b in np.linspace(0, 1 << 32, parts + 1)]
+    written = 0
+    with pq.ParquetWriter(path, POSTINGS_SCHEMA, compression="zstd") as writer:
+        for low, high in zip(bounds[:-1], bounds[1:]):
+            pieces = []
+            for keys_path, tracks_path, offsets_path in runs:
+                keys = np.load(keys_path, mmap_mode="r")
+                a, b = np.searchsorted(keys, [low, high], side="left") if high < (1 << 32) else \
+                    (int(np.searchsorted(keys, low, side="left")), keys.shape[0])
+                if b > a:
+                    pieces.append((np.array(keys[a:b]), np.array(np.load(tracks_path, mmap_mode="r")[a:b]),
+                                   np.array(np.load(offsets_path, mmap_mode="r")[a:b])))
+            if not pieces:
+                continue
+            keys, tracks, offsets = (np.concatenate(column) for column in zip(*pieces))
+            order = np.lexsort((offsets, tracks, keys))
+            postings = drop_frequent(Postings(keys[order], tracks[order], offsets[order]), MAX_POSTINGS)
+            if not len(postings):
+                continue
+            writer.write_table(pa.table({"key": pa.array(postings.keys, pa.uint32()),
+                                         "track": pa.array(postings.tracks, pa.int32()),
+                                         "offset": pa.array(postings.offsets, pa.int32())}, schema=POSTINGS_SCHEMA),
+                               row_group_size=ROW_GROUP_ROWS)
+            written += len(postings)
+        if not written:
+            writer.write_table(POSTINGS_SCHEMA.empty_table())
+    return written
 
 
 def _safe(delivery_id: str) -> str:

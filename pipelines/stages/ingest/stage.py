@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -196,20 +197,26 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
         staging = Path(staging_name)
         with ctx.engine.beam_pipeline() as pipeline:  # the engine's runner: DirectRunner unless configured
             build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
-                           staging, run_id, workspace.root / "cache" / "measurements", prerejected)
+                           staging, run_id, workspace.root / "cache" / "measurements", prerejected,
+                           fingerprints_dir=fingerprints_dir(workspace))
         tracks = _read_jsonl(staging, "tracks")
         audio_files = _read_jsonl(staging, "audio_files")
         rejections = license_rejections + _read_jsonl(staging, "rejections")
-    decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
-    earlier = recording_index(workspace.root, config).earlier(delivery.delivery_id)
-    say(f"linking duplicate recordings (within the delivery and with {len(earlier)} earlier deliveries)")
-    tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
-        tracks, audio_files, config.near_duplicate_threshold, run_id, delivery_id=delivery.delivery_id,
-        earlier=earlier, on_duplicate=config.on_duplicate)
+        decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
+        earlier = recording_index(workspace.root, config).earlier(delivery.delivery_id)
+        say(f"linking duplicate recordings (within the delivery and with {len(earlier)} earlier deliveries)")
+        started, linked = time.perf_counter(), len(tracks)
+        tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
+            tracks, audio_files, config.near_duplicate_threshold, run_id, delivery_id=delivery.delivery_id,
+            earlier=earlier, on_duplicate=config.on_duplicate, spill_dir=staging / "postings")
+        linked_s = time.perf_counter() - started
+        say(f"linked {linked} tracks in {linked_s:.2f} s ({1000 * linked_s / max(linked, 1):.2f} ms per track): "
+            f"{len(duplicates)} duplicates")
     rejections += duplicate_rejections
     recordings = recordings_to_index(tracks, audio_files)
     for row in audio_files:
         row.pop("_fingerprint", None)
+        row.pop("_fingerprint_file", None)
         row.pop("_record_id", None)
     say("writing the curated catalog")
     tracks.sort(key=lambda r: r["track_id"])
@@ -408,6 +415,12 @@ def _indexed(root: Path | None, run: Mapping[str, Any], audio_files: Path | None
     rows = pq.read_table(path, columns=["track_id", "role", "sha256"]).to_pylist()
     mixtures = {row["track_id"]: row["sha256"] for row in rows if row["role"] == "mixture"}
     return recording_index(root, run.get("config") or {}).holds(delivery_id, mixtures)
+
+
+def fingerprints_dir(workspace: Workspace) -> Path:
+    """Where ingest keeps the mixtures' fingerprints (content-addressed by decoded-PCM sha256 and sample rate,
+    ``steps.fingerprint_file``), per ``MEASURE_VERSION``: read by duplicate linking and the recording index."""
+    return workspace.root / "cache" / "fingerprints" / f"v{MEASURE_VERSION}"
 
 
 def recording_index(root: Path, config: IngestConfig | Mapping[str, Any]) -> RecordingIndex:

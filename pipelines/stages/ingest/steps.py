@@ -109,22 +109,26 @@ written): part of the built mixture's file name (:func:`mixture_name`), so a new
 
 
 def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
-                 cache_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
+                 cache_dir: Path | None = None, fingerprints_dir: Path | None = None) -> tuple[str, dict[str, Any]]:
     """Decode and measure one file → ``("accepted", AUDIO_FILE row)`` or ``("rejected", Rejection)``.
 
     Only mixtures are fingerprinted: duplicate detection compares tracks by their mixture (delivered, or
-    built from the stems by ``finalize_track``). With ``cache_dir``, the outcome (measurements, or the reason
-    the file is unusable) is cached under a key of (``MEASURE_VERSION``, whether it is fingerprinted,
-    absolute path, size, mtime in ns): a re-run skips decoding unchanged files,
-    a changed file is measured again, and a killed run resumes with what it had measured. Rows carry
-    ``_cached`` (dropped before writing) so the run can count cache hits.
+    built from the stems by ``finalize_track``). With ``fingerprints_dir`` the fingerprint goes to a file there
+    (:func:`write_fingerprint`) and the row carries its path (``_fingerprint_file``), so that rows stay small
+    whatever the recording's length; without, the row carries it (``_fingerprint``, base64). With ``cache_dir``,
+    the outcome (measurements, or the reason the file is unusable) is cached under a key of (``MEASURE_VERSION``,
+    whether it is fingerprinted, absolute path, size, mtime in ns): a re-run skips decoding unchanged files,
+    a changed file (or one whose fingerprint file is gone) is measured again, and a killed run resumes with what
+    it had measured. Rows carry ``_cached`` (dropped before writing) so the run can count cache hits.
     """
     needs_fingerprint = task["role"] == Role.MIXTURE
     key = _measure_key(task["path"], needs_fingerprint) if cache_dir is not None else None
     outcome = _read_cached(cache_dir, key)
+    if outcome is not None and not _fingerprint_usable(outcome.get("fields", {}), fingerprints_dir):
+        outcome = None
     cached = outcome is not None
     if outcome is None:
-        outcome = _measure_outcome(task["path"], needs_fingerprint)
+        outcome = _measure_outcome(task["path"], needs_fingerprint, fingerprints_dir)
         _write_cached(cache_dir, key, outcome)
     if outcome["status"] == "rejected":
         return "rejected", {**rejection("audio_file", task["record_id"], STAGE, outcome["reason"],
@@ -134,13 +138,13 @@ def measure_file(track_id: str, task: Mapping[str, Any], run_id: str,
                         "_record_id": task["record_id"], "_cached": cached, **outcome["fields"]}
 
 
-def _measure_outcome(path: str, with_fingerprint: bool = True) -> dict[str, Any]:
+def _measure_outcome(path: str, with_fingerprint: bool = True, fingerprints_dir: Path | None = None
+                     ) -> dict[str, Any]:
     """Decode and measure one file: ``{"status": "accepted", "fields": ...}`` or ``{"status": "rejected",
-    "reason": ..., "detail": ...}``. BLAS and OpenMP (torch's intra-op pool, which the fingerprint's FFT
-    uses) run on one thread here: the engine already runs one file per core, and idle threads spinning would
-    only cost CPU time."""
+    "reason": ..., "detail": ...}``. BLAS and OpenMP pools run on one thread here: the engine already runs one
+    file per core, and idle threads spinning would only cost CPU time."""
     with _thread_controller().limit(limits=1):
-        return _measure_outcome_unlimited(path, with_fingerprint)
+        return _measure_outcome_unlimited(path, with_fingerprint, fingerprints_dir)
 
 
 @functools.cache
@@ -148,7 +152,8 @@ def _thread_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _measure_outcome_unlimited(path: str, with_fingerprint: bool) -> dict[str, Any]:
+def _measure_outcome_unlimited(path: str, with_fingerprint: bool, fingerprints_dir: Path | None
+                               ) -> dict[str, Any]:
     def rejected(reason: RejectionReason, detail: str) -> dict[str, Any]:
         return {"status": "rejected", "reason": reason.value, "detail": detail}
 
@@ -176,23 +181,72 @@ def _measure_outcome_unlimited(path: str, with_fingerprint: bool) -> dict[str, A
     if not math.isfinite(levels.dc_offset):
         bad = int(np.size(audio) - np.count_nonzero(np.isfinite(audio)))
         return rejected(RejectionReason.NON_FINITE_SAMPLES, f"{bad} NaN or infinite samples")
-    return {"status": "accepted", "fields": measure_all(audio, sample_rate_hz, with_fingerprint, levels)}
+    return {"status": "accepted",
+            "fields": measure_all(audio, sample_rate_hz, with_fingerprint, levels, fingerprints_dir)}
 
 
 def measure_all(audio: np.ndarray, sample_rate_hz: int, with_fingerprint: bool = True,
-                levels: Levels | None = None) -> dict[str, Any]:
-    """The AudioFile measurements plus true peak, DC offset and, ``with_fingerprint``, the fingerprint
-    (``_fingerprint``: base64 of little-endian uint32 sub-fingerprints, used for near-duplicate detection and
-    dropped before writing; ``""`` without). ``levels``: ``measure_levels(audio, sample_rate_hz,
+                levels: Levels | None = None, fingerprints_dir: Path | None = None) -> dict[str, Any]:
+    """The AudioFile measurements plus true peak, DC offset and, ``with_fingerprint``, the fingerprint, used for
+    near-duplicate detection and dropped before writing: in a file under ``fingerprints_dir``
+    (``_fingerprint_file``, :func:`write_fingerprint`), or without one as ``_fingerprint`` (base64 of little-endian
+    uint32 sub-fingerprints; ``""`` when not fingerprinted). ``levels``: ``measure_levels(audio, sample_rate_hz,
     with_mono=with_fingerprint)`` when the caller already has it."""
     if levels is None or (with_fingerprint and levels.mono is None):
         levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint)  # one compiled pass
-    prints = (fingerprint(audio, sample_rate_hz, mono=levels.mono).astype("<u4").tobytes() if with_fingerprint
-              else b"")
-    return {**measure_audio(audio, sample_rate_hz, levels),
-            "true_peak_dbtp": measure_true_peak_dbtp(audio, sample_rate_hz),
-            "dc_offset": levels.dc_offset,
-            "_fingerprint": base64.b64encode(prints).decode()}
+    fields = {**measure_audio(audio, sample_rate_hz, levels),
+              "true_peak_dbtp": measure_true_peak_dbtp(audio, sample_rate_hz),
+              "dc_offset": levels.dc_offset}
+    prints = fingerprint(audio, sample_rate_hz, mono=levels.mono) if with_fingerprint else None
+    if prints is not None and fingerprints_dir is not None:
+        fields["_fingerprint_file"] = str(write_fingerprint(fingerprints_dir, fields["sha256"], sample_rate_hz,
+                                                            prints))
+    else:
+        raw = prints.astype("<u4").tobytes() if prints is not None else b""
+        fields["_fingerprint"] = base64.b64encode(raw).decode()
+    return fields
+
+
+def fingerprint_file(fingerprints_dir: Path, sha256: str, sample_rate_hz: int) -> Path:
+    """Where the fingerprint of the decoded PCM with ``sha256`` at ``sample_rate_hz`` is kept:
+    ``<dir>/<2 hex>/<sha256>-<rate>.u32`` (content-addressed: a file once written never changes)."""
+    return Path(fingerprints_dir) / sha256[:2] / f"{sha256}-{int(sample_rate_hz)}.u32"
+
+
+def write_fingerprint(fingerprints_dir: Path, sha256: str, sample_rate_hz: int, prints: np.ndarray) -> Path:
+    """Write uint32 ``(frames,)`` sub-fingerprints as raw little-endian uint32 to :func:`fingerprint_file`
+    (atomically; an existing file is kept, it holds the same bytes). Returns the path."""
+    path = fingerprint_file(fingerprints_dir, sha256, sample_rate_hz)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(np.asarray(prints, dtype="<u4").tobytes())
+    os.replace(tmp, path)
+    return path
+
+
+def load_fingerprint(row: Mapping[str, Any]) -> np.ndarray:
+    """A measured mixture row's fingerprint, uint32 ``(frames,)``: from its ``_fingerprint_file``, or its
+    ``_fingerprint`` (base64); empty when it has neither.
+
+    Raises:
+        FileNotFoundError: the row names a fingerprint file that is gone.
+    """
+    path = row.get("_fingerprint_file")
+    if path:
+        return np.fromfile(path, dtype="<u4").astype(np.uint32)
+    return np.frombuffer(base64.b64decode(row.get("_fingerprint") or ""), dtype="<u4").astype(np.uint32)
+
+
+def _fingerprint_usable(fields: Mapping[str, Any], fingerprints_dir: Path | None) -> bool:
+    """Whether cached measurements still give their fingerprint: its file (when they name one) exists, and they
+    are in the form this run keeps them in (a file under ``fingerprints_dir``, or inline without one)."""
+    path = fields.get("_fingerprint_file")
+    if path:
+        return fingerprints_dir is not None and Path(path).is_file()
+    return fingerprints_dir is None or not fields.get("_fingerprint")
 
 
 def _measure_key(path: str, with_fingerprint: bool) -> str | None:
@@ -225,7 +279,8 @@ def _write_cached(cache_dir: Path | None, key: str | None, outcome: Mapping[str,
 
 def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: list[tuple[str, dict[str, Any]]],
                    mixtures_dir: Path, run_id: str, stem_length_tolerance_samples: int = 0,
-                   max_stem_residual_db: float = -15.0) -> Iterable[tuple[str, dict[str, Any]]]:
+                   max_stem_residual_db: float = -15.0, fingerprints_dir: Path | None = None
+                   ) -> Iterable[tuple[str, dict[str, Any]]]:
     """One accepted track and its measured files → ``("track"|"audio_file"|"rejection", row)``.
 
     Builds the mixture as the sample-wise sum of the stems when no mixture file was delivered (stems
@@ -263,7 +318,7 @@ def finalize_track(track_id: str, decision: Mapping[str, Any] | None, measured: 
             yield from reject_track(RejectionReason.STEM_MISMATCH, f"stems disagree: {check.detail}")
             return
     if not mixtures:
-        outputs.append(build_mixture(track_id, stems, mixtures_dir, run_id))
+        outputs.append(build_mixture(track_id, stems, mixtures_dir, run_id, fingerprints_dir))
     elif stems:
         residual_db = stem_residual_db(mixtures[0], stems, mixtures_dir)
         mixtures[0]["stem_residual_db"] = residual_db
@@ -292,7 +347,8 @@ def stem_residual_db(mixture: Mapping[str, Any], stems: list[Mapping[str, Any]],
     return residual_db
 
 
-def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str) -> dict[str, Any]:
+def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: Path, run_id: str,
+                  fingerprints_dir: Path | None = None) -> dict[str, Any]:
     """Sum the stems (float32 ``(channels, samples)``; mono stems broadcast to the widest channel count) into
     a float32 WAV under ``mixtures_dir`` and return its measured AUDIO_FILE row.
 
@@ -306,7 +362,7 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     path = mixtures_dir / mixture_name(track_id, stems)
     try:
         recorded = json.loads(note.read_text())
-        if recorded["uri"] == str(path) and path.is_file():
+        if recorded["uri"] == str(path) and path.is_file() and _fingerprint_usable(recorded, fingerprints_dir):
             return {**recorded, "run_id": run_id, "_cached": True}
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         pass
@@ -323,7 +379,7 @@ def build_mixture(track_id: str, stems: list[Mapping[str, Any]], mixtures_dir: P
     row = {"track_id": track_id, "role": Role.MIXTURE.value, "instrument": "", "uri": str(path),
            "derived_from": "sum_of_stems"}
     with _thread_controller().limit(limits=1):
-        row.update(measure_all(mixture32, sample_rate_hz))
+        row.update(measure_all(mixture32, sample_rate_hz, fingerprints_dir=fingerprints_dir))
     _write_cached(mixtures_dir, f".{key}", row)
     return {**row, "run_id": run_id, "_cached": False}
 
