@@ -26,9 +26,12 @@ from provenance.records import RejectionReason, Role, rejection
 if TYPE_CHECKING:
     from cleaning.fingerprint_index import Postings
 
-BATCH_FRAMES = 2_000_000
+QUERY_CHUNK_POSTINGS = 262_144
+"""Query postings matched at once (whole recordings): bounds the matched pairs, ~100 bytes each while voted."""
+
+BATCH_FRAMES = 1_000_000
 """Sub-fingerprints (11.6 ms frames) of the mixtures ``link_duplicates`` holds at once: 16 bytes each with their
-postings, ≈ 32 MB, about 6.5 hours of audio (2,300 ten-second tracks, 78 five-minute ones). A longer mixture is a
+postings, ≈ 16 MB, about 3.2 hours of audio (1,160 ten-second tracks, 39 five-minute ones). A longer mixture is a
 batch of its own."""
 
 
@@ -209,22 +212,29 @@ def _renumbered(postings: Postings, first: int) -> Postings:
     return Postings(postings.keys, postings.tracks + np.int32(first), postings.offsets)
 
 
-def _within_candidates(postings: Postings, spilled: Sequence[_Spilled]) -> dict[int, list[int]]:
+def _within_candidates(postings: Postings, spilled: Sequence[_Spilled], chunk_postings: int = QUERY_CHUNK_POSTINGS
+                       ) -> dict[int, list[int]]:
     """Recording ``j`` of this batch → the recordings ``i < j`` of the same delivery (this batch's and the earlier
     batches') that share at least ``MIN_VOTES`` sub-fingerprints with it at one offset, the most votes first (all
     of them: which are still kept is decided in order, and the best ``MAX_CANDIDATES`` kept ones are scored).
-    Every recording is in one batch, so the votes of a pair come whole from one of them."""
-    from cleaning.fingerprint_index import match_postings, max_shift_frames, top_candidates, vote
+    Every recording is in one batch, so the votes of a pair come whole from one of them; the batch queries in
+    chunks of whole recordings of about ``chunk_postings`` postings, so that the matched pairs (a posting matches
+    itself and every other of its key) never exist for the whole batch at once."""
+    from cleaning.fingerprint_index import Postings, match_postings, max_shift_frames, top_candidates, vote
 
     shift = max_shift_frames()
     found: list[tuple[int, int, int]] = []  # (j, −votes, i)
     for index in [postings, *spilled]:
         index = index if index is postings else index.load()
-        query_tracks, index_tracks, shifts = match_postings(postings, index, shift)
-        earlier = index_tracks < query_tracks
-        top = top_candidates(vote(query_tracks[earlier], index_tracks[earlier], shifts[earlier], shift),
-                             max_candidates=1 << 30)
-        found.extend(zip(top.query_tracks.tolist(), (-top.votes).tolist(), top.index_tracks.tolist()))
+        for low, high in _track_chunks(postings.tracks, chunk_postings):
+            mine = (postings.tracks >= low) & (postings.tracks < high)
+            query = Postings(postings.keys[mine], postings.tracks[mine], postings.offsets[mine])
+            query_tracks, index_tracks, shifts = match_postings(query, index, shift)
+            earlier = index_tracks < query_tracks
+            top = top_candidates(vote(query_tracks[earlier], index_tracks[earlier], shifts[earlier], shift),
+                                 max_candidates=1 << 30)
+            found.extend(zip(top.query_tracks.tolist(), (-top.votes).tolist(), top.index_tracks.tolist()))
+            del query_tracks, index_tracks, shifts, earlier
         del index
     out: dict[int, list[int]] = {}
     for j, _, i in sorted(found):
@@ -232,15 +242,32 @@ def _within_candidates(postings: Postings, spilled: Sequence[_Spilled]) -> dict[
     return out
 
 
+def _track_chunks(tracks: np.ndarray, chunk_postings: int) -> list[tuple[int, int]]:
+    """``[low, high)`` ranges of track numbers, each holding about ``chunk_postings`` of ``tracks`` (whole tracks)."""
+    if not tracks.shape[0]:
+        return []
+    numbers, counts = np.unique(tracks, return_counts=True)
+    chunks, low, total = [], int(numbers[0]), 0
+    for number, count in zip(numbers.tolist(), counts.tolist()):
+        if total and total + count > chunk_postings:
+            chunks.append((low, number))
+            low, total = number, 0
+        total += count
+    chunks.append((low, int(numbers[-1]) + 1))
+    return chunks
+
+
 def _earlier_matches(ids: list[str], prints: list[np.ndarray], hashes: list[str], earlier: Sequence[Segment],
-                     threshold: float, query_block: int = 1024, verify_block: int = 256) -> dict[int, _Match]:
+                     threshold: float, query_block: int = QUERY_CHUNK_POSTINGS, verify_block: int = 256
+                     ) -> dict[int, _Match]:
     """Recording ``j`` (of track ``ids[j]``) → its match among the earlier deliveries' recordings, if any: the same
     PCM (the latest delivery's), else the candidate with the highest fingerprint similarity ≥ ``threshold`` (ties:
     the latest). A recording of the same track id is not a duplicate: it is that track delivered again (a
     corrected delivery, an update), not another record of its recording.
 
     Memory stays bounded whatever the catalog: each segment's postings are read a row group at a time, the delivery
-    queries them ``query_block`` recordings at a time (each block reads the segments once), and the candidates'
+    queries them in blocks of whole recordings of about ``query_block`` sub-fingerprints (each block reads the
+    segments once), and the candidates'
     fingerprints are read and scored ``verify_block`` recordings at a time.
     """
     from cleaning.fingerprint import fingerprint_similarity
@@ -258,10 +285,9 @@ def _earlier_matches(ids: list[str], prints: list[np.ndarray], hashes: list[str]
                 matches[j] = _Match(track_id, "exact", 1.0, segment.delivery_id, segment.sequence)
     shift = max_shift_frames()
     by_sequence = {segment.sequence: segment for segment in earlier}
-    for first in range(0, len(prints), query_block):
-        rows = [j for j in range(first, min(first + query_block, len(prints))) if j not in matches]
-        if not rows:
-            continue
+    pending = [j for j in range(len(prints)) if j not in matches]
+    for block in _batches([len(prints[j]) for j in pending], query_block):
+        rows = [pending[k] for k in block]
         query = build_postings([prints[j] for j in rows], max_postings=None)
         found: dict[int, list[tuple[int, int, int]]] = {}  # recording → (votes, segment sequence, segment row)
         for segment in earlier:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 SEGMENT_FILE = "segment.json"
 INDEX_VERSION = "1"  # bump when what a segment holds or how it is laid out changes
 ROW_GROUP_ROWS = 32_768  # postings per row group: 384 KB raw, the unit a query reads
-BATCH_FRAMES = 2_000_000  # sub-fingerprints (with their postings ≈ 32 MB) a segment is written with at a time
+BATCH_FRAMES = 1_000_000  # sub-fingerprints (with their postings ≈ 16 MB) a segment is written with at a time
 _FOLDER = re.compile(r"^(\d{6})-(.+)$")
 
 TRACKS_SCHEMA = pa.schema([

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -490,8 +491,14 @@ def _read_opt_outs(path: str | None) -> OptOutRegistry:
 
 
 def _read_jsonl(staging: Path, name: str) -> list[dict[str, Any]]:
+    """The rows a pipeline output wrote, its keys interned: json gives every row its own copies of the ~25 key
+    strings, a third of a row's memory."""
     rows = []
     for path in sorted(staging.glob(f"{name}*.jsonl")):
         with open(path, encoding="utf-8") as handle:
-            rows.extend(json.loads(line) for line in handle if line.strip())
+            rows.extend(json.loads(line, object_hook=_interned_keys) for line in handle if line.strip())
     return rows
+
+
+def _interned_keys(row: dict[str, Any]) -> dict[str, Any]:
+    return {sys.intern(key): value for key, value in row.items()}
