@@ -15,7 +15,7 @@ from pipelines.config import config_dict
 from provenance.policy import RunPurpose
 from provenance.records import Purpose
 
-# ``cleaning.fingerprint.NEAR_DUPLICATE_THRESHOLD``, here as a number because that module loads torch and numba
+# ``cleaning.fingerprint.NEAR_DUPLICATE_THRESHOLD``, here as a number because that module loads scipy and numba
 # (tests/pipelines/test_ingest.py pins the two equal)
 NEAR_DUPLICATE_THRESHOLD = 0.8
 
