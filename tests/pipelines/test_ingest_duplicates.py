@@ -320,3 +320,27 @@ def test_batched_linking_and_a_streamed_segment_give_what_one_batch_gives(catalo
     later = [{"track_id": row["track_id"]} for row in second]
     assert (link_duplicates(later, second, 0.8, "run-2", delivery_id="second", earlier=[streamed])
             == link_duplicates(later, second, 0.8, "run-2", delivery_id="second", earlier=[one]))
+
+
+def test_a_measured_mixture_keeps_its_fingerprint_in_a_file_and_a_lost_file_is_measured_again(tmp_path):
+    """The rows Beam moves carry the fingerprint's path (content-addressed by decoded-PCM sha256 and rate), not the
+    fingerprint; the measurement cache is used only while that file is there."""
+    from pipelines.stages.ingest.steps import fingerprint_file, load_fingerprint, measure_file
+
+    audio = recording(5, 3.0)
+    path = tmp_path / "mix.flac"
+    sf.write(path, audio.T, RATE, subtype="PCM_16")
+    task = {"record_id": "t1/mixture", "role": "mixture", "instrument": "", "path": str(path)}
+    cache, prints = tmp_path / "cache", tmp_path / "prints"
+    status, row = measure_file("t1", task, "run-1", cache, prints)
+    assert status == "accepted" and not row["_cached"] and "_fingerprint" not in row
+    stored = Path(row["_fingerprint_file"])
+    assert stored == fingerprint_file(prints, row["sha256"], RATE) and stored.is_file()
+    decoded, _ = sf.read(path, dtype="float32", always_2d=True)
+    np.testing.assert_array_equal(load_fingerprint(row), fingerprint(decoded.T, RATE))
+    assert measure_file("t1", task, "run-2", cache, prints)[1]["_cached"]
+    stored.unlink()
+    again = measure_file("t1", task, "run-3", cache, prints)[1]
+    assert not again["_cached"] and stored.is_file()
+    assert {k: v for k, v in again.items() if k not in ("_cached", "run_id")} == \
+        {k: v for k, v in row.items() if k not in ("_cached", "run_id")}
