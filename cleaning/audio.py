@@ -14,7 +14,8 @@ class AudioDecodeError(ValueError):
     """The file exists but could not be decoded as audio (corrupt, truncated, or not audio at all)."""
 
 
-def read_audio(path: str | os.PathLike[str] | io.BytesIO, *, contiguous: bool = True) -> tuple[np.ndarray, int]:
+def read_audio(path: str | os.PathLike[str] | io.BytesIO, *, contiguous: bool = True,
+               scratch: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """Decode a WAV, FLAC, Ogg Vorbis/Opus or MP3 file with libsndfile (soundfile).
 
     Args:
@@ -22,6 +23,9 @@ def read_audio(path: str | os.PathLike[str] | io.BytesIO, *, contiguous: bool = 
         contiguous: ``True`` (default) returns C-contiguous channel-major memory; ``False`` returns the
             transposed view of the decoded interleaved buffer (same values and shape, no 10 MB-per-30 s
             copy), for callers that only read it, e.g. ingest's measurements.
+        scratch: float32 ``(n,)`` to decode into when it holds the file's ``frames × channels`` samples (with
+            ``contiguous=False``): the audio returned is then a view of it, valid until the caller reuses it. A
+            buffer reused from file to file spares the page faults of a fresh one (~20% of a FLAC decode).
 
     Returns:
         (audio, sample_rate_hz): audio is float32 ``(channels, samples)``.
@@ -36,7 +40,13 @@ def read_audio(path: str | os.PathLike[str] | io.BytesIO, *, contiguous: bool = 
         info = sf.info(path)
         if isinstance(path, io.BytesIO):
             path.seek(0)
-        data, sample_rate_hz = sf.read(path, dtype="float32", always_2d=True)
+        needed = info.frames * info.channels
+        if scratch is not None and not contiguous and scratch.dtype == np.float32 and scratch.ndim == 1 \
+                and 0 < needed <= scratch.shape[0]:
+            out = scratch[:needed].reshape(info.frames, info.channels)
+            data, sample_rate_hz = sf.read(path, dtype="float32", always_2d=True, out=out)
+        else:
+            data, sample_rate_hz = sf.read(path, dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as err:
         raise AudioDecodeError(f"cannot decode {path}: {err}") from err
     if 0 < data.shape[0] < info.frames:

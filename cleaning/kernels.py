@@ -136,7 +136,7 @@ def _scan_any(audio, sos, edges, window, threshold, mono, segment_energy, window
 
 
 def scan_levels(audio: np.ndarray, sos: np.ndarray, edges: np.ndarray, window: int, threshold: float,
-                with_mono: bool = False) -> dict[str, object]:
+                with_mono: bool = False, mono_out: np.ndarray | None = None) -> dict[str, object]:
     """One pass over float32 ``(channels, samples)`` audio (any layout; an interleaved file's transposed view
     is read in place).
 
@@ -149,6 +149,8 @@ def scan_levels(audio: np.ndarray, sos: np.ndarray, edges: np.ndarray, window: i
         window: silence window in samples (> 0); the energy Σ over channels of x² of every whole window.
         threshold: a sample is clipped when ``|x| ≥ threshold``.
         with_mono: also return the channel mean, float32 ``(samples,)``.
+        mono_out: float32 ``(≥ samples,)`` to write the channel mean into (its first ``samples``; a buffer the
+            caller reuses, which spares the page faults of a fresh array); a new array when None or too short.
 
     Returns:
         ``{"peak": float (max |x|), "clipped": int (count over all channels), "channel_sum": float64
@@ -160,7 +162,11 @@ def scan_levels(audio: np.ndarray, sos: np.ndarray, edges: np.ndarray, window: i
     edges = np.ascontiguousarray(edges, dtype=np.int64)
     if edges[0] != 0 or edges[-1] != num_samples or np.any(np.diff(edges) < 0):
         raise ValueError("edges must ascend from 0 to the number of samples")
-    mono = np.empty(num_samples if with_mono else 0, dtype=np.float32)
+    if with_mono and mono_out is not None and mono_out.dtype == np.float32 and mono_out.ndim == 1 \
+            and mono_out.shape[0] >= num_samples:
+        mono = mono_out[:num_samples]
+    else:
+        mono = np.empty(num_samples if with_mono else 0, dtype=np.float32)
     segment_energy = np.zeros((edges.shape[0] - 1, num_channels))
     window_energy = np.zeros(num_samples // window)
     channel_sum = np.zeros(num_channels)

@@ -145,7 +145,8 @@ class Levels:
     mono: np.ndarray | None = None
 
 
-def measure_levels(audio: np.ndarray, sample_rate_hz: int, with_mono: bool = False) -> Levels:
+def measure_levels(audio: np.ndarray, sample_rate_hz: int, with_mono: bool = False,
+                   mono_out: np.ndarray | None = None) -> Levels:
     """Sample peak, integrated loudness, clipped and silent fractions and DC offset of float32
     ``(channels, samples)`` audio in one compiled pass over its samples (``cleaning.kernels.scan_levels``);
     each equals its ``measure_*`` function (the tests hold them to it).
@@ -155,6 +156,7 @@ def measure_levels(audio: np.ndarray, sample_rate_hz: int, with_mono: bool = Fal
             transposed view is read in place).
         sample_rate_hz: sample rate of ``audio``.
         with_mono: also return the channel mean at full rate (``Levels.mono``).
+        mono_out: a float32 buffer to write that mean into (``cleaning.kernels.scan_levels``).
 
     Raises:
         ValueError: ``audio`` is not 2-D, has more than 5 channels, or ``sample_rate_hz`` is not positive.
@@ -173,7 +175,7 @@ def measure_levels(audio: np.ndarray, sample_rate_hz: int, with_mono: bool = Fal
     window = max(1, int(SILENCE_WINDOW_S * sample_rate_hz))
     from cleaning.kernels import scan_levels  # numba, loaded on the first measurement (not by importing this module)
 
-    scan = scan_levels(audio, k_weighting_sos(sample_rate_hz), edges, window, CLIP_THRESHOLD, with_mono)
+    scan = scan_levels(audio, k_weighting_sos(sample_rate_hz), edges, window, CLIP_THRESHOLD, with_mono, mono_out)
     peak = scan["peak"]
     window_energy = scan["window_energy"]
     if window_energy.size:

@@ -205,3 +205,28 @@ def test_measure_levels_dc_offset_is_not_finite_for_non_finite_samples(bad, num_
         audio[-1, 30_000] = bad
     for layout in (audio, np.ascontiguousarray(audio.T).T):
         assert not math.isfinite(measure_levels(layout, 44100, with_mono=True).dc_offset)
+
+
+def test_decoding_and_measuring_in_reused_buffers_gives_what_fresh_arrays_give(tmp_path):
+    """Ingest decodes into a per-thread buffer it reuses (cleaning.audio.read_audio's ``scratch``) and writes the
+    channel mean into another (``mono_out``): the same samples and measurements as fresh arrays, for a file that
+    fits, after a longer one left stale samples in the buffer, and for one that does not fit (fresh arrays)."""
+    from cleaning.measure import measure_levels
+
+    rng = np.random.default_rng(11)
+    long_path, short_path = tmp_path / "long.flac", tmp_path / "short.flac"
+    long_path.write_bytes(encode_flac(rng.uniform(-0.5, 0.5, (2, 30000)).astype(np.float32), 44100))
+    short_path.write_bytes(encode_flac(rng.uniform(-0.5, 0.5, (2, 20000)).astype(np.float32), 44100))
+    scratch, mono_out = np.zeros(2 * 30000, np.float32), np.zeros(30000, np.float32)
+    for path, room in ((long_path, scratch), (short_path, scratch), (long_path, scratch[:100])):
+        fresh, rate = read_audio(path, contiguous=False)
+        reused, rate_ = read_audio(path, contiguous=False, scratch=room)
+        assert rate == rate_ and reused.shape == fresh.shape
+        np.testing.assert_array_equal(reused, fresh)
+        assert np.shares_memory(reused, scratch) == (room.shape[0] >= fresh.size)
+        a, b = measure_levels(fresh, rate, with_mono=True), measure_levels(reused, rate, with_mono=True,
+                                                                           mono_out=mono_out)
+        np.testing.assert_array_equal(a.mono, b.mono)
+        assert np.shares_memory(b.mono, mono_out)
+        assert (a.peak_dbfs, a.loudness_lufs, a.clipped_fraction, a.silent_fraction, a.dc_offset) == \
+            (b.peak_dbfs, b.loudness_lufs, b.clipped_fraction, b.silent_fraction, b.dc_offset)

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -152,6 +153,42 @@ def _thread_controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
+SCRATCH_MAX_SAMPLES = 32 * 2**20
+"""float32 samples of decoded audio a worker thread keeps for reuse (128 MB, ~6 minutes of 44.1 kHz stereo), and
+half as many for the channel mean: a file that fits is decoded and measured in memory reused from the last one,
+which spares the page faults of fresh arrays (~20% of a FLAC decode); a longer file gets fresh memory, given back
+after it."""
+
+
+class _Scratch(threading.local):
+    """Per-thread buffers for ``_measure_outcome_unlimited``: grown to the largest file that fits, never shrunk."""
+
+    def __init__(self) -> None:
+        self.pcm = np.zeros(0, dtype=np.float32)
+        self.mono = np.zeros(0, dtype=np.float32)
+
+    def take(self, path: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(PCM buffer, channel-mean buffer) large enough for ``path``'s audio, or (None, None) when it does not
+        fit ``SCRATCH_MAX_SAMPLES`` or cannot be read (decoding then reports why)."""
+        import soundfile as sf
+
+        try:
+            info = sf.info(path)
+        except Exception:  # noqa: BLE001 (any unreadable file: read_audio raises the error that names it)
+            return None, None
+        needed = info.frames * info.channels
+        if not 0 < needed <= SCRATCH_MAX_SAMPLES:
+            return None, None
+        if self.pcm.shape[0] < needed:
+            self.pcm = np.empty(needed, dtype=np.float32)
+        if self.mono.shape[0] < info.frames:
+            self.mono = np.empty(info.frames, dtype=np.float32)
+        return self.pcm, self.mono
+
+
+_scratch = _Scratch()
+
+
 def _measure_outcome_unlimited(path: str, with_fingerprint: bool, fingerprints_dir: Path | None
                                ) -> dict[str, Any]:
     def rejected(reason: RejectionReason, detail: str) -> dict[str, Any]:
@@ -165,7 +202,9 @@ def _measure_outcome_unlimited(path: str, with_fingerprint: bool, fingerprints_d
         if expected is not None and found != expected:
             return rejected(RejectionReason.FORMAT_MISMATCH,
                             f"{Path(path).name} is named {Path(path).suffix} but holds {found} audio")
-        audio, sample_rate_hz = read_audio(path, contiguous=False)  # the interleaved buffer, not copied
+        pcm, mono = _scratch.take(path)
+        # the interleaved buffer, not copied, in this thread's reused memory when the file fits
+        audio, sample_rate_hz = read_audio(path, contiguous=False, scratch=pcm)
     except FileNotFoundError:
         return rejected(RejectionReason.MISSING_FILE, f"{path} vanished before decoding")
     except AudioDecodeError as err:
@@ -175,7 +214,7 @@ def _measure_outcome_unlimited(path: str, with_fingerprint: bool, fingerprints_d
     if audio.shape[0] > MAX_CHANNELS:
         return rejected(RejectionReason.TOO_MANY_CHANNELS,
                         f"{audio.shape[0]} channels; linernotes takes mono or stereo files (deliver stems instead)")
-    levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint)  # one compiled pass
+    levels = measure_levels(audio, sample_rate_hz, with_mono=with_fingerprint, mono_out=mono)  # one compiled pass
     # its per-channel float64 sums of float32 samples cannot overflow, so the DC offset is finite exactly
     # when every sample is: the pass doubles as the NaN/infinity check
     if not math.isfinite(levels.dc_offset):
