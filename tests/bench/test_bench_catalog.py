@@ -14,9 +14,10 @@ whole process tree (the run plus any workers) every 50 ms.
    stereo 16-bit FLAC (12 five-minute files), minus those of a one-file ingest (the fixed cost: imports, the
    pipeline's start, Great Expectations), against the floor: decoding the same files with soundfile to float32,
    in the same run; and against a stricter floor, the same decode into one reused buffer, as ingest's workers
-   decode (a fresh 100 MB array per file costs ~20% more in page faults). Printed beside the floor: each measurement's CPU share on one of the files, and the one-track
-   ingest's wall time (target < 10 s on 2 cores). Target ratio ≥ 0.5, moonshot 0.8. Each is the best of ``ROUNDS``
-   rounds in which the three take turns (this machine's CPU time for the same decode varies by ±25%).
+   decode (a fresh 100 MB array per file costs ~20% more in page faults). Printed beside the floor: each
+   measurement's CPU share on one of the files, and the one-track ingest's wall time (target < 10 s on 2 cores).
+   Target ratio ≥ 0.5, moonshot 0.8. Each is the best of ``ROUNDS`` rounds in which they take turns (this
+   machine's CPU time for the same decode varies by ±25%).
 
 Nothing gates on absolute times.
 """

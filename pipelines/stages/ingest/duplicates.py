@@ -4,8 +4,8 @@ the driver, after the Beam pipeline has measured and fingerprinted every mixture
 Exact duplicates share the sha256 of their decoded PCM; near duplicates (another gain, sample rate, encoding or
 start) have a fingerprint similarity ≥ the threshold (``cleaning.fingerprint.fingerprint_similarity``). Candidates
 come from the sub-fingerprint index (``cleaning.fingerprint_index``): the delivery's own postings, built a batch of
-tracks at a time (the earlier batches' spilled to disk), and each earlier delivery's segment of the recording index (``pipelines.stages.ingest.recordings``), read a row
-group at a time. Only candidates are scored, so the cost per track does not grow with the catalog.
+tracks at a time (the earlier batches' spilled to disk), and each earlier delivery's segment of the recording index
+(``pipelines.stages.ingest.recordings``), read a row group at a time. Only candidates are scored, so the cost per track does not grow with the catalog.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
     ``records.DUPLICATE`` row says which track (of which delivery) it duplicates and what was done.
 
     Memory does not grow with the delivery's audio: the tracks are taken in batches of about ``batch_frames``
-    sub-fingerprints, their fingerprints read (``steps.load_fingerprint``) and their postings built for that batch only; each batch queries
-    its own postings and those of the batches before it, which are spilled to ``spill_dir`` (memory-mapped ``.npy``
+    sub-fingerprints, their fingerprints read (``steps.load_fingerprint``) and their postings built for that batch
+    only; each batch queries its own postings and those of the batches before it, which are spilled to ``spill_dir`` (memory-mapped ``.npy``
     files; kept in memory without one) and read back one batch at a time. Sub-fingerprints with more than
     ``MAX_POSTINGS`` postings in one batch are stop words.
 
