@@ -70,19 +70,25 @@ def write_catalog(root: Path, num_tracks: int, workers: int = 2, seed: int = 3
         planted[(copy_id, f"t{int(source):05d}")] = kind
     with cf.ProcessPoolExecutor(max_workers=workers) as pool:
         paths = list(pool.map(_write, tasks, chunksize=16))
+    write_tables(root, [(track_id, path) for (track_id, *_), path in zip(tasks, paths)])
+    return planted
+
+
+def write_tables(root: Path, mixtures: list[tuple[str, str]]) -> None:
+    """``tracks.csv``, ``files.csv`` and ``licenses.csv`` of a delivery whose tracks are ``mixtures`` ((track id,
+    audio path relative to ``root``)), each one mixture under the one licence ``L``."""
     fields = ["track_id", "isrc", "title", "artist", "rights_holder", "license_id", "attribution", "genre", "tags",
               "description"]
     with open(root / "tracks.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
-        for track_id, *_ in tasks:
+        for track_id, _ in mixtures:
             writer.writerow({"track_id": track_id, "isrc": "", "title": f"Song {track_id}", "artist": "Artist",
                              "rights_holder": "Label", "license_id": "L", "attribution": "", "genre": "",
                              "tags": "", "description": ""})
     with open(root / "files.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["track_id", "role", "instrument", "path"])
         writer.writeheader()
-        for (track_id, *_), path in zip(tasks, paths):
+        for track_id, path in mixtures:
             writer.writerow({"track_id": track_id, "role": "mixture", "instrument": "", "path": path})
     (root / "licenses.csv").write_text(LICENSES_CSV)
-    return planted

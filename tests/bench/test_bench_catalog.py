@@ -25,7 +25,6 @@ Nothing gates on absolute times.
 from __future__ import annotations
 
 import base64
-import csv
 import json
 import os
 import re
@@ -40,7 +39,7 @@ import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
-from tests.bench.catalog import LICENSES_CSV, write_catalog
+from tests.bench.catalog import write_catalog, write_tables
 
 pytestmark = pytest.mark.bench
 
@@ -163,20 +162,10 @@ def _write_long_delivery(root: Path) -> Path:
     from tests.cleaning.music import recording
 
     (root / "audio").mkdir(parents=True)
-    tracks, files = [], []
     for i in range(FLOOR_FILES):
         audio = np.concatenate([recording(1000 * i + k, 10.0) for k in range(int(FLOOR_FILE_S / 10))], axis=1)
         sf.write(root / "audio" / f"m{i:02d}.flac", audio.T, 44100, subtype="PCM_16")
-        tracks.append({"track_id": f"m{i:02d}", "isrc": "", "title": f"Mix {i}", "artist": "Artist",
-                       "rights_holder": "Label", "license_id": "L", "attribution": "", "genre": "", "tags": "",
-                       "description": ""})
-        files.append({"track_id": f"m{i:02d}", "role": "mixture", "instrument": "", "path": f"audio/m{i:02d}.flac"})
-    for name, table in (("tracks", tracks), ("files", files)):
-        with open(root / f"{name}.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-    (root / "licenses.csv").write_text(LICENSES_CSV)
+    write_tables(root, [(f"m{i:02d}", f"audio/m{i:02d}.flac") for i in range(FLOOR_FILES)])
     return root
 
 

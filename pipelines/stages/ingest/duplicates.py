@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.stages.ingest.delivery import INGEST as STAGE
-from pipelines.stages.ingest.recordings import Recording, Segment
+from pipelines.stages.ingest.recordings import Recording, Segment, batches_by_size
 from pipelines.stages.ingest.steps import load_fingerprint
 from provenance.records import RejectionReason, Role, rejection
 
@@ -99,7 +99,7 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
     kept: set[int] = set()
     duplicates: list[dict[str, Any]] = []
     spilled: list[_Spilled] = []  # the postings of the batches before, track numbers global (j)
-    batches = _batches([_num_frames(mixtures[t]) for t in ids], batch_frames)
+    batches = batches_by_size([_num_frames(mixtures[t]) for t in ids], batch_frames)
     for number, block in enumerate(batches):
         first = block[0]
         prints = {j: load_fingerprint(mixtures[ids[j]]) for j in block}
@@ -165,19 +165,6 @@ def _num_frames(row: dict[str, Any]) -> int:
     if path:
         return os.path.getsize(path) // 4
     return len(row.get("_fingerprint") or "") * 3 // 16
-
-
-def _batches(sizes: list[int], budget: int) -> list[list[int]]:
-    """Consecutive runs of ``range(len(sizes))`` whose sizes sum to at most ``budget`` (a larger one alone)."""
-    batches: list[list[int]] = []
-    total = budget + 1
-    for j, size in enumerate(sizes):
-        if total + size > budget:
-            batches.append([])
-            total = 0
-        batches[-1].append(j)
-        total += size
-    return batches
 
 
 @dataclass(frozen=True)
@@ -286,7 +273,7 @@ def _earlier_matches(ids: list[str], prints: list[np.ndarray], hashes: list[str]
     shift = max_shift_frames()
     by_sequence = {segment.sequence: segment for segment in earlier}
     pending = [j for j in range(len(prints)) if j not in matches]
-    for block in _batches([len(prints[j]) for j in pending], query_block):
+    for block in batches_by_size([len(prints[j]) for j in pending], query_block):
         rows = [pending[k] for k in block]
         query = build_postings([prints[j] for j in rows], max_postings=None)
         found: dict[int, list[tuple[int, int, int]]] = {}  # recording → (votes, segment sequence, segment row)

@@ -256,7 +256,8 @@ class RecordingIndex:
         runs: list[tuple[Path, Path, Path]] = []
         with pq.ParquetWriter(path, TRACKS_SCHEMA, compression="zstd") as writer:
             first = 0
-            for batch in _frame_batches(ordered, BATCH_FRAMES):
+            for rows in batches_by_size([rec.num_frames() for rec in ordered], BATCH_FRAMES):
+                batch = [ordered[j] for j in rows]
                 prints = [rec.load() for rec in batch]
                 writer.write_table(records.to_table(
                     [{"track_id": rec.track_id, "sha256": rec.sha256, "num_frames": int(p.shape[0]),
@@ -273,16 +274,16 @@ class RecordingIndex:
         return runs
 
 
-def _frame_batches(ordered: Sequence[Recording], budget: int) -> list[list[Recording]]:
-    """Consecutive runs of ``ordered`` of at most ``budget`` sub-fingerprints (a longer recording alone)."""
-    batches: list[list[Recording]] = []
+def batches_by_size(sizes: Sequence[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of ``range(len(sizes))`` whose sizes sum to at most ``budget`` (a larger one alone): how
+    ingest holds a bounded number of sub-fingerprints at a time (``sizes`` in frames)."""
+    batches: list[list[int]] = []
     total = budget + 1
-    for rec in ordered:
-        size = rec.num_frames()
+    for j, size in enumerate(sizes):
         if total + size > budget:
             batches.append([])
             total = 0
-        batches[-1].append(rec)
+        batches[-1].append(j)
         total += size
     return batches
 

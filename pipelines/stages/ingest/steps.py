@@ -174,7 +174,7 @@ class _Scratch(threading.local):
 
         try:
             info = sf.info(path)
-        except Exception:  # noqa: BLE001 (any unreadable file: read_audio raises the error that names it)
+        except (sf.LibsndfileError, RuntimeError, OSError):  # read_audio raises the error that names it
             return None, None
         needed = info.frames * info.channels
         if not 0 < needed <= SCRATCH_MAX_SAMPLES:
