@@ -49,6 +49,9 @@ def ingest(
     force: ForceOpt = False,
 ) -> None:
     """Admit a delivery's recordings under the rights policy; decode and measure every file (Apache Beam)."""
+    from pipelines.stages.ingest import expectations_worker
+
+    expectations_worker.prestart()  # Great Expectations' ~5 s import, beside this command's start
     with errors():
         if as_of is not None:
             try:

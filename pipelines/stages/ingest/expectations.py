@@ -203,8 +203,13 @@ def delivery_frames(delivery: Delivery) -> dict[str, pd.DataFrame]:
     Columns are the table's columns in delivery order (plus ``_row``, the CSV data row number), so a
     ``failed_rows`` index ``i`` is ``delivery.tracks[i]``.
     """
-    return {"tracks": _frame(delivery.tracks, TRACK_COLUMNS), "files": _frame(delivery.files, FILE_COLUMNS),
-            "licenses": _frame(delivery.licenses, LICENSE_COLUMNS)}
+    return delivery_rows_frames({"tracks": delivery.tracks, "files": delivery.files, "licenses": delivery.licenses})
+
+
+def delivery_rows_frames(rows: Mapping[str, list[Mapping[str, Any]]]) -> dict[str, pd.DataFrame]:
+    """``delivery_frames`` of the row dicts of each table in ``rows`` (``tracks``, ``files``, ``licenses``)."""
+    columns = {"tracks": TRACK_COLUMNS, "files": FILE_COLUMNS, "licenses": LICENSE_COLUMNS}
+    return {table: _frame(table_rows, columns[table]) for table, table_rows in rows.items()}
 
 
 def _frame(rows: list[Mapping[str, Any]], columns: tuple[str, ...]) -> pd.DataFrame:
@@ -282,10 +287,14 @@ def validate_delivery(tables: Mapping[str, pd.DataFrame], run_dir: Path) -> Vali
         KeyError: a table other than ``tracks``, ``files``, ``licenses`` is given (a programming error).
         ValueError: a frame's index repeats a label (``failed_rows`` are keyed by index label).
     """
+    return _validator().validate(DELIVERY_SUITE, _delivery_tables(tables), Path(run_dir))
+
+
+def _delivery_tables(tables: Mapping[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     unknown = sorted(set(tables) - set(DELIVERY_TABLES))
     if unknown:
         raise KeyError(f"validate_delivery takes tables {', '.join(DELIVERY_TABLES)}; got {', '.join(unknown)}")
-    return _validator().validate(DELIVERY_SUITE, prepare_delivery(tables), Path(run_dir))
+    return prepare_delivery(tables)
 
 
 def validate_curated(audio_files: pd.DataFrame, counts: Mapping[str, Any], run_dir: Path) -> ValidationReport:
@@ -297,8 +306,36 @@ def validate_curated(audio_files: pd.DataFrame, counts: Mapping[str, Any], run_d
     Raises:
         ValueError: ``audio_files``'s index repeats a label (``failed_rows`` are keyed by index label).
     """
-    tables = {"audio_files": prepare_audio_files(audio_files), "counts": counts_frame(counts)}
-    return _validator().validate(CURATED_SUITE, tables, Path(run_dir))
+    return _validator().validate(CURATED_SUITE, _curated_tables(audio_files, counts), Path(run_dir))
+
+
+def _curated_tables(audio_files: pd.DataFrame, counts: Mapping[str, Any]) -> dict[str, pd.DataFrame]:
+    return {"audio_files": prepare_audio_files(audio_files), "counts": counts_frame(counts)}
+
+
+def check_in_worker(kind: str, payload: Mapping[str, Any]) -> tuple[ValidationReport, Any]:
+    """What ``pipelines.stages.ingest.expectations_worker`` runs for a request: the checkpoints of ``kind``
+    (``delivery``: ``payload["tables"]``, the row dicts of each delivery table; ``curated``:
+    ``payload["audio_files"]``, rows with the ``AUDIO_FILE_COLUMNS``, and ``payload["counts"]``) for the run
+    folder ``payload["run_dir"]``, without the Data Docs.
+
+    Returns:
+        (the report, a callable that renders its Data Docs pages).
+
+    Raises:
+        ValueError: ``kind`` is neither.
+    """
+    run_dir = Path(payload["run_dir"])
+    if kind == "delivery":
+        family, tables = DELIVERY_SUITE, _delivery_tables(delivery_rows_frames(payload["tables"]))
+    elif kind == "curated":
+        frame = pd.DataFrame(payload["audio_files"], columns=list(AUDIO_FILE_COLUMNS))
+        family, tables = CURATED_SUITE, _curated_tables(frame, payload["counts"])
+    else:
+        raise ValueError(f"unknown validation {kind!r}: delivery or curated")
+    validator = _validator()
+    report, rendered = validator.check(family, tables, run_dir)
+    return report, functools.partial(validator.build_docs, run_dir, rendered)
 
 
 _VALIDATOR_LOCK = threading.Lock()
@@ -352,6 +389,18 @@ class _Validator:
                 "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(directory)}}
 
     def validate(self, family: str, tables: Mapping[str, pd.DataFrame], run_dir: Path) -> ValidationReport:
+        """Run ``family``'s checkpoints on ``tables`` and build their Data Docs pages."""
+        report, rendered = self.check(family, tables, run_dir)
+        self.build_docs(run_dir, rendered)
+        return report
+
+    def check(self, family: str, tables: Mapping[str, pd.DataFrame], run_dir: Path
+              ) -> tuple[ValidationReport, list[Any]]:
+        """Run ``family``'s checkpoints on ``tables`` and keep the results for ``run_dir``'s Data Docs.
+
+        Returns:
+            (the report, the result and suite identifiers whose pages :meth:`build_docs` renders).
+        """
         for table, frame in tables.items():
             if not frame.index.is_unique:
                 raise ValueError(f"the {table} frame's index repeats labels; failed_rows are keyed by index label: "
@@ -361,11 +410,10 @@ class _Validator:
         results: list[ExpectationResult] = []
         failed_rows: dict[str, dict[Hashable, list[str]]] = {}
         table_errors: list[str] = []
+        rendered: list[Any] = []  # this call's results and their suites: the pages to (re)build
         with self.lock, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # GX and pandas deprecation chatter; failures are in the results
             started = time.perf_counter()
-            self.context.update_data_docs_site(_DOCS_SITE, self._site_config(docs_dir))
-            rendered: list[Any] = []  # this call's results and their suites: the pages to (re)build
             for table, frame in tables.items():
                 outcome = self.checkpoints[family][table].run(batch_parameters={"dataframe": frame}, run_id=run_id)
                 for key, suite_result in outcome.run_results.items():
@@ -377,13 +425,21 @@ class _Validator:
                     if rows:
                         failed_rows[table] = rows
                     table_errors.extend(errors)
-            # one incremental build for all the tables (their pages and the index), not one per checkpoint
-            self.context.build_data_docs(site_names=[_DOCS_SITE], resource_identifiers=rendered)
             elapsed_s = time.perf_counter() - started
-        return ValidationReport(
+        report = ValidationReport(
             suite_name=family, success=all(r.success for r in results), results=results,
             failed_rows=failed_rows, table_errors=table_errors, data_docs_index=docs_dir / "index.html",
             elapsed_s=elapsed_s, row_counts={table: len(frame) for table, frame in tables.items()})
+        return report, rendered
+
+    def build_docs(self, run_dir: Path, rendered: list[Any]) -> None:
+        """Render the pages of ``rendered`` (from :meth:`check`) and the index of ``run_dir / "data_docs"``: one
+        incremental build for a call's tables, not one per checkpoint (GX's ``UpdateDataDocsAction``)."""
+        docs_dir = (run_dir / "data_docs").resolve()
+        with self.lock, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.context.update_data_docs_site(_DOCS_SITE, self._site_config(docs_dir))
+            self.context.build_data_docs(site_names=[_DOCS_SITE], resource_identifiers=rendered)
 
     def _remember(self, docs_dir: Path, key: Any) -> None:
         """Keep a site's validation results while its index may be rebuilt (a site's index lists only the

@@ -59,8 +59,9 @@ from provenance.records import (
 from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
-__all__ = ["CATALOG_TABLES", "INGEST_STAGE", "IngestConfig", "IngestResult", "IngestStage", "check_delivery_expectations",
-           "opt_out_registry", "reconcile", "run_fingerprint", "run_ingest"]
+__all__ = ["CATALOG_TABLES", "INGEST_STAGE", "IngestConfig", "IngestResult", "IngestStage", "apply_delivery_report",
+           "check_delivery_expectations", "opt_out_registry", "reconcile", "reject_encoding_problems",
+           "run_fingerprint", "run_ingest"]
 
 CATALOG_TABLES = ("licenses", "tracks", "audio_files", "rejections", "duplicates", "releases", "deals")
 """The Parquet tables every ingest run writes into its run folder and the catalog."""
@@ -153,42 +154,64 @@ class IngestStage(Stage):
         fingerprint = run_fingerprint(delivery, config, opt_outs)
         # the cache key holds the inputs, so the earlier deliveries' recordings too
         reusable = _find_reusable_run(ctx.store, ctx.workspace, cache_key(self, config, ctx.inputs))
-        recordings = None
         if reusable is not None:  # same cache key, its catalog version lost or changed since: take its tables
             ctx.say(f"nothing changed since ingest run {reusable['run_id']}: reusing its outputs")
             counts, outputs = _reuse_run(ctx.workspace, reusable)
+            version = self._commit(ctx, outputs)
         else:
-            counts, outputs, recordings = _ingest(ctx, config, delivery, opt_outs)
-        version = commit_catalog(ctx.workspace, {name: Path(outputs[name]) for name in CATALOG_TABLES},
-                                 parent=None, stage=STAGE, run_id=ctx.run_id)
-        outputs.update({name: str(version.table(name)) for name in CATALOG_TABLES})
-        ctx.say(f"catalog version {version.catalog_id}")
-        if recordings is not None:  # the accepted mixtures are the delivery's in the index, for later deliveries
-            recording_index(ctx.workspace.root, config).put(delivery.delivery_id, ctx.run_id, recordings)
+            from pipelines.stages.ingest import expectations_worker
+
+            worker = expectations_worker.acquire()  # it imports GX while this process imports Beam
+            try:
+                counts, outputs, recordings = _ingest(ctx, config, delivery, opt_outs, worker)
+                version = self._commit(ctx, outputs)
+                # the accepted mixtures are the delivery's in the index, for later deliveries
+                recording_index(ctx.workspace.root, config).put(delivery.delivery_id, ctx.run_id, recordings)
+                worker.wait_docs()  # the Data Docs pages it renders while the catalog is committed
+            finally:
+                expectations_worker.release(worker)
         return StageOutput(outputs=outputs, counts=counts, output_ids={"catalog": version.catalog_id},
                            details={"delivery_id": delivery.delivery_id, "fingerprint": fingerprint,
                                     "catalog_id": version.catalog_id})
 
 
+    @staticmethod
+    def _commit(ctx: StageContext, outputs: dict[str, str]) -> Any:
+        version = commit_catalog(ctx.workspace, {name: Path(outputs[name]) for name in CATALOG_TABLES},
+                                 parent=None, stage=STAGE, run_id=ctx.run_id)
+        outputs.update({name: str(version.table(name)) for name in CATALOG_TABLES})
+        ctx.say(f"catalog version {version.catalog_id}")
+        return version
+
+
 INGEST_STAGE = IngestStage()
 
 
-def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
-            opt_outs: OptOutRegistry) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
+def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_outs: OptOutRegistry,
+            worker: Any) -> tuple[dict[str, Any], dict[str, str], list[Any]]:
     """Check, decode and measure the delivery (Beam), link duplicates (within it and with the earlier deliveries'
-    recordings), write and check the curated catalog.
+    recordings), write and check the curated catalog. ``worker``: the Great Expectations worker
+    (``expectations_worker.ExpectationsWorker``) that checks the tables.
 
     Returns:
         (counts, outputs, the accepted mixtures as ``recordings.Recording`` for the recording index).
     """
-    from pipelines.stages.ingest.beam import build_pipeline
-    from pipelines.stages.ingest.duplicates import link_duplicates, recordings_to_index
-
     say, workspace, run_id, run_dir = ctx.say, ctx.workspace, ctx.run_id, ctx.run_dir
     say("checking the delivery tables (Great Expectations)")
     delivered = delivery  # every input row, for reconciliation
-    delivery, expectation_rejections, delivery_report, prerejected = check_delivery_expectations(
-        delivery, run_dir, run_id)
+    delivery, encoding_rejections, encoding_rejected = reject_encoding_problems(delivery, run_id)
+    request = worker.submit("delivery", {"run_dir": str(run_dir), "tables": {
+        table: getattr(delivery, table) for table in ("tracks", "files", "licenses")}})
+    # while the worker imports GX and checks the tables: Beam's import, and the kernels when they run here
+    from pipelines.stages.ingest.beam import build_pipeline
+    from pipelines.stages.ingest.duplicates import link_duplicates, recordings_to_index
+
+    if _runs_in_process(ctx.engine.beam_options()):
+        from cleaning.warmup import warm_kernels
+
+        warm_kernels()
+    delivery, expectation_rejections, delivery_report, prerejected = apply_delivery_report(
+        delivery, worker.report(request), encoding_rejections, encoding_rejected, run_id)
     licenses, license_rejections = read_licenses(delivery, run_id)
     license_rejections += expectation_rejections
     license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
@@ -200,9 +223,9 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
             build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
                            staging, run_id, workspace.root / "cache" / "measurements", prerejected,
                            fingerprints_dir=fingerprints_dir(workspace))
-        tracks = _read_jsonl(staging, "tracks")
-        audio_files = _read_jsonl(staging, "audio_files")
-        rejections = license_rejections + _read_jsonl(staging, "rejections")
+        rows = _read_rows(staging)
+        tracks, audio_files = rows["tracks"], rows["audio_files"]
+        rejections = license_rejections + rows["rejections"]
         decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
         earlier = recording_index(workspace.root, config).earlier(delivery.delivery_id)
         say(f"linking duplicate recordings (within the delivery and with {len(earlier)} earlier deliveries)")
@@ -235,7 +258,6 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
     # so that the catalog never shows an earlier delivery's)
     tables["releases"] = to_table([{**row, "run_id": run_id} for row in delivered.releases], RELEASE)
     tables["deals"] = to_table([{**row, "run_id": run_id} for row in delivered.deals], DEAL)
-    outputs = {name: str(write_table(table, run_dir / f"{name}.parquet")) for name, table in tables.items()}
     counts = reconcile(delivered, tracks, audio_files, rejections, len(license_rows))
     # files and built mixtures that were decoded and measured by this run, or taken from the cache
     counts["work"] = {"audio_measured": decoded[False], "audio_from_cache": decoded[True]}
@@ -250,7 +272,9 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
         counts["ddex"] = {"releases": len(delivered.releases), "deals": len(delivered.deals),
                           "deals_granting_ai_training": sum(d["grants_ai_training"] for d in delivered.deals)}
     say("checking the curated catalog (Great Expectations)")
-    curated_report = _validate_curated(audio_files, counts, run_dir)
+    request = worker.submit("curated", {"run_dir": str(run_dir), "counts": counts, "audio_files": audio_files})
+    outputs = {name: str(write_table(table, run_dir / f"{name}.parquet")) for name, table in tables.items()}
+    curated_report = worker.report(request)
     counts["expectations"] = {
         "delivery": {"success": delivery_report.success, "rows_rejected": len(expectation_rejections)},
         "curated": {"success": curated_report.success,
@@ -258,37 +282,52 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery,
                                       for names in rows.values() for name in names}
                                      | set(curated_report.table_errors))},
     }
-    outputs["data_docs"] = str(curated_report.data_docs_index)
+    outputs["data_docs"] = str(curated_report.data_docs_index)  # written by the worker: ``worker.wait_docs()``
     return counts, outputs, recordings
+
+
+def _runs_in_process(options: Any) -> bool:
+    """Whether a Beam pipeline with ``options`` runs its DoFns in this process (the DirectRunner, not in
+    ``multi_processing`` mode): then kernels warmed here serve its workers."""
+    from apache_beam.options.pipeline_options import DirectOptions, StandardOptions
+
+    runner = options.view_as(StandardOptions).runner
+    name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
+    return (name or "DirectRunner").removesuffix("Runner").lower() in ("direct", "bundlebased", "switchingdirect") \
+        and options.view_as(DirectOptions).direct_running_mode != "multi_processing"
 
 
 def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
                                 ) -> tuple[Delivery, list[dict[str, Any]], Any, dict[str, str]]:
-    """Check the delivery's rows before any audio is read: text encoding, then the delivery suite
-    (``pipelines.stages.ingest.expectations``, Great Expectations).
-
-    A table-level failure (a missing column) raises ``DeliveryError`` naming it. A row holding bytes that
-    are not UTF-8 is rejected ``invalid_encoding``; a row failing expectations is rejected with a reason
-    from the expectation (unique → ``duplicate_id``, not null → ``missing_field``, role → ``invalid_role``,
-    others → ``invalid_field``) and the expectations it failed as detail. Rejected rows leave the delivery,
-    so each has exactly one outcome. The HTML Data Docs go to ``run_dir/data_docs``.
+    """Check the delivery's rows before any audio is read, in this process: text encoding
+    (``reject_encoding_problems``), then the delivery suite (``pipelines.stages.ingest.expectations``, Great
+    Expectations), whose report ``apply_delivery_report`` turns into Rejections. The HTML Data Docs go to
+    ``run_dir/data_docs``. (The ingest stage runs the suite in its GX worker, ``expectations_worker``.)
 
     Returns:
         (the delivery without the rejected rows, their Rejections, the GX report,
         {track id: reason} for tracks none of whose rows is left, so their files say why).
+
+    Raises:
+        DeliveryError: a table-level failure (a missing column), naming it.
+    """
+    from pipelines.stages.ingest.expectations import delivery_frames, validate_delivery
+
+    delivery, rejections, rejected_tracks = reject_encoding_problems(delivery, run_id)
+    report = validate_delivery(delivery_frames(delivery), run_dir)
+    return apply_delivery_report(delivery, report, rejections, rejected_tracks, run_id)
+
+
+def reject_encoding_problems(delivery: Delivery, run_id: str
+                             ) -> tuple[Delivery, list[dict[str, Any]], dict[str, str]]:
+    """The delivery without its rows holding bytes that are not UTF-8, each rejected ``invalid_encoding``.
+
+    Returns:
+        (the delivery left, the Rejections, {track id: reason} of the rejected track rows).
     """
     import dataclasses
 
-    from pipelines.stages.ingest.delivery import DeliveryError, encoding_problem, printable
-    from pipelines.stages.ingest.expectations import delivery_frames, validate_delivery
-
-    kinds = {"tracks": "track", "files": "audio_file", "licenses": "license"}
-    ids = {"tracks": "track_id", "licenses": "license_id"}
-
-    def record_id(table: str, row: Mapping[str, Any]) -> str:
-        if table == "files":
-            return file_record_id(row)
-        return printable(row.get(ids[table]) or "") or f"{table}.csv row {row['_row']}"
+    from pipelines.stages.ingest.delivery import encoding_problem
 
     rejections: list[dict[str, Any]] = []
     rejected_tracks: dict[str, str] = {}
@@ -300,14 +339,37 @@ def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
             if problem is None:
                 clean[table].append(row)
                 continue
-            rejections.append(rejection(kinds[table], record_id(table, row), STAGE, RejectionReason.INVALID_ENCODING,
+            rejections.append(rejection(_KINDS[table], _record_id(table, row), STAGE, RejectionReason.INVALID_ENCODING,
                                         f"{table} row {row['_row']}: {problem}", run_id))
             if table == "tracks":
                 rejected_tracks[row.get("track_id", "")] = RejectionReason.INVALID_ENCODING.value
-    delivery = dataclasses.replace(delivery, **clean)
-    report = validate_delivery(delivery_frames(delivery), run_dir)
+    return dataclasses.replace(delivery, **clean), rejections, rejected_tracks
+
+
+def apply_delivery_report(delivery: Delivery, report: Any, rejections: list[dict[str, Any]],
+                          rejected_tracks: dict[str, str], run_id: str
+                          ) -> tuple[Delivery, list[dict[str, Any]], Any, dict[str, str]]:
+    """Turn the delivery suite's ``report`` (a ``ValidationReport`` of ``delivery``'s rows) into Rejections.
+
+    A row failing expectations is rejected with a reason from the expectation (unique → ``duplicate_id``, not null
+    → ``missing_field``, role → ``invalid_role``, others → ``invalid_field``) and the expectations it failed as
+    detail. Rejected rows leave the delivery, so each has exactly one outcome. ``rejections`` and
+    ``rejected_tracks`` are the earlier ones (``reject_encoding_problems``), added to.
+
+    Returns:
+        (the delivery without the rejected rows, every Rejection, ``report``,
+        {track id: reason} for tracks none of whose rows is left, so their files say why).
+
+    Raises:
+        DeliveryError: a table-level failure (a missing column), naming it.
+    """
+    import dataclasses
+
+    from pipelines.stages.ingest.delivery import DeliveryError
+
     if report.table_errors:
         raise DeliveryError("the delivery fails table-level expectations: " + "; ".join(report.table_errors))
+    rejections, rejected_tracks = list(rejections), dict(rejected_tracks)
     kept: dict[str, list[dict[str, Any]]] = {}
     for table in ("tracks", "files", "licenses"):
         rows = getattr(delivery, table)
@@ -320,12 +382,24 @@ def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
                 detail += (" (DDEX deals do not grant AI training: name the licence agreement with "
                            "`--license ID`)")
             reason = _expectation_reason(names)
-            rejections.append(rejection(kinds[table], record_id(table, row), STAGE, reason, detail, run_id))
+            rejections.append(rejection(_KINDS[table], _record_id(table, row), STAGE, reason, detail, run_id))
             if table == "tracks":
                 rejected_tracks.setdefault(row.get("track_id", ""), reason.value)
     left = {row.get("track_id") for row in kept["tracks"]}
     rejected_tracks = {t: r for t, r in rejected_tracks.items() if t and t not in left}
     return dataclasses.replace(delivery, **kept), rejections, report, rejected_tracks
+
+
+_KINDS = {"tracks": "track", "files": "audio_file", "licenses": "license"}
+
+
+def _record_id(table: str, row: Mapping[str, Any]) -> str:
+    from pipelines.stages.ingest.delivery import printable
+
+    if table == "files":
+        return file_record_id(row)
+    ids = {"tracks": "track_id", "licenses": "license_id"}
+    return printable(row.get(ids[table]) or "") or f"{table}.csv row {row['_row']}"
 
 
 def _expectation_reason(names: list[str]) -> RejectionReason:
@@ -337,15 +411,6 @@ def _expectation_reason(names: list[str]) -> RejectionReason:
     if "(role)" in first:
         return RejectionReason.INVALID_ROLE
     return RejectionReason.INVALID_FIELD
-
-
-def _validate_curated(audio_files: list[dict[str, Any]], counts: Mapping[str, Any], run_dir: Path) -> Any:
-    import pandas as pd
-
-    from pipelines.stages.ingest.expectations import AUDIO_FILE_COLUMNS, validate_curated
-
-    frame = pd.DataFrame(audio_files, columns=list(AUDIO_FILE_COLUMNS))
-    return validate_curated(frame, counts, run_dir)
 
 
 def run_fingerprint(delivery: Delivery, config: IngestConfig, opt_outs: OptOutRegistry) -> str:
@@ -490,13 +555,18 @@ def _read_opt_outs(path: str | None) -> OptOutRegistry:
         return OptOutRegistry.from_rows(csv.DictReader(handle))
 
 
-def _read_jsonl(staging: Path, name: str) -> list[dict[str, Any]]:
-    """The rows a pipeline output wrote, its keys interned: json gives every row its own copies of the ~25 key
-    strings, a third of a row's memory."""
-    rows = []
-    for path in sorted(staging.glob(f"{name}*.jsonl")):
+def _read_rows(staging: Path) -> dict[str, list[dict[str, Any]]]:
+    """The rows the pipeline wrote (``beam.ROWS_FILE``), by table (``tracks``, ``audio_files``, ``rejections``), their
+    keys interned: json gives every row its own copies of the ~25 key strings, a third of a row's memory."""
+    from pipelines.stages.ingest.beam import ROWS_FILE
+
+    rows: dict[str, list[dict[str, Any]]] = {"tracks": [], "audio_files": [], "rejections": []}
+    for path in sorted(staging.glob(f"{ROWS_FILE}*.jsonl")):
         with open(path, encoding="utf-8") as handle:
-            rows.extend(json.loads(line, object_hook=_interned_keys) for line in handle if line.strip())
+            for line in handle:
+                table, _, row = line.partition("\t")
+                if row.strip():
+                    rows[table].append(json.loads(row, object_hook=_interned_keys))
     return rows
 
 
