@@ -67,8 +67,10 @@ def link_duplicates(tracks: list[dict[str, Any]], audio_files: list[dict[str, An
     ``MAX_POSTINGS`` postings in one batch are stop words.
 
     Args:
-        tracks: accepted TRACK rows; audio_files: their AUDIO_FILE rows, mixtures with ``_fingerprint_file`` (or
-            ``_fingerprint``, base64 of little-endian uint32 sub-fingerprints) and ``_record_id`` (delivered files).
+        tracks: accepted tracks, rows with at least ``track_id`` (TRACK rows, or the small rows ingest keeps,
+            ``pipelines.stages.ingest.tables``); audio_files: their files, rows with at least ``track_id``, ``role``
+            and ``sha256``, mixtures with ``_fingerprint_file`` (or ``_fingerprint``, base64 of little-endian uint32
+            sub-fingerprints), delivered files with ``_record_id``.
         threshold: smallest fingerprint similarity of a near duplicate.
         delivery_id: this delivery's id (in the duplicate rows of within-delivery duplicates).
         earlier: the recording index's segments of the deliveries before this one.

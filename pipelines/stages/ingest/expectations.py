@@ -22,10 +22,12 @@ cells are stripped and empty cells become nulls, ISRCs are upper-cased without h
 ``ai_training``/``commercial_use``/``attribution_required`` are lower-cased. Row-level expectations skip
 nulls, so "empty or well-formed" is a format expectation alone and "required" adds a not-null one.
 
-Cost (2 cores): importing GX takes about 6 s, once per process; one ephemeral GX context holds the suites,
+Cost (2 cores): importing GX takes 4–5 s of one core, once per process (the ingest stage pays it in its GX worker,
+``pipelines.stages.ingest.expectations_worker``, beside its own start); one ephemeral GX context holds the suites,
 the pandas data source and the checkpoints, built on first use and reused after. Then ~1,000 rows per
 table take about 0.8 s for the delivery (three tables) and 0.6 s for the curated catalog, half of it rendering
-the Data Docs. Analytics and progress bars are off and GX's logger is quiet (errors only).
+the Data Docs (``_Validator.check`` and ``_Validator.build_docs`` apart: the worker answers before rendering).
+Analytics and progress bars are off and GX's logger is quiet (errors only).
 
 The context keeps validation results in memory, because a Data Docs index lists only the results its
 store still holds; the results of the 16 most recently used ``data_docs`` folders are kept, older ones
@@ -316,8 +318,9 @@ def _curated_tables(audio_files: pd.DataFrame, counts: Mapping[str, Any]) -> dic
 def check_in_worker(kind: str, payload: Mapping[str, Any]) -> tuple[ValidationReport, Any]:
     """What ``pipelines.stages.ingest.expectations_worker`` runs for a request: the checkpoints of ``kind``
     (``delivery``: ``payload["tables"]``, the row dicts of each delivery table; ``curated``:
-    ``payload["audio_files"]``, rows with the ``AUDIO_FILE_COLUMNS``, and ``payload["counts"]``) for the run
-    folder ``payload["run_dir"]``, without the Data Docs.
+    ``payload["audio_files_path"]``, an ``AUDIO_FILE`` Parquet table, or ``payload["audio_files"]``, rows with
+    the ``AUDIO_FILE_COLUMNS``, and ``payload["counts"]``) for the run folder ``payload["run_dir"]``, without the
+    Data Docs.
 
     Returns:
         (the report, a callable that renders its Data Docs pages).
@@ -329,7 +332,10 @@ def check_in_worker(kind: str, payload: Mapping[str, Any]) -> tuple[ValidationRe
     if kind == "delivery":
         family, tables = DELIVERY_SUITE, _delivery_tables(delivery_rows_frames(payload["tables"]))
     elif kind == "curated":
-        frame = pd.DataFrame(payload["audio_files"], columns=list(AUDIO_FILE_COLUMNS))
+        if "audio_files_path" in payload:
+            frame = pd.read_parquet(payload["audio_files_path"], columns=list(AUDIO_FILE_COLUMNS))
+        else:
+            frame = pd.DataFrame(payload["audio_files"], columns=list(AUDIO_FILE_COLUMNS))
         family, tables = CURATED_SUITE, _curated_tables(frame, payload["counts"])
     else:
         raise ValueError(f"unknown validation {kind!r}: delivery or curated")

@@ -225,6 +225,9 @@ atexit.register(_stop_idle)
 
 def main() -> None:
     """The worker: import GX and build its context, then answer requests until stdin ends."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the caller, which ends this worker
     channel = os.fdopen(os.dup(1), "wb")  # the protocol's; anything printed goes to stderr
     os.dup2(2, 1)
     requests = sys.stdin.buffer

@@ -7,8 +7,9 @@ stage hands to the engine, ``pipelines.engines``)::
     files.csv ──▶ key by track_id ───────────────────────────────────────────────┴▶ co-group ─▶ route files
         ─▶ reshuffle ─▶ decode + measure each file ─▶ co-group with decisions ─▶ finalize track
            (build the mixture from the stems when none was delivered; a track without usable audio is rejected)
-        ─▶ on the driver: link duplicate recordings, within the delivery and with every earlier delivery's through
-           the workspace's recording index (``pipelines.stages.ingest.duplicates``, ``…recordings``)
+        ─▶ on the driver: the rows to Parquet a batch at a time (``pipelines.stages.ingest.tables``); link duplicate
+           recordings, within the delivery and with every earlier delivery's through the workspace's recording
+           index (``pipelines.stages.ingest.duplicates``, ``…recordings``); the catalog tables, less the duplicates
 
 The per-record steps are pure functions in ``pipelines.stages.ingest.steps``, the Beam adapters and the graph are in
 ``pipelines.stages.ingest.beam`` and the config in ``pipelines.stages.ingest.config``; this module holds the stage and
@@ -16,17 +17,19 @@ the driver, and imports Beam and the audio libraries only when the stage runs (`
 them). Every input row of ``tracks.csv``, ``files.csv`` and ``licenses.csv`` (or of the DDEX messages) ends in
 exactly one of: accepted, or a Rejection with its reason. The driver reads the three tables, fails before any audio
 is read on a table-level problem, and writes the catalog Parquet tables atomically when the pipeline is done.
+
+The two Great Expectations suites (the delivery's rows before any audio is read, the curated catalog after) run in a
+worker process (``pipelines.stages.ingest.expectations_worker``) started when the stage starts, so that GX's ~5 s
+import overlaps Beam's import and the kernels' warm-up; its Data Docs pages are rendered while the run goes on.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,35 +226,38 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_out
             build_pipeline(pipeline, delivery, licenses, config, opt_outs, workspace.mixtures_dir,
                            staging, run_id, workspace.root / "cache" / "measurements", prerejected,
                            fingerprints_dir=fingerprints_dir(workspace))
-        rows = _read_rows(staging)
-        tracks, audio_files = rows["tracks"], rows["audio_files"]
-        rejections = license_rejections + rows["rejections"]
-        decoded = Counter(row.pop("_cached") for row in audio_files + rejections if "_cached" in row)
+        from pipelines.stages.ingest.beam import ROWS_FILE
+        from pipelines.stages.ingest.tables import finish_table, stage_rows
+
+        staged = stage_rows(_lines(staging.glob(f"{ROWS_FILE}*.jsonl")), staging / "tables")
         earlier = recording_index(workspace.root, config).earlier(delivery.delivery_id)
         say(f"linking duplicate recordings (within the delivery and with {len(earlier)} earlier deliveries)")
-        started, linked = time.perf_counter(), len(tracks)
+        started, linked = time.perf_counter(), len(staged.tracks)
         tracks, audio_files, duplicate_rejections, duplicates = link_duplicates(
-            tracks, audio_files, config.near_duplicate_threshold, run_id, delivery_id=delivery.delivery_id,
-            earlier=earlier, on_duplicate=config.on_duplicate, spill_dir=staging / "postings")
+            staged.tracks, staged.audio_files, config.near_duplicate_threshold, run_id,
+            delivery_id=delivery.delivery_id, earlier=earlier, on_duplicate=config.on_duplicate,
+            spill_dir=staging / "postings")
         linked_s = time.perf_counter() - started
         say(f"linked {linked} tracks in {linked_s:.2f} s ({1000 * linked_s / max(linked, 1):.2f} ms per track): "
             f"{len(duplicates)} duplicates")
-    rejections += duplicate_rejections
-    recordings = recordings_to_index(tracks, audio_files)
-    for row in audio_files:
-        row.pop("_fingerprint", None)
-        row.pop("_fingerprint_file", None)
-        row.pop("_record_id", None)
-    say("writing the curated catalog")
-    tracks.sort(key=lambda r: r["track_id"])
-    audio_files.sort(key=lambda r: (r["track_id"], r["role"], r["instrument"]))
-    rejections.sort(key=lambda r: (r["record_kind"], r["record_id"], r["reason"]))
+        recordings = recordings_to_index(tracks, audio_files)
+        say("writing the curated catalog")
+        dropped = {d["track_id"] for d in duplicates if d["action"] == "rejected"}
+        outputs = {
+            "tracks": finish_table(staged.path("tracks"), TRACK, run_dir / "tracks.parquet", drop_track_ids=dropped,
+                                   sort_keys=("track_id",)),
+            "audio_files": finish_table(staged.path("audio_files"), AUDIO_FILE, run_dir / "audio_files.parquet",
+                                        drop_track_ids=dropped, sort_keys=("track_id", "role", "instrument")),
+            "rejections": finish_table(staged.path("rejections"), REJECTION, run_dir / "rejections.parquet",
+                                       extra_rows=license_rejections + duplicate_rejections,
+                                       sort_keys=("record_kind", "record_id", "reason")),
+        }
+    outputs = {name: str(path) for name, path in outputs.items()}
+    decoded = staged.decoded
+    rejections = staged.rejections + license_rejections + duplicate_rejections  # kind and reason, for the counts
     license_rows = sorted(licenses.values(), key=lambda r: r["license_id"])
     tables = {
         "licenses": to_table(license_rows, LICENSE),
-        "tracks": to_table(tracks, TRACK),
-        "audio_files": to_table(audio_files, AUDIO_FILE),
-        "rejections": to_table(rejections, REJECTION),
         "duplicates": to_table(sorted(duplicates, key=lambda d: d["track_id"]), DUPLICATE),
     }
     # DDEX: the releases and deals of the messages that could be read (empty tables for a CSV delivery,
@@ -272,8 +278,9 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_out
         counts["ddex"] = {"releases": len(delivered.releases), "deals": len(delivered.deals),
                           "deals_granting_ai_training": sum(d["grants_ai_training"] for d in delivered.deals)}
     say("checking the curated catalog (Great Expectations)")
-    request = worker.submit("curated", {"run_dir": str(run_dir), "counts": counts, "audio_files": audio_files})
-    outputs = {name: str(write_table(table, run_dir / f"{name}.parquet")) for name, table in tables.items()}
+    request = worker.submit("curated", {"run_dir": str(run_dir), "counts": counts,
+                                        "audio_files_path": outputs["audio_files"]})
+    outputs.update({name: str(write_table(table, run_dir / f"{name}.parquet")) for name, table in tables.items()})
     curated_report = worker.report(request)
     counts["expectations"] = {
         "delivery": {"success": delivery_report.success, "rows_rejected": len(expectation_rejections)},
@@ -555,20 +562,8 @@ def _read_opt_outs(path: str | None) -> OptOutRegistry:
         return OptOutRegistry.from_rows(csv.DictReader(handle))
 
 
-def _read_rows(staging: Path) -> dict[str, list[dict[str, Any]]]:
-    """The rows the pipeline wrote (``beam.ROWS_FILE``), by table (``tracks``, ``audio_files``, ``rejections``), their
-    keys interned: json gives every row its own copies of the ~25 key strings, a third of a row's memory."""
-    from pipelines.stages.ingest.beam import ROWS_FILE
-
-    rows: dict[str, list[dict[str, Any]]] = {"tracks": [], "audio_files": [], "rejections": []}
-    for path in sorted(staging.glob(f"{ROWS_FILE}*.jsonl")):
+def _lines(paths: Iterable[Path]) -> Iterator[str]:
+    """The lines of the files at ``paths``, in path order."""
+    for path in sorted(paths):
         with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                table, _, row = line.partition("\t")
-                if row.strip():
-                    rows[table].append(json.loads(row, object_hook=_interned_keys))
-    return rows
-
-
-def _interned_keys(row: dict[str, Any]) -> dict[str, Any]:
-    return {sys.intern(key): value for key, value in row.items()}
+            yield from handle
