@@ -134,6 +134,7 @@ def _workers_of(workdir: Path) -> list[int]:
 
 
 def test_the_cli_leaves_no_worker_behind_whether_it_ingests_or_finds_the_run_cached(tmp_path):
+    """From a folder holding another `pipelines` package, as a user project may."""
     import soundfile as sf
 
     from tests.bench.catalog import write_tables
@@ -144,9 +145,12 @@ def test_the_cli_leaves_no_worker_behind_whether_it_ingests_or_finds_the_run_cac
     sf.write(delivery / "a.wav", sine(440.0, 2.0, 22050).T, 22050)
     write_tables(delivery, [("a", "a.wav")])
     env = {**os.environ, "LINERNOTES_WORKDIR": str(tmp_path / "work")}
+    decoy = tmp_path / "project"  # a user's own `pipelines` package in the working directory is not imported
+    (decoy / "pipelines").mkdir(parents=True)
+    (decoy / "pipelines" / "__init__.py").write_text("raise SystemExit('the wrong pipelines package')\n")
     for expected in ("ran", "cached"):
         done = subprocess.run([LINERNOTES, "ingest", str(delivery), "--json"], env=env, capture_output=True,
-                              text=True, timeout=300)
+                              text=True, timeout=300, cwd=decoy)
         assert done.returncode == 0, done.stderr
         assert f'"status": "{expected}"' in done.stdout
         assert _workers_of(tmp_path / "work") == []

@@ -81,7 +81,8 @@ class ExpectationsWorker:
         path = os.environ.get("PYTHONPATH")
         env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""),
                "GX_ANALYTICS_ENABLED": "false"}
-        self.process = subprocess.Popen([sys.executable, "-m", __name__], stdin=subprocess.PIPE,
+        # -P: the working directory is not put on sys.path, so a `pipelines` folder of the caller's is not imported
+        self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, env=env)
         self._number = 0
         self._reports: dict[int, Any] = {}
