@@ -154,3 +154,18 @@ def test_the_cli_leaves_no_worker_behind_whether_it_ingests_or_finds_the_run_cac
         assert done.returncode == 0, done.stderr
         assert f'"status": "{expected}"' in done.stdout
         assert _workers_of(tmp_path / "work") == []
+
+
+def test_a_request_larger_than_a_pipe_leaves_the_caller_free_while_the_worker_imports_gx(tmp_path):
+    delivery = read_delivery(CORPUS)
+    tracks = [{**row, "track_id": f"{row['track_id']}-{i}"} for i in range(400) for row in delivery.tracks]
+    fresh = ExpectationsWorker()  # still importing GX: it reads nothing for seconds
+    try:
+        number = fresh.submit("delivery", {"tables": {"tracks": tracks, "files": delivery.files,
+                                                      "licenses": delivery.licenses}, "run_dir": str(tmp_path)})
+        assert fresh._writer is not None and fresh._writer.is_alive()  # the frame waits in its thread, not here
+        report = fresh.report(number)
+        assert report.row_counts["tracks"] == len(tracks) > 2000 and report.failed_rows == {}
+        fresh.wait_docs()
+    finally:
+        fresh.close()

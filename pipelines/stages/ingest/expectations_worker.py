@@ -87,6 +87,8 @@ class ExpectationsWorker:
         self._number = 0
         self._reports: dict[int, Any] = {}
         self._docs_pending: set[int] = set()
+        self._writer: threading.Thread | None = None
+        self._send_error: BaseException | None = None
 
     @property
     def alive(self) -> bool:
@@ -95,16 +97,35 @@ class ExpectationsWorker:
     def submit(self, kind: str, payload: Mapping[str, Any]) -> int:
         """Send a request (``check_in_worker``'s ``kind`` and ``payload``); returns its number for :meth:`report`.
 
+        The frame is written by a thread of its own: a pipe holds 64 KiB, and a worker still importing GX reads
+        nothing, so a larger request written here would hold the caller until the import is done.
+
         Raises:
             ExpectationsWorkerError: the worker has exited.
         """
+        self._join_writer()  # requests go out in order
         self._number += 1
-        try:
-            _write(self.process.stdin, (kind, self._number, dict(payload)))
-        except (BrokenPipeError, OSError) as error:
-            raise self._gone() from error
+        data = pickle.dumps((kind, self._number, dict(payload)), protocol=pickle.HIGHEST_PROTOCOL)
+        self._writer = threading.Thread(target=self._send, args=(_HEADER.pack(len(data)) + data,),
+                                        name="gx-worker-request", daemon=True)
+        self._writer.start()
         self._docs_pending.add(self._number)
         return self._number
+
+    def _send(self, frame: bytes) -> None:
+        try:
+            self.process.stdin.write(frame)
+            self.process.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as error:  # ValueError: the pipe was closed
+            self._send_error = error
+
+    def _join_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._send_error is not None:
+            error, self._send_error = self._send_error, None
+            raise self._gone() from error
 
     def report(self, number: int) -> Any:
         """The ``ValidationReport`` of request ``number``, waiting for it.
@@ -112,6 +133,7 @@ class ExpectationsWorker:
         Raises:
             ExpectationsWorkerError: the request failed in the worker, or the worker exited first.
         """
+        self._join_writer()
         while number not in self._reports:
             self._receive()
         return self._reports.pop(number)
@@ -122,6 +144,7 @@ class ExpectationsWorker:
         Raises:
             ExpectationsWorkerError: rendering failed in the worker, or the worker exited first.
         """
+        self._join_writer()
         while self._docs_pending:
             self._receive()
 
