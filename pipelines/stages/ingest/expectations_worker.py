@@ -1,12 +1,14 @@
 """Great Expectations in a worker process of its own, so that its import overlaps the rest of ingest's start.
 
-Importing GX takes ~3 s of one core (its expectations import ``scipy.stats``, its checkpoint actions ``altair``), the
-longest fixed cost of a small ingest, and Python imports hold the GIL: in-process nothing else can run meanwhile.
-The ingest stage therefore starts this worker (``python -m pipelines.stages.ingest.expectations_worker``, its own
-entry point: nothing of the caller's ``__main__`` is imported again) when it begins to run, sends it the delivery's
-rows at once and imports Beam and warms the measurement kernels while the worker imports GX and checks them. The
-worker answers each request with the ``ValidationReport`` first and renders the Data Docs pages after, while ingest
-goes on; :meth:`ExpectationsWorker.wait_docs` waits for them.
+Importing GX takes 4–5 s of one core in a process of its own (pandas and scipy included: its expectations import
+``scipy.stats``, its checkpoint actions ``altair``), the longest fixed cost of a small ingest, and Python imports hold
+the GIL: in-process nothing else can run meanwhile. The ingest stage therefore starts this worker (a ``python -P -c``
+bootstrap that calls :func:`main`: its own entry point, so nothing of the caller's ``__main__`` is imported again)
+when it begins to run, sends it the delivery's rows at once and imports Beam and warms the measurement kernels while
+the worker imports GX and checks them. The worker reads its requests from a thread that starts before the import,
+so a caller's request of any size is taken at once (a pipe holds 64 KiB), and the caller writes each request from a
+thread of its own. The worker answers each request with the ``ValidationReport`` first and renders the Data Docs
+pages after, while ingest goes on; :meth:`ExpectationsWorker.wait_docs` waits for them.
 
 The suites, the checkpoints and the reports are ``pipelines.stages.ingest.expectations``' (``check_in_worker``); the
 same calls run in-process through ``validate_delivery`` and ``validate_curated``.
@@ -77,46 +79,46 @@ class ExpectationsWorker:
     """
 
     def __init__(self) -> None:
-        root = str(Path(__file__).resolve().parents[3])  # the checkout holding ``pipelines``
-        path = os.environ.get("PYTHONPATH")
-        env = {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else ""),
-               "GX_ANALYTICS_ENABLED": "false"}
-        # -P: the working directory is not put on sys.path, so a `pipelines` folder of the caller's is not imported
-        self.process = subprocess.Popen([sys.executable, "-P", "-m", __name__], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, env=env)
+        root = str(Path(__file__).resolve().parents[3])  # the folder holding ``pipelines`` (a checkout, site-packages)
+        # -P: the working directory is not put on sys.path (a `pipelines` folder of the caller's is not imported);
+        # the package's folder goes last, so it never shadows the standard library
+        bootstrap = (f"import sys; sys.path.append({root!r}); "
+                     f"from {__name__} import main; main()")
+        self.process = subprocess.Popen([sys.executable, "-P", "-c", bootstrap], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, env={**os.environ, "GX_ANALYTICS_ENABLED": "false"})
         self._number = 0
         self._reports: dict[int, Any] = {}
         self._docs_pending: set[int] = set()
         self._writer: threading.Thread | None = None
         self._send_error: BaseException | None = None
+        self._broken = False  # the conversation is out of step (a failed write or read): never reused
 
     @property
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return not self._broken and self.process.poll() is None
 
     def submit(self, kind: str, payload: Mapping[str, Any]) -> int:
         """Send a request (``check_in_worker``'s ``kind`` and ``payload``); returns its number for :meth:`report`.
 
-        The frame is written by a thread of its own: a pipe holds 64 KiB, and a worker still importing GX reads
-        nothing, so a larger request written here would hold the caller until the import is done.
+        The frame is written by a thread of its own, so the caller goes on at once whatever the request's size.
 
         Raises:
             ExpectationsWorkerError: the worker has exited.
         """
-        self._join_writer()  # requests go out in order
+        self._join_writer()  # requests go out in order (the worker reads them as they come)
         self._number += 1
+        self._docs_pending.add(self._number)  # outstanding from here: a worker interrupted now is never reused
         data = pickle.dumps((kind, self._number, dict(payload)), protocol=pickle.HIGHEST_PROTOCOL)
         self._writer = threading.Thread(target=self._send, args=(_HEADER.pack(len(data)) + data,),
                                         name="gx-worker-request", daemon=True)
         self._writer.start()
-        self._docs_pending.add(self._number)
         return self._number
 
     def _send(self, frame: bytes) -> None:
         try:
             self.process.stdin.write(frame)
             self.process.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError) as error:  # ValueError: the pipe was closed
+        except (OSError, ValueError) as error:  # BrokenPipeError; ValueError: the pipe was closed
             self._send_error = error
 
     def _join_writer(self) -> None:
@@ -133,7 +135,6 @@ class ExpectationsWorker:
         Raises:
             ExpectationsWorkerError: the request failed in the worker, or the worker exited first.
         """
-        self._join_writer()
         while number not in self._reports:
             self._receive()
         return self._reports.pop(number)
@@ -144,9 +145,9 @@ class ExpectationsWorker:
         Raises:
             ExpectationsWorkerError: rendering failed in the worker, or the worker exited first.
         """
-        self._join_writer()
         while self._docs_pending:
             self._receive()
+        self._join_writer()
 
     @property
     def idle(self) -> bool:
@@ -154,8 +155,14 @@ class ExpectationsWorker:
         return not self._docs_pending and not self._reports
 
     def _receive(self) -> None:
-        message = _read(self.process.stdout)
+        try:
+            message = _read(self.process.stdout)
+        except BaseException:  # interrupted mid-frame: the next read would start inside it
+            self._broken = True
+            raise
         if message is None:
+            if self._writer is not None:
+                self._writer.join()  # it ends too: the pipe is broken
             raise self._gone()
         kind, number = message[0], message[1]
         if kind == "report":
@@ -167,6 +174,7 @@ class ExpectationsWorker:
             raise ExpectationsWorkerError(f"Great Expectations failed in its worker: {message[2]}\n{message[3]}")
 
     def _gone(self) -> ExpectationsWorkerError:
+        self._broken = True
         self._docs_pending.clear()
         try:
             code = self.process.wait(timeout=5)
@@ -244,32 +252,49 @@ def _stop_idle(worker: ExpectationsWorker | None = None) -> None:
     stopping.close()
 
 
+def _forget_idle() -> None:
+    """In a child made by ``os.fork``: the parent's idle worker is the parent's (its pipes are shared, not owned)."""
+    global _lock, _idle, _idle_timer
+    _lock, _idle, _idle_timer = threading.Lock(), None, None
+
+
 atexit.register(_stop_idle)
+os.register_at_fork(after_in_child=_forget_idle)
 
 
 def main() -> None:
-    """The worker: import GX and build its context, then answer requests until stdin ends."""
+    """The worker: take requests from stdin as they come (a reader thread, started before GX's import), import GX and
+    build its context, then answer the requests in order until stdin ends."""
+    import queue
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the caller, which ends this worker
     channel = os.fdopen(os.dup(1), "wb")  # the protocol's; anything printed goes to stderr
     os.dup2(2, 1)
-    requests = sys.stdin.buffer
+    requests: queue.Queue[Any] = queue.Queue()
+
+    def read_requests() -> None:
+        while True:
+            request = _read(sys.stdin.buffer)
+            requests.put(request)
+            if request is None:
+                return
+
+    threading.Thread(target=read_requests, name="gx-worker-requests", daemon=True).start()
     from pipelines.stages.ingest.expectations import _validator, check_in_worker
 
-    _validator()  # the GX context, the suites and the checkpoints, before the first request arrives
-    while (request := _read(requests)) is not None:
+    _validator()  # the GX context, the suites and the checkpoints, before the first request is taken
+    while (request := requests.get()) is not None:
         kind, number, payload = request
+        step = "check"
         try:
             report, build_docs = check_in_worker(kind, payload)
-        except Exception as error:  # noqa: BLE001 (sent to the caller, which raises it)
-            _write(channel, ("error", number, f"{type(error).__name__}: {error}", traceback.format_exc()))
-            continue
-        _write(channel, ("report", number, report))
-        try:
+            step = "answer"
+            _write(channel, ("report", number, report))
+            step = "docs"
             build_docs()
-        except Exception as error:  # noqa: BLE001
-            _write(channel, ("error", number, f"{type(error).__name__}: {error}", traceback.format_exc()))
+        except Exception as error:  # noqa: BLE001 (sent to the caller, which raises it)
+            _write(channel, ("error", number, f"{type(error).__name__} ({step}): {error}", traceback.format_exc()))
             continue
         _write(channel, ("docs", number, None))
 

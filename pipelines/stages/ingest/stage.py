@@ -167,12 +167,15 @@ class IngestStage(Stage):
             worker = expectations_worker.acquire()  # it imports GX while this process imports Beam
             try:
                 counts, outputs, recordings = _ingest(ctx, config, delivery, opt_outs, worker)
-                version = self._commit(ctx, outputs)
-                # the accepted mixtures are the delivery's in the index, for later deliveries
-                recording_index(ctx.workspace.root, config).put(delivery.delivery_id, ctx.run_id, recordings)
-                worker.wait_docs()  # the Data Docs pages it renders while the catalog is committed
+                worker.wait_docs()  # all of the run's Data Docs are written before anything is committed
+            except Exception:
+                _finish_docs(worker)  # the pages of what was checked, for the failed run's folder
+                raise
             finally:
                 expectations_worker.release(worker)
+            version = self._commit(ctx, outputs)
+            # the accepted mixtures are the delivery's in the index, for later deliveries
+            recording_index(ctx.workspace.root, config).put(delivery.delivery_id, ctx.run_id, recordings)
         return StageOutput(outputs=outputs, counts=counts, output_ids={"catalog": version.catalog_id},
                            details={"delivery_id": delivery.delivery_id, "fingerprint": fingerprint,
                                     "catalog_id": version.catalog_id})
@@ -213,8 +216,11 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_out
         from cleaning.warmup import warm_kernels
 
         warm_kernels()
+    delivery_report = worker.report(request)
+    if delivery_report.table_errors:  # the run stops here: its Data Docs say why
+        worker.wait_docs()
     delivery, expectation_rejections, delivery_report, prerejected = apply_delivery_report(
-        delivery, worker.report(request), encoding_rejections, encoding_rejected, run_id)
+        delivery, delivery_report, encoding_rejections, encoding_rejected, run_id)
     licenses, license_rejections = read_licenses(delivery, run_id)
     license_rejections += expectation_rejections
     license_rejections += [rejection("message", error["message"], STAGE, RejectionReason(error["reason"]),
@@ -291,6 +297,16 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_out
     }
     outputs["data_docs"] = str(curated_report.data_docs_index)  # written by the worker: ``worker.wait_docs()``
     return counts, outputs, recordings
+
+
+def _finish_docs(worker: Any) -> None:
+    """Let ``worker`` finish the Data Docs of a run that failed, if it can (its failure is not this one's)."""
+    from pipelines.stages.ingest.expectations_worker import ExpectationsWorkerError
+
+    try:
+        worker.wait_docs()
+    except ExpectationsWorkerError:
+        pass
 
 
 def _runs_in_process(options: Any) -> bool:
