@@ -6,7 +6,7 @@ import random
 
 import pyarrow.parquet as pq
 
-from pipelines.stages.ingest.tables import finish_table, stage_rows
+from pipelines.stages.ingest.tables import finish_table, finish_tables, stage_rows
 from provenance.records import AUDIO_FILE, REJECTION, TRACK, RejectionReason, rejection, to_table
 
 
@@ -55,14 +55,7 @@ def test_batched_tables_equal_the_rows_sorted_and_written_in_one_piece(tmp_path)
 
     dropped = {"t004", "t007-é"}
     extra = [rejection("track", "t004", "ingest", RejectionReason.DUPLICATE_RECORDING, "exact duplicate", "r")]
-    got = {
-        "tracks": finish_table(staged.path("tracks"), TRACK, tmp_path / "tracks.parquet", drop_track_ids=dropped,
-                               sort_keys=("track_id",)),
-        "audio_files": finish_table(staged.path("audio_files"), AUDIO_FILE, tmp_path / "audio_files.parquet",
-                                    drop_track_ids=dropped, sort_keys=("track_id", "role", "instrument")),
-        "rejections": finish_table(staged.path("rejections"), REJECTION, tmp_path / "rejections.parquet",
-                                   extra_rows=extra, sort_keys=("record_kind", "record_id", "reason")),
-    }
+    got = finish_tables(staged, tmp_path, drop_track_ids=dropped, extra_rejections=extra)
     # what ingest wrote before: Python dicts, sorted by Python, through the record's schema in one piece
     want = {
         "tracks": to_table(sorted((t for t in tracks if t["track_id"] not in dropped),

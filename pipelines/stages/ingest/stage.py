@@ -45,13 +45,10 @@ from pipelines.stages.ingest.recordings import RecordingIndex
 from pipelines.stage import Resources, Stage, StageContext, StageOutput, cache_key
 from provenance.policy import OptOutRegistry
 from provenance.records import (
-    AUDIO_FILE,
     DEAL,
     DUPLICATE,
     LICENSE,
-    REJECTION,
     RELEASE,
-    TRACK,
     RejectionReason,
     canonical_json,
     rejection,
@@ -63,8 +60,7 @@ from provenance.store import LineageStore
 from provenance.workspace import Workspace
 
 __all__ = ["CATALOG_TABLES", "INGEST_STAGE", "IngestConfig", "IngestResult", "IngestStage", "apply_delivery_report",
-           "check_delivery_expectations", "opt_out_registry", "reconcile", "reject_encoding_problems",
-           "run_fingerprint", "run_ingest"]
+           "opt_out_registry", "reconcile", "reject_encoding_problems", "run_fingerprint", "run_ingest"]
 
 CATALOG_TABLES = ("licenses", "tracks", "audio_files", "rejections", "duplicates", "releases", "deals")
 """The Parquet tables every ingest run writes into its run folder and the catalog."""
@@ -233,7 +229,7 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_out
                            staging, run_id, workspace.root / "cache" / "measurements", prerejected,
                            fingerprints_dir=fingerprints_dir(workspace))
         from pipelines.stages.ingest.beam import ROWS_FILE
-        from pipelines.stages.ingest.tables import finish_table, stage_rows
+        from pipelines.stages.ingest.tables import finish_tables, stage_rows
 
         staged = stage_rows(_lines(staging.glob(f"{ROWS_FILE}*.jsonl")), staging / "tables")
         earlier = recording_index(workspace.root, config).earlier(delivery.delivery_id)
@@ -249,15 +245,8 @@ def _ingest(ctx: StageContext, config: IngestConfig, delivery: Delivery, opt_out
         recordings = recordings_to_index(tracks, audio_files)
         say("writing the curated catalog")
         dropped = {d["track_id"] for d in duplicates if d["action"] == "rejected"}
-        outputs = {
-            "tracks": finish_table(staged.path("tracks"), TRACK, run_dir / "tracks.parquet", drop_track_ids=dropped,
-                                   sort_keys=("track_id",)),
-            "audio_files": finish_table(staged.path("audio_files"), AUDIO_FILE, run_dir / "audio_files.parquet",
-                                        drop_track_ids=dropped, sort_keys=("track_id", "role", "instrument")),
-            "rejections": finish_table(staged.path("rejections"), REJECTION, run_dir / "rejections.parquet",
-                                       extra_rows=license_rejections + duplicate_rejections,
-                                       sort_keys=("record_kind", "record_id", "reason")),
-        }
+        outputs = finish_tables(staged, run_dir, drop_track_ids=dropped,
+                                extra_rejections=license_rejections + duplicate_rejections)
     outputs = {name: str(path) for name, path in outputs.items()}
     decoded = staged.decoded
     rejections = staged.rejections + license_rejections + duplicate_rejections  # kind and reason, for the counts
@@ -318,27 +307,6 @@ def _runs_in_process(options: Any) -> bool:
     name = runner if isinstance(runner, str) or runner is None else type(runner).__name__
     return (name or "DirectRunner").removesuffix("Runner").lower() in ("direct", "bundlebased", "switchingdirect") \
         and options.view_as(DirectOptions).direct_running_mode != "multi_processing"
-
-
-def check_delivery_expectations(delivery: Delivery, run_dir: Path, run_id: str
-                                ) -> tuple[Delivery, list[dict[str, Any]], Any, dict[str, str]]:
-    """Check the delivery's rows before any audio is read, in this process: text encoding
-    (``reject_encoding_problems``), then the delivery suite (``pipelines.stages.ingest.expectations``, Great
-    Expectations), whose report ``apply_delivery_report`` turns into Rejections. The HTML Data Docs go to
-    ``run_dir/data_docs``. (The ingest stage runs the suite in its GX worker, ``expectations_worker``.)
-
-    Returns:
-        (the delivery without the rejected rows, their Rejections, the GX report,
-        {track id: reason} for tracks none of whose rows is left, so their files say why).
-
-    Raises:
-        DeliveryError: a table-level failure (a missing column), naming it.
-    """
-    from pipelines.stages.ingest.expectations import delivery_frames, validate_delivery
-
-    delivery, rejections, rejected_tracks = reject_encoding_problems(delivery, run_id)
-    report = validate_delivery(delivery_frames(delivery), run_dir)
-    return apply_delivery_report(delivery, report, rejections, rejected_tracks, run_id)
 
 
 def reject_encoding_problems(delivery: Delivery, run_id: str

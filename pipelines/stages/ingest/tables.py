@@ -31,12 +31,16 @@ import pyarrow.parquet as pq
 
 from provenance.records import AUDIO_FILE, REJECTION, TRACK, to_table, write_table
 
-__all__ = ["BATCH_ROWS", "SCHEMAS", "StagedTables", "finish_table", "stage_rows"]
+__all__ = ["BATCH_ROWS", "SORT_KEYS", "StagedTables", "finish_table", "finish_tables", "stage_rows"]
 
 BATCH_ROWS = 4096
 """Rows of one table converted to Arrow and written at once."""
 
-SCHEMAS: dict[str, pa.Schema] = {"tracks": TRACK, "audio_files": AUDIO_FILE, "rejections": REJECTION}
+_SCHEMAS: dict[str, pa.Schema] = {"tracks": TRACK, "audio_files": AUDIO_FILE, "rejections": REJECTION}
+
+SORT_KEYS: dict[str, tuple[str, ...]] = {"tracks": ("track_id",), "audio_files": ("track_id", "role", "instrument"),
+                                         "rejections": ("record_kind", "record_id", "reason")}
+"""The order of each streamed catalog table's rows."""
 
 _KEEP = {"tracks": ("track_id",),
          "audio_files": ("track_id", "role", "sha256", "derived_from", "_fingerprint_file", "_fingerprint",
@@ -75,9 +79,9 @@ def stage_rows(lines: Iterable[str], folder: Path, batch_rows: int = BATCH_ROWS)
     folder.mkdir(parents=True, exist_ok=True)
     staged = StagedTables(folder)
     kept = {"tracks": staged.tracks, "audio_files": staged.audio_files, "rejections": staged.rejections}
-    buffers: dict[str, list[dict[str, Any]]] = {table: [] for table in SCHEMAS}
+    buffers: dict[str, list[dict[str, Any]]] = {table: [] for table in _SCHEMAS}
     writers = {table: pq.ParquetWriter(staged.path(table), schema, compression="zstd")
-               for table, schema in SCHEMAS.items()}
+               for table, schema in _SCHEMAS.items()}
     try:
         for line in lines:
             table, _, text = line.partition("\t")
@@ -90,11 +94,11 @@ def stage_rows(lines: Iterable[str], folder: Path, batch_rows: int = BATCH_ROWS)
             buffer = buffers[table]
             buffer.append(row)
             if len(buffer) >= batch_rows:
-                writers[table].write_table(to_table(buffer, SCHEMAS[table]))
+                writers[table].write_table(to_table(buffer, _SCHEMAS[table]))
                 buffer.clear()
         for table, buffer in buffers.items():
             if buffer:
-                writers[table].write_table(to_table(buffer, SCHEMAS[table]))
+                writers[table].write_table(to_table(buffer, _SCHEMAS[table]))
     finally:
         for writer in writers.values():
             writer.close()
@@ -105,7 +109,12 @@ def finish_table(staged: Path, schema: pa.Schema, path: Path, *, drop_track_ids:
                  extra_rows: Sequence[Mapping[str, Any]] = (), sort_keys: Sequence[str] = ()) -> Path:
     """Write the catalog table at ``path``: the rows of the Parquet file ``staged`` whose ``track_id`` is not in
     ``drop_track_ids``, plus ``extra_rows`` (dicts, through ``schema``), sorted by ``sort_keys`` (ascending, stable;
-    strings by code point, as Python sorts them). Returns ``path``."""
+    strings by code point, as Python sorts them). Returns ``path``.
+
+    Raises:
+        KeyError: an extra row lacks a non-nullable field of ``schema``.
+        pyarrow.ArrowInvalid: ``staged`` does not hold ``schema``'s columns.
+    """
     table = pq.read_table(staged, schema=schema)
     dropped = sorted(set(drop_track_ids))
     if dropped:
@@ -116,3 +125,20 @@ def finish_table(staged: Path, schema: pa.Schema, path: Path, *, drop_track_ids:
     if sort_keys:
         table = table.sort_by([(key, "ascending") for key in sort_keys])
     return write_table(table, path)
+
+
+def finish_tables(staged: StagedTables, folder: Path, *, drop_track_ids: Iterable[str] = (),
+                  extra_rejections: Sequence[Mapping[str, Any]] = ()) -> dict[str, Path]:
+    """Write the catalog's ``tracks``, ``audio_files`` and ``rejections`` into ``folder`` (``finish_table``, in
+    ``SORT_KEYS`` order): the tracks in ``drop_track_ids`` and their files left out, ``extra_rejections`` (the
+    driver's own) added. Returns {table: path}.
+
+    Raises:
+        KeyError: an extra rejection lacks a non-nullable field of ``REJECTION``.
+    """
+    dropped = set(drop_track_ids)
+    return {table: finish_table(staged.path(table), schema, folder / f"{table}.parquet",
+                                drop_track_ids=dropped if table != "rejections" else (),
+                                extra_rows=extra_rejections if table == "rejections" else (),
+                                sort_keys=SORT_KEYS[table])
+            for table, schema in _SCHEMAS.items()}
